@@ -1,0 +1,184 @@
+"""Compile-time reverse-mode autodiff, pruned to the trainable parameters, with the optimizer step of each
+parameter placed right after its gradient is final.
+
+The backward graph is ordinary IR: each op's ``gradient`` rule emits nodes of other registered ops through a
+``GradBuilder``; this module does the one generic reverse walk, sums partial gradients and un-broadcasts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
+from compiler.ops import get_op
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
+            raise CompileError(f"invalid optimizer settings {self}: need lr > 0, 0 <= momentum < 1, "
+                               "weight_decay >= 0")
+
+
+LR_TENSOR = "optimizer.lr"
+
+
+class GradBuilder:
+    """Emits backward nodes; gradient rules call it. Shapes are inferred through the registry."""
+
+    def __init__(self, graph: Graph, requires: set[str]):
+        self.tensors: dict[str, TensorSpec] = dict(graph.tensors)
+        self.values: dict[str, np.ndarray] = dict(graph.values)
+        self.nodes: list[Node] = []
+        self.names = NameGen(self.tensors)
+        self.requires = requires
+        self.layer = ""
+        self.phase = "backward"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self.tensors[name].dtype
+
+    def needs(self, name: str) -> bool:
+        return name in self.requires
+
+    def emit(self, op: str, inputs: Sequence[str], hint: str = "grad", **attrs: Any) -> str:
+        return self.emit_n(op, inputs, hint, **attrs)[0]
+
+    def emit_n(self, op_name: str, inputs: Sequence[str], hint: str = "grad", *,
+               role: Role = Role.GRADIENT, **attrs: Any) -> tuple[str, ...]:
+        op = get_op(op_name)
+        attrs = op.resolve_attrs(attrs, where=f"backward of {self.layer or 'graph'}: ")
+        specs = op.output_specs([self.shape(i) for i in inputs], [self.dtype(i) for i in inputs], attrs)
+        outs = tuple(self.names(f"{hint}") for _ in specs)
+        for out, (shape, dtype) in zip(outs, specs):
+            self.tensors[out] = TensorSpec(out, shape, dtype, role)
+        self.nodes.append(Node(self.names(f"{op_name}:{outs[0] if outs else hint}"), op_name, tuple(inputs),
+                               outs, attrs, self.phase, self.layer))
+        return outs
+
+    def const(self, value: Any, hint: str = "const", dtype: str = "float32") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.names(hint)
+        self.tensors[name] = TensorSpec(name, tuple(arr.shape), dtype, Role.CONSTANT)
+        self.values[name] = arr
+        return name
+
+    # conveniences used by many rules
+    def sum_to(self, name: str, shape: tuple[int, ...]) -> str:
+        """Un-broadcast: sum ``name`` down to ``shape`` (numpy broadcasting rules)."""
+        if self.shape(name) == tuple(shape):
+            return name
+        return self.emit("ReduceSumTo", [name], "grad", shape=tuple(shape))
+
+    def reshape(self, name: str, shape: tuple[int, ...]) -> str:
+        if self.shape(name) == tuple(shape):
+            return name
+        return self.emit("Reshape", [name], "grad", shape=tuple(shape))
+
+    def transpose(self, name: str, perm: Sequence[int] | None = None) -> str:
+        rank = len(self.shape(name))
+        perm = tuple(perm) if perm is not None else tuple(range(rank - 2)) + (rank - 1, rank - 2)
+        return self.emit("Transpose", [name], "grad", perm=perm)
+
+
+def _requires_grad(graph: Graph, trainable: set[str]) -> set[str]:
+    requires = set(trainable)
+    for node in graph.nodes:
+        if any(i in requires for i in node.inputs):
+            requires.update(node.outputs)
+    return requires
+
+
+def _ancestors(graph: Graph, target: str) -> set[str]:
+    producers = graph.producers()
+    seen, stack = set(), [target]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in producers:
+            stack.extend(i for i in producers[name].inputs if i)
+    return seen
+
+
+def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph, dict[str, str]]:
+    """Append the backward pass and, unless ``sgd`` is None, the SGD updates to ``graph`` (a forward graph
+    ending in ``loss``). Returns the new graph and the name of each trainable parameter's gradient."""
+    trainable = set(graph.by_role(Role.TRAINABLE))
+    if not trainable:
+        raise CompileError("nothing to train: the tuning strategy selected no trainable parameters")
+    relevant = _ancestors(graph, loss)
+    unused = sorted(p for p in trainable if p not in relevant)
+    if unused:
+        raise CompileError(f"trainable parameter(s) {unused[:3]} do not affect the loss")
+    requires = _requires_grad(graph, trainable) & relevant
+    g = GradBuilder(graph, requires)
+    lr = ""
+    if sgd is not None:
+        lr = g.const(np.float32(sgd.lr), LR_TENSOR)
+        g.tensors[lr] = g.tensors[lr].with_role(Role.HYPER)
+    grads: dict[str, str] = {}
+
+    # how many forward consumers of each trainable parameter are still to be walked
+    pending = {p: sum(1 for n in graph.nodes if p in n.inputs and n.outputs[0] in relevant) for p in trainable}
+    partials: dict[str, list[str]] = {loss: [g.const(np.float32(1.0), "loss.seed")]}
+
+    def total(name: str) -> str | None:
+        parts = partials.pop(name, [])
+        if not parts:
+            return None
+        acc = parts[0]
+        for part in parts[1:]:
+            acc = g.emit("Add", [acc, part], f"{name}.grad")
+        return acc
+
+    for node in reversed(graph.nodes):
+        if not any(o in relevant for o in node.outputs) or not any(i in requires for i in node.inputs):
+            continue
+        dys = tuple(total(o) for o in node.outputs)
+        if all(d is None for d in dys):
+            raise CompileError(f"internal: no gradient reaches node {node.name!r}")
+        op = get_op(node.op)
+        g.layer = node.layer
+        dxs = op.gradient(g, node.inputs, node.outputs, dys, **node.attrs)
+        if len(dxs) != len(node.inputs):
+            raise CompileError(f"internal: gradient of {node.op} returned {len(dxs)} values for "
+                               f"{len(node.inputs)} inputs")
+        for name, dx in zip(node.inputs, dxs):
+            if dx is None or name not in requires:
+                continue
+            partials.setdefault(name, []).append(g.sum_to(dx, g.shape(name)))
+        for name in node.inputs:
+            if name in pending:
+                pending[name] -= 1
+                if pending[name] == 0:
+                    grads[name] = total(name)
+                    if grads[name] is None:
+                        raise CompileError(f"internal: no gradient for trainable parameter {name!r}")
+                    if sgd is not None:
+                        _emit_update(g, name, grads[name], lr, sgd)
+    new = graph.replace(tensors=g.tensors, nodes=tuple(graph.nodes) + tuple(g.nodes), values=g.values)
+    return new, grads
+
+
+def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig) -> None:
+    inputs = [param, grad, lr]
+    if sgd.momentum:
+        velocity = g.names(f"{param}.momentum")
+        g.tensors[velocity] = TensorSpec(velocity, g.shape(param), "float32", Role.OPT_STATE)
+        g.values[velocity] = np.zeros(g.shape(param), np.float32)
+        inputs.append(velocity)
+    g.phase, g.layer = "update", param.rsplit(".", 1)[0]
+    g.emit_n("SGD", inputs, f"{param}.update", momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+    g.phase = "backward"

@@ -1,0 +1,377 @@
+"""ONNX → IR: read and check the model, fix the batch dimension, turn ONNX's constant inputs into
+attributes, fold constants, infer every shape through the op registry, and fuse torch's Erf-GELU."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
+from compiler.ops import REGISTRY, get_op
+
+ONNX_TO_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
+                 onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+                 onnx.TensorProto.BOOL: "bool"}
+
+# ONNX ops rewritten on import: no registry entry of their own
+IMPORT_REWRITES = ("Constant", "Flatten", "Dropout", "BatchNormalization*", "Gelu(Erf form)")
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise CompileError(f"{path}: no such file")
+        try:
+            model = onnx.load(path)
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise CompileError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        if not model.graph.node:
+            raise CompileError(f"{path}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        raise CompileError(f"corrupt ONNX model: {first}") from None
+    return model
+
+
+def layer_of(node: onnx.NodeProto, weight_names: list[str]) -> str:
+    """The model layer a node belongs to: the prefix of its ``<layer>.weight``/``.bias`` initializer, else
+    its name with torch's '/a/b/OpType' form folded to 'a.b' and zoo's '<layer>/<detail>' cut at '/'."""
+    for w in weight_names:
+        for suffix in (".weight", ".bias"):
+            if w.endswith(suffix):
+                return w[: -len(suffix)]
+    name = node.name or ""
+    if name.startswith("/"):
+        parts = [p for p in name.strip("/").split("/") if p]
+        if parts and parts[-1].split("_")[0] == node.op_type:
+            parts = parts[:-1]
+        return ".".join(parts)
+    return name.split("/")[0]
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, batch: int):
+        self.model = model
+        self.batch = batch
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        graph = model.graph
+        self.tensors: dict[str, TensorSpec] = {}
+        self.values: dict[str, np.ndarray] = {}
+        self.nodes: list[Node] = []
+        self.names = NameGen([])        # tensor names
+        self.node_names = NameGen([])   # node names (ONNX allows empty and repeated ones)
+        for init in graph.initializer:
+            self._constant(init.name, numpy_helper.to_array(init), weight=True)
+        init_names = {i.name for i in graph.initializer}
+        self.inputs = [i for i in graph.input if i.name not in init_names]
+        for inp in self.inputs:
+            self._input(inp)
+
+    # ---- tensors --------------------------------------------------------------------------------------
+    def _constant(self, name: str, value: np.ndarray, weight: bool = False) -> None:
+        value = np.asarray(value)
+        if value.dtype == np.float64:
+            value = value.astype(np.float32)
+        role = Role.FROZEN if weight and value.dtype.kind == "f" and value.size > 1 else Role.CONSTANT
+        self.tensors[name] = TensorSpec(name, tuple(value.shape), str(value.dtype), role)
+        self.values[name] = value
+        self.names.taken.add(name)
+
+    def _input(self, info: onnx.ValueInfoProto) -> None:
+        ttype = info.type.tensor_type
+        if ttype.elem_type not in ONNX_TO_DTYPE:
+            raise CompileError(f"input {info.name!r}: unsupported element type "
+                               f"{onnx.TensorProto.DataType.Name(ttype.elem_type)}")
+        shape = []
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            elif axis == 0:
+                shape.append(self.batch)
+            else:
+                label = dim.dim_param or "?"
+                raise CompileError(f"input {info.name!r} has an unknown dimension {label!r} at axis {axis}; "
+                                   "only the batch axis (0) may be dynamic")
+        self.tensors[info.name] = TensorSpec(info.name, tuple(shape), ONNX_TO_DTYPE[ttype.elem_type], Role.INPUT)
+        self.names.taken.add(info.name)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.values and self.tensors[name].role == Role.CONSTANT
+
+    def const_value(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        name = node.input[index]
+        if name not in self.values:
+            raise CompileError(f"node {node.name!r} ({node.op_type}): {what} must be a constant, "
+                               f"but {name!r} is computed at run time")
+        return self.values[name]
+
+    # ---- nodes ----------------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        for node in self.model.graph.node:
+            self.import_node(node)
+        outputs = tuple(o.name for o in self.model.graph.output)
+        for name in outputs:
+            if name not in self.tensors:
+                raise CompileError(f"graph output {name!r} is never computed")
+        return Graph(self.tensors, tuple(self.nodes), tuple(i.name for i in self.inputs), outputs,
+                     self.values, self.model.graph.name or "model")
+
+    def import_node(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: _attr(a) for a in node.attribute}
+        where = f"node {node.name!r} ({node.op_type})"
+        if node.domain not in ("", "ai.onnx"):
+            raise CompileError(f"{where}: unsupported op domain {node.domain!r}")
+        if node.op_type == "Constant":
+            self._constant(node.output[0], _constant_value(node, attrs))
+            return
+        rewrite = REWRITES.get(node.op_type)
+        op_type, inputs, attrs = rewrite(self, node, attrs) if rewrite else (node.op_type, list(node.input), attrs)
+        if op_type is None:  # folded away entirely (e.g. BatchNormalization → Mul/Add emitted by the rewrite)
+            return
+        if op_type not in REGISTRY:
+            raise CompileError(f"unsupported op {node.op_type!r} at node {node.name!r}; "
+                               f"supported: {', '.join(sorted(supported_onnx_ops()))}")
+        self.add(op_type, inputs, list(node.output), attrs, node)
+
+    def add(self, op_type: str, inputs: list[str], outputs: list[str], attrs: dict[str, Any],
+            node: onnx.NodeProto, name: str | None = None) -> None:
+        where = f"node {node.name!r} ({node.op_type}): "
+        op = get_op(op_type)
+        inputs = [i for i in inputs]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        for i in inputs:
+            if i and i not in self.tensors:
+                raise CompileError(f"{where}input {i!r} is not defined")
+        attrs = op.resolve_attrs(attrs, where)
+        in_specs = [self.tensors[i] for i in inputs if i]
+        if op_type == "Shape":  # static shapes: always a constant
+            value = np.array(in_specs[0].shape[attrs["start"]:attrs["end"]], np.int64)
+            self._constant(outputs[0], value)
+            return
+        try:
+            specs = op.output_specs([s.shape for s in in_specs], [s.dtype for s in in_specs], attrs)
+        except CompileError as exc:
+            raise CompileError(f"{where}{exc}") from None
+        outputs = [o for o in outputs if o][: len(specs)]
+        if op.foldable and all(self.is_const(i) for i in inputs if i) and not op.updates:
+            results = op.run([self.values[i] for i in inputs], attrs)
+            for out, value in zip(outputs, results):
+                self._constant(out, value)
+            return
+        for out, (shape, dtype) in zip(outputs, specs):
+            self.tensors[out] = TensorSpec(out, shape, dtype, Role.ACTIVATION)
+            self.names.taken.add(out)
+        weights = [i for i in inputs if i in self.values and self.tensors[i].role == Role.FROZEN]
+        self.nodes.append(Node(self.node_names(name or node.name or op_type), op_type, tuple(inputs),
+                               tuple(outputs), attrs, "forward", layer_of(node, weights)))
+
+
+def _attr(a: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return tuple(v.decode() if isinstance(v, bytes) else v for v in value)
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    return value
+
+
+def _constant_value(node: onnx.NodeProto, attrs: dict[str, Any]) -> np.ndarray:
+    for key, cast in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                      ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=cast) if cast else np.asarray(attrs[key])
+    raise CompileError(f"node {node.name!r} (Constant): unsupported constant form {sorted(attrs)}")
+
+
+# ---- rewrites: ONNX's constant inputs become attributes; a few ops become others ---------------------
+Rewrite = Callable[[_Importer, onnx.NodeProto, dict], tuple]
+
+
+def _ints(value: np.ndarray | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in np.asarray(value).reshape(-1))
+
+
+def _reshape(imp, node, attrs):
+    return "Reshape", [node.input[0]], {**attrs, "shape": _ints(imp.const_value(node, 1, "shape"))}
+
+
+def _flatten(imp, node, attrs):
+    axis = attrs.get("axis", 1)
+    shape = imp.tensors[node.input[0]].shape
+    axis = axis + len(shape) if axis < 0 else axis
+    return "Reshape", [node.input[0]], {"shape": (int(np.prod(shape[:axis], dtype=np.int64)), -1)}
+
+
+def _slice(imp, node, attrs):
+    new = {"starts": _ints(imp.const_value(node, 1, "starts")), "ends": _ints(imp.const_value(node, 2, "ends")),
+           "axes": _ints(imp.const_value(node, 3, "axes")), "steps": _ints(imp.const_value(node, 4, "steps"))}
+    return "Slice", [node.input[0]], new
+
+
+def _split(imp, node, attrs):
+    axis = attrs.get("axis", 0)
+    split = _ints(imp.const_value(node, 1, "split")) or attrs.get("split")
+    if split is None:
+        dim = imp.tensors[node.input[0]].shape[axis]
+        parts = attrs.get("num_outputs", len(node.output))
+        step = -(-dim // parts)
+        split = tuple(min(step, dim - i * step) for i in range(parts))
+    return "Split", [node.input[0]], {"axis": axis, "split": tuple(split)}
+
+
+def _axes_input(op_type):
+    def rewrite(imp, node, attrs):
+        axes = _ints(imp.const_value(node, 1, "axes")) if len(node.input) > 1 else attrs.pop("axes", None)
+        new = {k: v for k, v in attrs.items() if k != "axes"}
+        if op_type.startswith("Reduce"):
+            if attrs.get("noop_with_empty_axes", 0) and not axes:
+                return "Identity", [node.input[0]], {}
+            new.pop("noop_with_empty_axes", None)
+        if axes is not None or not op_type.startswith("Reduce"):
+            new["axes"] = axes
+        return op_type, [node.input[0]], new
+    return rewrite
+
+
+def _expand(imp, node, attrs):
+    return "Expand", [node.input[0]], {"shape": _ints(imp.const_value(node, 1, "shape"))}
+
+
+def _dropout(imp, node, attrs):
+    return "Identity", [node.input[0]], {}
+
+
+def _batchnorm(imp, node, attrs):
+    """Inference-form BatchNormalization is frozen: fold it to y = x·s + t with per-channel constants."""
+    if attrs.get("training_mode", 0):
+        raise CompileError(f"node {node.name!r} (BatchNormalization): training_mode=1 is not supported")
+    eps = float(attrs.get("epsilon", 1e-5))
+    scale, bias, mean, var = (imp.const_value(node, i, n) for i, n in
+                              ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
+    s = (scale / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
+    t = (bias - mean * s).astype(np.float32)
+    rank = len(imp.tensors[node.input[0]].shape)
+    bshape = (-1,) + (1,) * (rank - 2)
+    base = node.name or node.output[0]
+    s_name, t_name, mid = imp.names(f"{base}.bn_scale"), imp.names(f"{base}.bn_shift"), imp.names(f"{base}.bn_mul")
+    imp._constant(s_name, s.reshape(bshape), weight=True)
+    imp._constant(t_name, t.reshape(bshape), weight=True)
+    imp.add("Mul", [node.input[0], s_name], [mid], {}, node, name=f"{base}/Mul")
+    imp.add("Add", [mid, t_name], [node.output[0]], {}, node, name=f"{base}/Add")
+    return None, [], {}
+
+
+def _softmax_legacy(imp, node, attrs):
+    """Before opset 13 Softmax flattened to 2-D at ``axis`` (default 1): the same as ours only on the last axis."""
+    rank = len(imp.tensors[node.input[0]].shape)
+    axis = attrs.get("axis", 1 if imp.opset < 13 else -1) % rank
+    if imp.opset < 13 and axis != rank - 1:
+        raise CompileError(f"node {node.name!r} (Softmax): opset {imp.opset} softmax over axes {axis}.. is not "
+                           "supported; export at opset 13 or newer")
+    return "Softmax", list(node.input), {**attrs, "axis": axis}
+
+
+REWRITES: dict[str, Rewrite] = {
+    "Reshape": _reshape, "Flatten": _flatten, "Slice": _slice, "Split": _split,
+    "Squeeze": _axes_input("Squeeze"), "Unsqueeze": _axes_input("Unsqueeze"),
+    "ReduceMean": _axes_input("ReduceMean"), "ReduceSum": _axes_input("ReduceSum"),
+    "Expand": _expand, "Dropout": _dropout, "BatchNormalization": _batchnorm, "Softmax": _softmax_legacy,
+}
+
+
+def supported_onnx_ops() -> set[str]:
+    ops = {name for name, op in REGISTRY.items() if not op.backward_only and op.kind not in ("loss", "optimizer")}
+    return ops | {"Constant", "Flatten", "Dropout", "BatchNormalization"}
+
+
+def import_onnx(source: str | os.PathLike | onnx.ModelProto, batch: int) -> Graph:
+    """Read, check and import an ONNX model with the batch dimension fixed to ``batch``."""
+    if batch < 1:
+        raise CompileError(f"batch must be >= 1, got {batch}")
+    graph = _Importer(read_model(source), batch).run()
+    graph = fuse_gelu(graph)
+    graph.check()
+    return graph
+
+
+# ---- IR rewrites -----------------------------------------------------------------------------------------
+def fuse_gelu(graph: Graph) -> Graph:
+    """x·0.5·(1 + erf(x/√2)) in any of torch's operand orders → Gelu(x)."""
+    producers, users = graph.producers(), graph.consumers()
+
+    def const_near(name: str, value: float) -> bool:
+        v = graph.values.get(name)
+        return v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - value) < 1e-4 * abs(value)
+
+    def other(node: Node, name: str) -> str:
+        return node.inputs[1] if node.inputs[0] == name else node.inputs[0]
+
+    drop: set[str] = set()
+    replace: dict[str, Node] = {}
+    for erf in graph.nodes:
+        if erf.op != "Erf":
+            continue
+        scale = producers.get(erf.inputs[0])
+        if scale is None or len(users[erf.inputs[0]]) != 1:
+            continue
+        if scale.op == "Div" and const_near(scale.inputs[1], np.sqrt(2)):
+            x = scale.inputs[0]
+        elif scale.op == "Mul" and (const_near(scale.inputs[1], np.sqrt(0.5)) or const_near(scale.inputs[0], np.sqrt(0.5))):
+            x = other(scale, scale.inputs[1] if const_near(scale.inputs[1], np.sqrt(0.5)) else scale.inputs[0])
+        else:
+            continue
+        chain = [scale, erf]
+        add = _single_user(users, erf.outputs[0], "Add")
+        if add is None or not const_near(other(add, erf.outputs[0]), 1.0):
+            continue
+        chain.append(add)
+        m1 = _single_user(users, add.outputs[0], "Mul")
+        if m1 is None:
+            continue
+        chain.append(m1)
+        partner = other(m1, add.outputs[0])
+        if partner == x:  # (x · (1+erf)) · 0.5
+            m2 = _single_user(users, m1.outputs[0], "Mul")
+            if m2 is None or not const_near(other(m2, m1.outputs[0]), 0.5):
+                continue
+            chain.append(m2)
+        else:  # (x · 0.5) · (1+erf)
+            half = producers.get(partner)
+            if half is None or half.op != "Mul" or x not in half.inputs or not const_near(other(half, x), 0.5):
+                continue
+            if len(users[partner]) != 1:
+                continue
+            chain.insert(0, half)
+        last = chain[-1]
+        if any(len(users[n.outputs[0]]) != 1 for n in chain[:-1] if n is not scale) or len(users[scale.outputs[0]]) != 1:
+            continue
+        for n in chain:
+            drop.add(n.name)
+        replace[last.name] = Node(last.name.rsplit("/", 1)[0] + "/Gelu" if "/" in last.name else last.name + ".gelu",
+                                  "Gelu", (x,), last.outputs, {"approximate": "none"}, "forward", last.layer)
+    if not replace:
+        return graph
+    nodes = tuple(replace.get(n.name, n) for n in graph.nodes if n.name not in drop or n.name in replace)
+    used = {i for n in nodes for i in n.inputs} | set(graph.outputs) | set(graph.inputs)
+    produced = {o for n in nodes for o in n.outputs}
+    tensors = {k: v for k, v in graph.tensors.items() if k in used or k in produced}
+    values = {k: v for k, v in graph.values.items() if k in tensors}
+    return graph.replace(nodes=nodes, tensors=tensors, values=values)
+
+
+def _single_user(users: dict[str, list[Node]], name: str, op: str) -> Node | None:
+    found = users.get(name, [])
+    return found[0] if len(found) == 1 and found[0].op == op else None

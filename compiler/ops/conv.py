@@ -1,0 +1,238 @@
+"""Conv (ONNX semantics, 1-D and 2-D, grouped and depthwise) and its backward ops.
+
+Every sliding-window op (this module and ``pool``) walks the kernel taps: for each of the kh·kw offsets,
+take the strided view of the padded input that tap sees and do one batched GEMM (or a broadcast multiply
+when a group has a single channel, as in depthwise conv). That never materializes an im2col buffer
+(kh·kw times larger than the input), serves the forward and both gradients with the same loop, and measured
+2-3x faster than sliding_window_view + einsum on typical edge-model layers.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.ir import CompileError
+from compiler.ops._util import size
+from compiler.ops.base import Op
+
+AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+
+
+def _per_axis(op, name, value, rank, default):
+    value = (default,) * rank if value is None else tuple(int(v) for v in value)
+    if len(value) != rank:
+        raise CompileError(f"{op}: {name} {value} does not fit {rank} spatial dimension(s)")
+    return value
+
+
+def _out_len(op, n, span, stride, begin, end, ceil):
+    room = n + begin + end - span
+    if room < 0:
+        raise CompileError(f"{op}: window of {span} does not fit input of {n} with pads ({begin}, {end})")
+    if not ceil:
+        return room // stride + 1
+    out = -(-room // stride) + 1
+    return out - 1 if (out - 1) * stride >= n + begin else out  # the last window must start inside
+
+
+@dataclass(frozen=True)
+class Window:
+    """Geometry of a 2-D sliding window over (N, C, H, W); a 1-D op runs as 2-D with H = 1 (``lifted``)."""
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right (the ONNX order)
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    lifted: bool
+
+    @classmethod
+    def of(cls, op, x_shape, kernel_shape, strides=None, pads=None, dilations=None, auto_pad="NOTSET",
+           ceil_mode=0):
+        rank = len(x_shape) - 2
+        if rank not in (1, 2):
+            raise CompileError(f"{op}: only 1-D and 2-D inputs (N, C, ...) are supported, got {tuple(x_shape)}")
+        if auto_pad not in AUTO_PADS:
+            raise CompileError(f"{op}: unknown auto_pad {auto_pad!r}")
+        kernel = _per_axis(op, "kernel_shape", kernel_shape, rank, 1)
+        strides = _per_axis(op, "strides", strides, rank, 1)
+        dilations = _per_axis(op, "dilations", dilations, rank, 1)
+        spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+        sizes = tuple(int(n) for n in x_shape[2:])
+        if auto_pad == "NOTSET":
+            pads = _per_axis(op, "pads", pads, 2 * rank, 0)
+        elif auto_pad == "VALID":
+            pads = (0,) * (2 * rank)
+        else:  # SAME_*: output = ceil(input / stride); the odd pad goes at the end (UPPER) or the start
+            total = [max(0, (-(-n // s) - 1) * s + span - n) for n, s, span in zip(sizes, strides, spans)]
+            small = [t // 2 for t in total]
+            big = [t - t // 2 for t in total]
+            pads = tuple(small + big) if auto_pad == "SAME_UPPER" else tuple(big + small)
+        outs = tuple(_out_len(op, n, span, s, pads[a], pads[a + rank], ceil_mode)
+                     for a, (n, span, s) in enumerate(zip(sizes, spans, strides)))
+        if rank == 1:
+            return cls((1, *kernel), (1, *strides), (1, *dilations), (0, pads[0], 0, pads[1]),
+                       (1, *sizes), (1, *outs), True)
+        return cls(kernel, strides, dilations, pads, sizes, outs, False)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The spatial output shape in the op's own rank."""
+        return self.out_hw[1:] if self.lifted else self.out_hw
+
+    def lift(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(*a.shape[:2], 1, a.shape[2]) if self.lifted else a
+
+    def unlift(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(*a.shape[:2], a.shape[3]) if self.lifted else a
+
+    def taps(self):
+        return itertools.product(range(self.kernel[0]), range(self.kernel[1]))
+
+    def padded_hw(self) -> tuple[int, int]:
+        """Explicit pads plus whatever ceil_mode's last window needs."""
+        top, left, bottom, right = self.pads
+        return tuple(max(n + b + e, (o - 1) * s + d * (k - 1) + 1) for n, b, e, o, s, d, k in
+                     zip(self.in_hw, (top, left), (bottom, right), self.out_hw, self.strides, self.dilations,
+                         self.kernel))
+
+    def pad(self, x4: np.ndarray, value: float = 0.0) -> np.ndarray:
+        (h, w), (hp, wp) = self.in_hw, self.padded_hw()
+        top, left = self.pads[:2]
+        if (hp, wp) == (h, w):
+            return x4
+        out = np.full((*x4.shape[:2], hp, wp), value, x4.dtype)
+        out[:, :, top:top + h, left:left + w] = x4
+        return out
+
+    def zeros(self, x4_shape, dtype) -> np.ndarray:
+        return np.zeros((*x4_shape[:2], *self.padded_hw()), dtype)
+
+    def crop(self, padded: np.ndarray) -> np.ndarray:
+        (h, w), (top, left) = self.in_hw, self.pads[:2]
+        return np.ascontiguousarray(padded[:, :, top:top + h, left:left + w])
+
+    def tap(self, padded: np.ndarray, i: int, j: int) -> np.ndarray:
+        """The (N, C, Ho, Wo) view that kernel offset (i, j) reads: writable, so gradients can add into it."""
+        (ho, wo), (sh, sw), (dh, dw) = self.out_hw, self.strides, self.dilations
+        return padded[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
+
+
+def _group_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(G, K, L) @ (N, G, L, P) -> (N, G, K, P); a broadcast multiply when L == 1 (depthwise)."""
+    return a * b if a.shape[-1] == 1 else np.matmul(a, b)
+
+
+def _conv_dims(op, x, w, group):
+    if len(w) != len(x):
+        raise CompileError(f"{op}: weight {tuple(w)} and input {tuple(x)} differ in rank")
+    if group < 1 or x[1] != w[1] * group or w[0] % group:
+        raise CompileError(f"{op}: input {tuple(x)}, weight {tuple(w)} and group={group} do not fit "
+                           "(need C = weight[1]·group and weight[0] divisible by group)")
+
+
+class Conv(Op):
+    """Y = conv(X, W) + B with X (N, C, [H,] W), W (M, C/group, [kH,] kW), B (M,)."""
+    name = "Conv"
+    kind = "conv"
+
+    def infer(self, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
+              auto_pad="NOTSET"):
+        _conv_dims("Conv", x, w, group)
+        if kernel_shape is not None and tuple(kernel_shape) != tuple(w[2:]):
+            raise CompileError(f"Conv: kernel_shape {tuple(kernel_shape)} differs from the weight's {tuple(w)}")
+        if b is not None and tuple(b) != (w[0],):
+            raise CompileError(f"Conv: bias {tuple(b)} does not match {w[0]} output channels")
+        win = Window.of("Conv", x, w[2:], strides, pads, dilations, auto_pad)
+        return (x[0], w[0], *win.out_shape)
+
+    def forward(self, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
+                auto_pad="NOTSET"):
+        win = Window.of("Conv", x.shape, w.shape[2:], strides, pads, dilations, auto_pad)
+        x4, w4 = win.lift(x), win.lift(w)
+        n, m, cg, taps = x4.shape[0], w4.shape[0], w4.shape[1], w4.shape[2:]
+        wg = w4.reshape(group, m // group, cg, *taps)
+        xp = win.pad(x4)
+        y = np.zeros((n, group, m // group, size(win.out_hw)), np.result_type(x, w))
+        for i, j in win.taps():
+            y += _group_matmul(wg[..., i, j], win.tap(xp, i, j).reshape(n, group, cg, -1))
+        y = y.reshape(n, m, *win.out_hw)
+        if b is not None:
+            y += b.reshape(1, m, 1, 1)
+        return win.unlift(y)
+
+    def gradient(self, g, x, y, dy, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
+                 auto_pad="NOTSET"):
+        window = dict(strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+        dx = dw = db = None
+        if g.needs(x[0]):
+            dx = g.emit("ConvGradInput", [dy[0], x[1]], shape=g.shape(x[0]), **window)
+        if g.needs(x[1]):
+            dw = g.emit("ConvGradWeight", [x[0], dy[0]], kernel_shape=g.shape(x[1])[2:], **window)
+        if len(x) > 2 and g.needs(x[2]):
+            rank = len(g.shape(dy[0]))
+            db = g.emit("ReduceSum", [dy[0]], axes=(0, *range(2, rank)), keepdims=0)
+        return (dx, dw) if len(x) == 2 else (dx, dw, db)
+
+    def flops(self, out_shapes, x, w, b=None, **attrs):
+        return 2 * size(out_shapes[0]) * size(w[1:]) + (size(out_shapes[0]) if b is not None else 0)
+
+
+class ConvGradInput(Op):
+    """dX from (dY, W): the transposed convolution, scattered tap by tap into the padded input."""
+    name = "ConvGradInput"
+    kind = "conv"
+    backward_only = True
+
+    def infer(self, dy, w, *, shape, strides=None, pads=None, dilations=None, group=1, auto_pad="NOTSET"):
+        _conv_dims("ConvGradInput", shape, w, group)
+        return tuple(shape)
+
+    def forward(self, dy, w, *, shape, strides=None, pads=None, dilations=None, group=1, auto_pad="NOTSET"):
+        win = Window.of("ConvGradInput", shape, w.shape[2:], strides, pads, dilations, auto_pad)
+        dy4, w4 = win.lift(dy), win.lift(w)
+        n, m, cg = dy4.shape[0], w4.shape[0], w4.shape[1]
+        wg = w4.reshape(group, m // group, cg, *w4.shape[2:]).swapaxes(1, 2)  # (G, C/G, M/G, kh, kw)
+        dyg = dy4.reshape(n, group, m // group, -1)
+        dxp = win.zeros((n, cg * group), np.result_type(dy, w))
+        for i, j in win.taps():
+            win.tap(dxp, i, j)[...] += _group_matmul(wg[..., i, j], dyg).reshape(n, cg * group, *win.out_hw)
+        return win.unlift(win.crop(dxp))
+
+    def flops(self, out_shapes, dy, w, **attrs):
+        return 2 * size(dy) * size(w[1:])
+
+
+class ConvGradWeight(Op):
+    """dW from (X, dY): for each tap, the products of dY with the input view that tap read."""
+    name = "ConvGradWeight"
+    kind = "conv"
+    backward_only = True
+
+    def infer(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
+              auto_pad="NOTSET"):
+        if x[1] % group or dy[1] % group:
+            raise CompileError(f"ConvGradWeight: channels of {tuple(x)} and {tuple(dy)} not divisible by "
+                               f"group={group}")
+        return (dy[1], x[1] // group, *kernel_shape)
+
+    def forward(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
+                auto_pad="NOTSET"):
+        win = Window.of("ConvGradWeight", x.shape, kernel_shape, strides, pads, dilations, auto_pad)
+        x4, dy4 = win.lift(x), win.lift(dy)
+        n, c, m = x4.shape[0], x4.shape[1], dy4.shape[1]
+        dyg = dy4.reshape(n, group, m // group, -1)
+        xp = win.pad(x4)
+        dw = np.empty((group, m // group, c // group, *win.kernel), np.result_type(x, dy))
+        for i, j in win.taps():
+            xs = win.tap(xp, i, j).reshape(n, group, c // group, -1)
+            if c == group:  # one channel per group: a multiply and a sum instead of N·G dot products
+                dw[..., 0, i, j] = np.einsum("ngmp,ngp->gm", dyg, xs[:, :, 0])
+            else:
+                dw[..., i, j] = np.matmul(dyg, xs.swapaxes(-1, -2)).sum(axis=0)
+        return win.unlift(dw.reshape(m, c // group, *win.kernel))
+
+    def flops(self, out_shapes, x, dy, **attrs):
+        return 2 * size(dy) * size(out_shapes[0][1:])

@@ -1,0 +1,353 @@
+"""Data-movement ops: views, transposes, concatenation, slicing, reductions, broadcasting.
+
+ONNX passes shapes, axes and slice bounds as constant inputs; the frontend turns those into attributes,
+so every shape here is known at compile time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.ir import CompileError
+from compiler.ops._util import norm_axis, size
+from compiler.ops.base import Op
+
+
+def resolve_reshape(in_shape, shape, allowzero=0):
+    shape = [in_shape[i] if (d == 0 and not allowzero) else int(d) for i, d in enumerate(shape)]
+    if shape.count(-1) > 1:
+        raise CompileError(f"Reshape: more than one -1 in {shape}")
+    if -1 in shape:
+        known = size([d for d in shape if d != -1])
+        shape[shape.index(-1)] = size(in_shape) // max(known, 1)
+    if size(shape) != size(in_shape):
+        raise CompileError(f"Reshape: cannot reshape {tuple(in_shape)} to {tuple(shape)}")
+    return tuple(shape)
+
+
+class Reshape(Op):
+    name = "Reshape"
+    kind = "data"
+    view = True
+
+    def infer(self, x, *, shape, allowzero=0):
+        return resolve_reshape(x, shape, allowzero)
+
+    def forward(self, x, *, shape, allowzero=0):
+        return x.reshape(resolve_reshape(x.shape, shape, allowzero))
+
+    def gradient(self, g, x, y, dy, *, shape, allowzero=0):
+        return (g.reshape(dy[0], g.shape(x[0])),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+class Identity(Op):
+    name = "Identity"
+    kind = "data"
+    view = True
+
+    def infer(self, x):
+        return x
+
+    def forward(self, x):
+        return x
+
+    def gradient(self, g, x, y, dy):
+        return (dy[0],)
+
+    def flops(self, out_shapes, *in_shapes):
+        return 0
+
+
+class Transpose(Op):
+    name = "Transpose"
+    kind = "data"
+
+    def infer(self, x, *, perm=None):
+        perm = perm if perm is not None else tuple(reversed(range(len(x))))
+        if sorted(perm) != list(range(len(x))):
+            raise CompileError(f"Transpose: perm {perm} does not fit rank {len(x)}")
+        return tuple(x[p] for p in perm)
+
+    def forward(self, x, *, perm=None):
+        return np.ascontiguousarray(np.transpose(x, perm))
+
+    def gradient(self, g, x, y, dy, *, perm=None):
+        perm = perm if perm is not None else tuple(reversed(range(len(g.shape(x[0])))))
+        return (g.emit("Transpose", [dy[0]], perm=tuple(int(i) for i in np.argsort(perm))),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+class Concat(Op):
+    name = "Concat"
+    kind = "data"
+
+    def infer(self, *xs, axis):
+        axis = norm_axis(axis, len(xs[0]))
+        out = list(xs[0])
+        out[axis] = sum(s[axis] for s in xs)
+        return tuple(out)
+
+    def forward(self, *xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    def gradient(self, g, x, y, dy, *, axis):
+        axis = norm_axis(axis, len(g.shape(x[0])))
+        grads, start = [], 0
+        for name in x:
+            end = start + g.shape(name)[axis]
+            grads.append(g.emit("Slice", [dy[0]], starts=(start,), ends=(end,), axes=(axis,))
+                         if g.needs(name) else None)
+            start = end
+        return tuple(grads)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+class Split(Op):
+    name = "Split"
+    kind = "data"
+    num_outputs = -1
+
+    def infer(self, x, *, axis=0, split):
+        axis = norm_axis(axis, len(x))
+        if sum(split) != x[axis]:
+            raise CompileError(f"Split: parts {split} do not add up to dimension {x[axis]}")
+        return tuple(tuple(x[:axis]) + (s,) + tuple(x[axis + 1:]) for s in split)
+
+    def forward(self, x, *, axis=0, split):
+        return tuple(np.split(x, np.cumsum(split)[:-1], axis=axis))
+
+    def gradient(self, g, x, y, dy, *, axis=0, split):
+        parts = [d if d is not None else g.const(np.zeros(g.shape(o), np.float32), "zeros")
+                 for o, d in zip(y, dy)]
+        return (g.emit("Concat", parts, axis=axis),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+def slice_index(shape, starts, ends, axes=None, steps=None):
+    axes = axes if axes is not None else tuple(range(len(starts)))
+    steps = steps if steps is not None else (1,) * len(starts)
+    index = [slice(None)] * len(shape)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = norm_axis(axis, len(shape))
+        index[axis] = slice(*slice(int(start), int(end), int(step)).indices(shape[axis]))
+    return tuple(index)
+
+
+class Slice(Op):
+    name = "Slice"
+    kind = "data"
+
+    def infer(self, x, *, starts, ends, axes=None, steps=None):
+        return np.empty(x, dtype=np.uint8)[slice_index(x, starts, ends, axes, steps)].shape
+
+    def forward(self, x, *, starts, ends, axes=None, steps=None):
+        return np.ascontiguousarray(x[slice_index(x.shape, starts, ends, axes, steps)])
+
+    def gradient(self, g, x, y, dy, *, starts, ends, axes=None, steps=None):
+        return (g.emit("SliceGrad", [dy[0]], shape=g.shape(x[0]), starts=starts, ends=ends, axes=axes,
+                       steps=steps),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+class SliceGrad(Op):
+    """Scatter dy into zeros of the sliced input's shape."""
+    name = "SliceGrad"
+    kind = "data"
+    backward_only = True
+
+    def infer(self, dy, *, shape, starts, ends, axes=None, steps=None):
+        return tuple(shape)
+
+    def forward(self, dy, *, shape, starts, ends, axes=None, steps=None):
+        out = np.zeros(shape, dy.dtype)
+        out[slice_index(shape, starts, ends, axes, steps)] = dy
+        return out
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+def _axes(rank, axes):
+    return tuple(range(rank)) if axes is None or len(axes) == 0 else tuple(norm_axis(a, rank) for a in axes)
+
+
+class ReduceMean(Op):
+    name = "ReduceMean"
+    kind = "reduction"
+
+    def infer(self, x, *, axes=None, keepdims=1):
+        axes = _axes(len(x), axes)
+        return tuple(1 if i in axes else d for i, d in enumerate(x) if keepdims or i not in axes)
+
+    def forward(self, x, *, axes=None, keepdims=1):
+        return np.mean(x, axis=_axes(x.ndim, axes), keepdims=bool(keepdims)).astype(x.dtype, copy=False)
+
+    def gradient(self, g, x, y, dy, *, axes=None, keepdims=1):
+        shape = g.shape(x[0])
+        axes = _axes(len(shape), axes)
+        kept = tuple(1 if i in axes else d for i, d in enumerate(shape))
+        count = size([shape[a] for a in axes])
+        spread = g.emit("Expand", [g.reshape(dy[0], kept)], shape=shape)
+        return (g.emit("Mul", [spread, g.const(1.0 / count, "inv_count")]),)
+
+    def flops(self, out_shapes, x, **attrs):
+        return size(x)
+
+
+class ReduceSum(Op):
+    name = "ReduceSum"
+    kind = "reduction"
+
+    def infer(self, x, *, axes=None, keepdims=1):
+        return ReduceMean.infer(self, x, axes=axes, keepdims=keepdims)
+
+    def forward(self, x, *, axes=None, keepdims=1):
+        return np.sum(x, axis=_axes(x.ndim, axes), keepdims=bool(keepdims))
+
+    def gradient(self, g, x, y, dy, *, axes=None, keepdims=1):
+        shape = g.shape(x[0])
+        axes = _axes(len(shape), axes)
+        kept = tuple(1 if i in axes else d for i, d in enumerate(shape))
+        return (g.emit("Expand", [g.reshape(dy[0], kept)], shape=shape),)
+
+    def flops(self, out_shapes, x, **attrs):
+        return size(x)
+
+
+class ReduceSumTo(Op):
+    """Sum a broadcast result back down to ``shape`` (the one place where gradients are un-broadcast)."""
+    name = "ReduceSumTo"
+    kind = "reduction"
+    backward_only = True
+
+    def infer(self, x, *, shape):
+        if tuple(np.broadcast_shapes(x, tuple(shape))) != tuple(x):
+            raise CompileError(f"ReduceSumTo: {tuple(shape)} does not broadcast to {tuple(x)}")
+        return tuple(shape)
+
+    def forward(self, x, *, shape):
+        lead = x.ndim - len(shape)
+        axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1)
+        return np.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)
+
+    def flops(self, out_shapes, x, **attrs):
+        return size(x)
+
+
+class Expand(Op):
+    name = "Expand"
+    kind = "data"
+
+    def infer(self, x, *, shape):
+        return tuple(np.broadcast_shapes(x, tuple(shape)))
+
+    def forward(self, x, *, shape):
+        return np.ascontiguousarray(np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape))))
+
+    def gradient(self, g, x, y, dy, *, shape):
+        return (g.sum_to(dy[0], g.shape(x[0])),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+# ---- ops that only appear in shape arithmetic; the frontend folds them away at compile time ----------
+class Shape(Op):
+    name = "Shape"
+    kind = "data"
+
+    def infer(self, x, *, start=0, end=None):
+        return (len(range(len(x))[start:end]),)
+
+    def out_dtypes(self, dtypes, **attrs):
+        return "int64"
+
+    def forward(self, x, *, start=0, end=None):
+        return np.array(x.shape[start:end], np.int64)
+
+
+class Gather(Op):
+    name = "Gather"
+    kind = "data"
+
+    def infer(self, data, indices, *, axis=0):
+        axis = norm_axis(axis, len(data))
+        return tuple(data[:axis]) + tuple(indices) + tuple(data[axis + 1:])
+
+    def forward(self, data, indices, *, axis=0):
+        return np.take(data, indices, axis=axis)
+
+
+class Unsqueeze(Op):
+    name = "Unsqueeze"
+    kind = "data"
+    view = True
+
+    def infer(self, x, *, axes):
+        rank = len(x) + len(axes)
+        axes = sorted(norm_axis(a, rank) for a in axes)
+        out = list(x)
+        for a in axes:
+            out.insert(a, 1)
+        return tuple(out)
+
+    def forward(self, x, *, axes):
+        return x.reshape(self.infer(x.shape, axes=axes))
+
+    def gradient(self, g, x, y, dy, *, axes):
+        return (g.reshape(dy[0], g.shape(x[0])),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+class Squeeze(Op):
+    name = "Squeeze"
+    kind = "data"
+    view = True
+
+    def infer(self, x, *, axes=None):
+        axes = tuple(i for i, d in enumerate(x) if d == 1) if axes is None else \
+            tuple(norm_axis(a, len(x)) for a in axes)
+        return tuple(d for i, d in enumerate(x) if i not in axes)
+
+    def forward(self, x, *, axes=None):
+        return x.reshape(self.infer(x.shape, axes=axes))
+
+    def gradient(self, g, x, y, dy, *, axes=None):
+        return (g.reshape(dy[0], g.shape(x[0])),)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
+
+ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 11: "float64"}
+
+
+class Cast(Op):
+    name = "Cast"
+    kind = "data"
+
+    def infer(self, x, *, to):
+        return x
+
+    def out_dtypes(self, dtypes, *, to):
+        if to not in ONNX_DTYPES:
+            raise CompileError(f"Cast: unsupported target type {to}")
+        return ONNX_DTYPES[to]
+
+    def forward(self, x, *, to):
+        return x.astype(ONNX_DTYPES[to])
+
+    def gradient(self, g, x, y, dy, *, to):
+        return (dy[0],)

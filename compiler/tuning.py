@@ -1,0 +1,272 @@
+"""Tuning strategies: which parameters train, and LoRA adapters inserted as ordinary graph nodes.
+
+``full``: every weight trains. ``selective``: layer/parameter glob patterns, the last k blocks, the classifier,
+or biases only. ``lora``: for each targeted MatMul/Gemm layer, y = W·x + (α/r)·B(A·x) with new parameters A, B;
+W stays frozen and is never copied. ``train`` patterns can be combined with LoRA (e.g. LoRA + trained head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Mapping
+
+import numpy as np
+
+from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
+
+STRATEGIES = ("full", "selective", "lora")
+LORA_INITS = ("zero_b", "gaussian", "random")
+BIAS_SUFFIXES = (".bias", ".bn_shift")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("*attn.*", "*mlp.*")
+    init: str = "zero_b"  # zero_b: A kaiming-uniform, B = 0 (the usual); gaussian: A ~ N(0, 1/r), B = 0;
+    seed: int = 0         # random: A and B both small and random (tests: every gradient is non-zero)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise CompileError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise CompileError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if self.init not in LORA_INITS:
+            raise CompileError(f"LoRA init must be one of {', '.join(LORA_INITS)}, got {self.init!r}")
+        if not self.targets:
+            raise CompileError("LoRA needs at least one target pattern")
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    strategy: str = "lora"
+    train: tuple[str, ...] = ()      # parameters or layers trained fully (glob patterns)
+    last_k: int | None = None        # selective: the last k blocks (or parametrized layers)
+    bias_only: bool = False          # selective: every bias
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise CompileError(f"unknown tuning strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.strategy == "lora" and self.lora is None:
+            object.__setattr__(self, "lora", LoraConfig())
+        if self.strategy != "lora" and self.lora is not None:
+            raise CompileError(f"LoRA options given with strategy {self.strategy!r}")
+        if self.strategy == "selective" and not (self.train or self.last_k or self.bias_only):
+            raise CompileError("selective tuning needs train patterns, last_k or bias_only")
+        if self.last_k is not None and self.last_k < 1:
+            raise CompileError(f"last_k must be >= 1, got {self.last_k}")
+
+    @classmethod
+    def parse(cls, spec: "str | Mapping[str, Any] | TuningSpec") -> "TuningSpec":
+        """From a preset name ('full', 'lora', 'lora+head', 'classifier', 'bias', 'last-2') or a dict
+        (the TOML ``[tuning]`` table: strategy, train, last_k, bias_only, rank, alpha, targets, init, seed)."""
+        if isinstance(spec, TuningSpec):
+            return spec
+        if isinstance(spec, str):
+            return _preset(spec)
+        data = dict(spec)
+        known = {"strategy", "train", "last_k", "bias_only", "rank", "alpha", "targets", "init", "seed"}
+        unknown = set(data) - known
+        if unknown:
+            raise CompileError(f"unknown tuning key(s) {sorted(unknown)}; known: {sorted(known)}")
+        lora_keys = {k: data.pop(k) for k in ("rank", "alpha", "targets", "init", "seed") if k in data}
+        strategy = data.pop("strategy", "lora")
+        if "targets" in lora_keys:
+            lora_keys["targets"] = tuple(lora_keys["targets"])
+        lora = LoraConfig(**lora_keys) if strategy == "lora" else None
+        if lora_keys and strategy != "lora":
+            raise CompileError(f"LoRA option(s) {sorted(lora_keys)} given with strategy {strategy!r}")
+        return cls(strategy=strategy, train=tuple(data.get("train", ())), last_k=data.get("last_k"),
+                   bias_only=bool(data.get("bias_only", False)), lora=lora)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy, "train": list(self.train)}
+        if self.last_k is not None:
+            out["last_k"] = self.last_k
+        if self.bias_only:
+            out["bias_only"] = True
+        if self.lora is not None:
+            out.update(rank=self.lora.rank, alpha=self.lora.alpha, targets=list(self.lora.targets),
+                       init=self.lora.init, seed=self.lora.seed)
+        return out
+
+
+def _preset(name: str) -> TuningSpec:
+    if name == "full":
+        return TuningSpec("full")
+    if name == "lora":
+        return TuningSpec("lora")
+    if name == "lora+head":
+        return TuningSpec("lora", train=("classifier*",))
+    if name in ("classifier", "head"):
+        return TuningSpec("selective", train=("classifier*",))
+    if name in ("bias", "bias-only"):
+        return TuningSpec("selective", bias_only=True)
+    match = re.fullmatch(r"last-(\d+)", name)
+    if match:
+        return TuningSpec("selective", last_k=int(match.group(1)))
+    if name == "selective":
+        raise CompileError("selective tuning needs patterns: use --train PATTERN, --last-k K or --bias-only")
+    raise CompileError(f"unknown tuning strategy {name!r}; choose from full, selective, lora, lora+head, "
+                       "classifier, bias, last-K")
+
+
+# ---- passes ------------------------------------------------------------------------------------------------
+def weight_layer(name: str) -> str:
+    for suffix in (".weight", ".bias", ".bn_scale", ".bn_shift"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _weights(graph: Graph) -> list[str]:
+    """Float initializers that are model parameters, in the order the graph first uses them."""
+    seen: list[str] = []
+    for node in graph.nodes:
+        for name in node.inputs:
+            spec = graph.tensors.get(name)
+            if spec is not None and spec.role == Role.FROZEN and name not in seen:
+                seen.append(name)
+    return seen
+
+
+def _is_folded_bn(name: str) -> bool:
+    return ".bn_scale" in name or ".bn_shift" in name
+
+
+def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
+    """Mark the parameters that train fully (Role.TRAINABLE); everything else stays frozen."""
+    weights = _weights(graph)
+    chosen: set[str] = set()
+    if spec.strategy == "full":
+        chosen = {w for w in weights if not _is_folded_bn(w)}
+    for pattern in spec.train:
+        hits = {w for w in weights if fnmatchcase(w, pattern) or fnmatchcase(weight_layer(w), pattern)}
+        if not hits:
+            raise CompileError(f"train pattern {pattern!r} matches no parameter; parameters: "
+                               f"{_listing(weights)}")
+        chosen |= hits
+    if spec.bias_only:
+        hits = {w for w in weights if w.endswith(BIAS_SUFFIXES)}
+        if not hits:
+            raise CompileError("bias_only: the model has no bias parameters")
+        chosen |= hits
+    if spec.last_k:
+        chosen |= _last_k(graph, weights, spec.last_k)
+    tensors = dict(graph.tensors)
+    for name in chosen:
+        tensors[name] = tensors[name].with_role(Role.TRAINABLE)
+    return graph.replace(tensors=tensors)
+
+
+def _last_k(graph: Graph, weights: list[str], k: int) -> set[str]:
+    blocks: dict[str, list[str]] = {}
+    for w in weights:
+        match = re.match(r"^(.*?blocks\.\d+)\.", w)
+        if match:
+            blocks.setdefault(match.group(1), []).append(w)
+    if blocks:
+        order = sorted(blocks, key=lambda b: int(b.rsplit(".", 1)[1]))
+        if k > len(order):
+            raise CompileError(f"last_k={k} but the model has {len(order)} blocks")
+        return {w for b in order[-k:] for w in blocks[b]}
+    layers: list[str] = []
+    for w in weights:
+        if not _is_folded_bn(w) and weight_layer(w) not in layers:
+            layers.append(weight_layer(w))
+    if k > len(layers):
+        raise CompileError(f"last_k={k} but the model has {len(layers)} parametrized layers")
+    keep = set(layers[-k:])
+    return {w for w in weights if weight_layer(w) in keep}
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def lora_layers(graph: Graph) -> dict[str, Node]:
+    """MatMul/Gemm nodes with a 2-D frozen weight, by layer name: the layers LoRA can adapt."""
+    found: dict[str, Node] = {}
+    for node in graph.nodes:
+        if node.op in ("MatMul", "Gemm") and len(node.inputs) >= 2:
+            spec = graph.tensors[node.inputs[1]]
+            if spec.role in (Role.FROZEN, Role.TRAINABLE) and len(spec.shape) == 2:
+                found.setdefault(node.layer or node.name, node)
+    return found
+
+
+def insert_lora(graph: Graph, cfg: LoraConfig) -> Graph:
+    """y = W·x (+ b) becomes y' = y + (α/r)·(x·A)·B for every targeted layer; A, B are new trainables."""
+    layers = lora_layers(graph)
+    targets: dict[str, Node] = {}
+    for pattern in cfg.targets:
+        hits = {layer: node for layer, node in layers.items() if fnmatchcase(layer, pattern)}
+        if not hits:
+            raise CompileError(f"LoRA target pattern {pattern!r} matches no MatMul/Gemm layer; layers: "
+                               f"{_listing(list(layers))}")
+        targets.update(hits)
+    rng = np.random.default_rng(cfg.seed)
+    tensors, values = dict(graph.tensors), dict(graph.values)
+    names = NameGen(tensors)
+    renamed: dict[str, str] = {}  # old output → LoRA-adjusted output
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        node = dataclasses.replace(node, inputs=tuple(renamed.get(i, i) for i in node.inputs))
+        nodes.append(node)
+        layer = node.layer or node.name
+        if targets.get(layer) is None or targets[layer].name != node.name:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        w_shape = graph.tensors[w].shape
+        if node.op == "Gemm":
+            if node.attrs.get("transA", 0):
+                raise CompileError(f"LoRA on layer {layer!r}: Gemm with transA=1 is not supported")
+            d_out, d_in = w_shape if node.attrs.get("transB", 0) else w_shape[::-1]
+        else:
+            d_in, d_out = w_shape
+        if cfg.rank > min(d_in, d_out):
+            raise CompileError(f"LoRA rank {cfg.rank} is larger than layer {layer!r} allows "
+                               f"(min(in, out) = {min(d_in, d_out)})")
+        a, b = names(f"{layer}.lora_a"), names(f"{layer}.lora_b")
+        values[a], values[b] = _lora_init(rng, cfg, d_in, d_out)
+        tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.TRAINABLE)
+        tensors[b] = TensorSpec(b, (cfg.rank, d_out), "float32", Role.TRAINABLE)
+        scale = names(f"{layer}.lora_scale")
+        values[scale] = np.asarray(cfg.alpha / cfg.rank, np.float32)
+        tensors[scale] = TensorSpec(scale, (), "float32", Role.CONSTANT)
+        y = node.outputs[0]
+        y_shape = tensors[y].shape
+        h, u, s, out = (names(f"{layer}.lora_{k}") for k in ("h", "u", "s", "out"))
+        tensors[h] = TensorSpec(h, tuple(y_shape[:-1]) + (cfg.rank,))
+        tensors[u] = TensorSpec(u, y_shape)
+        tensors[s] = TensorSpec(s, y_shape)
+        tensors[out] = TensorSpec(out, y_shape)
+        lora_layer = node.layer or layer
+        nodes += [Node(f"{layer}.lora/A", "MatMul", (x, a), (h,), {}, "forward", lora_layer),
+                  Node(f"{layer}.lora/B", "MatMul", (h, b), (u,), {}, "forward", lora_layer),
+                  Node(f"{layer}.lora/scale", "Mul", (u, scale), (s,), {}, "forward", lora_layer),
+                  Node(f"{layer}.lora/Add", "Add", (y, s), (out,), {}, "forward", lora_layer)]
+        renamed[y] = out
+    outputs = tuple(renamed.get(o, o) for o in graph.outputs)
+    return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes), outputs=outputs)
+
+
+def _lora_init(rng: np.random.Generator, cfg: LoraConfig, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
+    bound = 1.0 / np.sqrt(d_in)  # kaiming_uniform(a=√5), as PEFT initialises lora_A
+    if cfg.init == "gaussian":
+        a = rng.normal(0.0, 1.0 / cfg.rank, (d_in, cfg.rank))
+    else:
+        a = rng.uniform(-bound, bound, (d_in, cfg.rank))
+    b = rng.uniform(-bound, bound, (cfg.rank, d_out)) if cfg.init == "random" else np.zeros((cfg.rank, d_out))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def apply_tuning(graph: Graph, spec: TuningSpec) -> Graph:
+    if spec.lora is not None:
+        graph = insert_lora(graph, spec.lora)
+    return select_trainable(graph, spec)

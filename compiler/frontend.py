@@ -302,7 +302,7 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto, batch: int) -> Grap
     if batch < 1:
         raise CompileError(f"batch must be >= 1, got {batch}")
     graph = _Importer(read_model(source), batch).run()
-    graph = fuse_gelu(graph)
+    graph = fuse_gelu(graph).pruned(keep=graph.outputs)
     graph.check()
     return graph
 

@@ -103,6 +103,22 @@ class Graph:
     def parameter_count(self, *roles: Role) -> int:
         return sum(self.tensors[n].size for n in self.by_role(*roles))
 
+    def pruned(self, keep: Iterable[str]) -> "Graph":
+        """Drop nodes whose results nobody needs (nodes that update parameters in place always stay)."""
+        from compiler.ops import get_op  # ops import ir; resolve at call time
+        needed = set(keep)
+        nodes: list[Node] = []
+        for node in reversed(self.nodes):
+            if get_op(node.op).updates or any(o in needed for o in node.outputs):
+                nodes.append(node)
+                needed.update(i for i in node.inputs if i)
+        nodes.reverse()
+        live = needed | {o for n in nodes for o in n.outputs} | set(self.inputs)
+        tensors = {k: v for k, v in self.tensors.items() if k in live}
+        return self.replace(nodes=tuple(nodes), tensors=tensors,
+                            values={k: v for k, v in self.values.items() if k in tensors},
+                            outputs=tuple(o for o in self.outputs if o in tensors))
+
     def check(self) -> None:
         """Every input is defined before it is used; every tensor has a spec."""
         defined = set(self.inputs) | {n for n, s in self.tensors.items() if s.role.persistent}

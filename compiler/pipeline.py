@@ -112,11 +112,11 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
     graph = apply_tuning(graph, options.tuning)
     forward, loss, label, task = add_loss(graph, options.loss, task_hint)
     train, _ = differentiate(forward, loss, options.sgd)
-    train = _prune(train, keep=(loss,))
+    train = train.pruned(keep=(loss,))
     train.check()
     train_plan = plan_memory(train, keep=(loss,))
     check_plan(train, train_plan)
-    eval_graph = _prune(forward, keep=(forward.outputs[0], loss))
+    eval_graph = forward.pruned(keep=(forward.outputs[0], loss))
     eval_plan = plan_memory(eval_graph, keep=(eval_graph.outputs[0], loss))
     check_plan(eval_graph, eval_plan)
     tensors = {n: TensorInfo(n, s.shape, s.dtype, s.role.value) for n, s in train.tensors.items()}
@@ -133,22 +133,6 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         optimizer={"kind": "sgd", "lr": options.sgd.lr, "momentum": options.sgd.momentum,
                    "weight_decay": options.sgd.weight_decay})
     return program.replace(report=build_report(program, train_plan))
-
-
-def _prune(graph: Graph, keep: Sequence[str]) -> Graph:
-    """Drop nodes whose results nobody needs (nodes that update parameters always stay)."""
-    needed = set(keep)
-    nodes: list[Node] = []
-    for node in reversed(graph.nodes):
-        if get_op(node.op).updates or any(o in needed for o in node.outputs):
-            nodes.append(node)
-            needed.update(i for i in node.inputs if i)
-    nodes.reverse()
-    live = needed | {o for n in nodes for o in n.outputs} | set(graph.inputs)
-    tensors = {k: v for k, v in graph.tensors.items() if k in live}
-    values = {k: v for k, v in graph.values.items() if k in tensors}
-    return graph.replace(nodes=tuple(nodes), tensors=tensors, values=values,
-                         outputs=tuple(o for o in graph.outputs if o in tensors))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",

@@ -18,14 +18,15 @@ from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
 
 STRATEGIES = ("full", "selective", "lora")
 LORA_INITS = ("zero_b", "gaussian", "random")
-BIAS_SUFFIXES = (".bias", ".bn_shift")
+BIAS_SUFFIXES = (".bias",)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 4
     alpha: float = 8.0
-    targets: tuple[str, ...] = ("*attn.*", "*mlp.*")
+    targets: tuple[str, ...] = ("auto",)  # "auto": attention and MLP layers if the model has them, else
+                                          # every MatMul/Gemm layer that is not trained fully
     init: str = "zero_b"  # zero_b: A kaiming-uniform, B = 0 (the usual); gaussian: A ~ N(0, 1/r), B = 0;
     seed: int = 0         # random: A and B both small and random (tests: every gradient is non-zero)
 
@@ -124,12 +125,13 @@ def weight_layer(name: str) -> str:
 
 
 def _weights(graph: Graph) -> list[str]:
-    """Float initializers that are model parameters, in the order the graph first uses them."""
+    """Float initializers that are model parameters, in the order the graph first uses them. Folded
+    inference-form BatchNormalization constants are frozen by design and never listed."""
     seen: list[str] = []
     for node in graph.nodes:
         for name in node.inputs:
             spec = graph.tensors.get(name)
-            if spec is not None and spec.role == Role.FROZEN and name not in seen:
+            if spec is not None and spec.role == Role.FROZEN and name not in seen and not _is_folded_bn(name):
                 seen.append(name)
     return seen
 
@@ -143,7 +145,7 @@ def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
     weights = _weights(graph)
     chosen: set[str] = set()
     if spec.strategy == "full":
-        chosen = {w for w in weights if not _is_folded_bn(w)}
+        chosen = set(weights)
     for pattern in spec.train:
         hits = {w for w in weights if fnmatchcase(w, pattern) or fnmatchcase(weight_layer(w), pattern)}
         if not hits:
@@ -176,7 +178,7 @@ def _last_k(graph: Graph, weights: list[str], k: int) -> set[str]:
         return {w for b in order[-k:] for w in blocks[b]}
     layers: list[str] = []
     for w in weights:
-        if not _is_folded_bn(w) and weight_layer(w) not in layers:
+        if weight_layer(w) not in layers:
             layers.append(weight_layer(w))
     if k > len(layers):
         raise CompileError(f"last_k={k} but the model has {len(layers)} parametrized layers")
@@ -200,11 +202,22 @@ def lora_layers(graph: Graph) -> dict[str, Node]:
     return found
 
 
-def insert_lora(graph: Graph, cfg: LoraConfig) -> Graph:
-    """y = W·x (+ b) becomes y' = y + (α/r)·(x·A)·B for every targeted layer; A, B are new trainables."""
+AUTO_TARGETS = ("*attn.*", "*mlp.*")
+
+
+def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) -> Graph:
+    """y = W·x (+ b) becomes y' = y + (α/r)·(x·A)·B for every targeted layer; A, B are new trainables.
+    ``exclude``: patterns of layers trained fully, which "auto" leaves without adapters."""
     layers = lora_layers(graph)
     targets: dict[str, Node] = {}
-    for pattern in cfg.targets:
+    if cfg.targets == ("auto",):
+        auto = {k: v for k, v in layers.items() if any(fnmatchcase(k, p) for p in AUTO_TARGETS)}
+        if not auto:
+            auto = {k: v for k, v in layers.items() if not any(fnmatchcase(k, p) for p in exclude)}
+        if not auto:
+            raise CompileError(f"LoRA: no layer to adapt (MatMul/Gemm layers: {_listing(list(layers))})")
+        targets.update(auto)
+    for pattern in cfg.targets if cfg.targets != ("auto",) else ():
         hits = {layer: node for layer, node in layers.items() if fnmatchcase(layer, pattern)}
         if not hits:
             raise CompileError(f"LoRA target pattern {pattern!r} matches no MatMul/Gemm layer; layers: "
@@ -268,5 +281,5 @@ def _lora_init(rng: np.random.Generator, cfg: LoraConfig, d_in: int, d_out: int)
 
 def apply_tuning(graph: Graph, spec: TuningSpec) -> Graph:
     if spec.lora is not None:
-        graph = insert_lora(graph, spec.lora)
+        graph = insert_lora(graph, spec.lora, exclude=spec.train)
     return select_trainable(graph, spec)

@@ -34,7 +34,7 @@ def _out_len(op, n, span, stride, begin, end, ceil):
     if not ceil:
         return room // stride + 1
     out = -(-room // stride) + 1
-    return out - 1 if (out - 1) * stride >= n + begin else out  # the last window must start inside
+    return out  # the last window must start inside
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,12 @@ class Window:
 
     def padded_hw(self) -> tuple[int, int]:
         """Explicit pads plus whatever ceil_mode's last window needs."""
-        top, left, bottom, right = self.pads
-        return tuple(max(n + b + e, (o - 1) * s + d * (k - 1) + 1) for n, b, e, o, s, d, k in
-                     zip(self.in_hw, (top, left), (bottom, right), self.out_hw, self.strides, self.dilations,
-                         self.kernel))
+        padded = []
+        for axis in (0, 1):
+            explicit = self.in_hw[axis] + self.pads[axis] + self.pads[axis + 2]
+            span = self.dilations[axis] * (self.kernel[axis] - 1) + 1
+            padded.append(max(explicit, (self.out_hw[axis] - 1) * self.strides[axis] + span))
+        return tuple(padded)
 
     def pad(self, x4: np.ndarray, value: float = 0.0) -> np.ndarray:
         (h, w), (hp, wp) = self.in_hw, self.padded_hw()

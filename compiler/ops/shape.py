@@ -252,7 +252,7 @@ class Expand(Op):
         return tuple(np.broadcast_shapes(x, tuple(shape)))
 
     def forward(self, x, *, shape):
-        return np.ascontiguousarray(np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape))))
+        return np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape))).copy()  # ascontiguousarray makes 0-d 1-d
 
     def gradient(self, g, x, y, dy, *, shape):
         return (g.sum_to(dy[0], g.shape(x[0])),)

@@ -1,0 +1,92 @@
+"""`edgefleet compile MODEL ...`: the compiler's command line (wired into the top-level CLI in fleet.cli)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from compiler.autodiff import SGDConfig
+from compiler.frontend import import_onnx
+from compiler.ir import CompileError
+from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
+from compiler.program import Program
+from compiler.report import format_table
+from compiler.tuning import LoraConfig, TuningSpec
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compile", help="compile an ONNX model (or zoo name) into a training program",
+                              description="Compile MODEL (an .onnx path or a zoo name) into an on-device "
+                                          "training program and print its report.")
+    p.add_argument("model", help="ONNX file or zoo model name (cct-2-3x2, cct-digits, deep-ae, ds-cnn)")
+    p.add_argument("--strategy", default="lora",
+                   help="full | selective | lora | lora+head | classifier | bias | last-K (default lora)")
+    p.add_argument("--train", action="append", default=[], metavar="PATTERN",
+                   help="parameter/layer glob trained fully (repeatable; with selective or lora)")
+    p.add_argument("--last-k", type=int, help="selective: train the last K blocks")
+    p.add_argument("--bias-only", action="store_true", help="selective: train every bias")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default 4)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 8)")
+    p.add_argument("--lora-targets", help="comma-separated layer globs (default auto: attention and MLP layers, else every MatMul/Gemm layer)")
+    p.add_argument("--lora-init", choices=["zero_b", "gaussian", "random"], help="LoRA init (default zero_b)")
+    p.add_argument("--batch", type=int, default=8, help="batch size, fixed at compile time (default 8)")
+    p.add_argument("--loss", choices=LOSSES, default="auto")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for zoo weights and LoRA init")
+    p.add_argument("--target", help="lower for a target: siracusa, siracusa-small-l2, rv32-qemu, or a TOML file")
+    p.add_argument("--build", action="store_true", help="generate C and build the ELF (needs --target and -o)")
+    p.add_argument("-o", "--output", help="write the program artifact (manifest.json, params.npz) here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/report.md)")
+    p.set_defaults(handler=run)
+    return p
+
+
+def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
+    spec = TuningSpec.parse(args.strategy) if args.strategy != "selective" else None
+    lora_opts = {k: v for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha),
+                                   ("init", args.lora_init), ("seed", args.seed)) if v is not None}
+    if args.lora_targets:
+        lora_opts["targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    strategy = spec.strategy if spec else "selective"
+    if set(lora_opts) - {"seed"} and strategy != "lora":
+        raise CompileError(f"--lora-* options need a LoRA strategy, not {args.strategy!r}")
+    lora = None
+    if strategy == "lora":
+        base = spec.lora or LoraConfig()
+        lora = LoraConfig(**{**base.__dict__, **lora_opts})
+    return TuningSpec(strategy, train=tuple(spec.train if spec else ()) + tuple(args.train),
+                      last_k=args.last_k if args.last_k is not None else (spec.last_k if spec else None),
+                      bias_only=args.bias_only or bool(spec and spec.bias_only), lora=lora)
+
+
+def build_program(args: argparse.Namespace) -> Program:
+    source, name, task = load_model(args.model, args.seed)
+    options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
+                             SGDConfig(args.lr, args.momentum, args.weight_decay))
+    program = compile_graph(import_onnx(source, options.batch), options, name, task)
+    if args.target:
+        from compiler.targets import load_target, lower_to_target  # optional stage
+        program = lower_to_target(program, load_target(args.target))
+    return program
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.build and not (args.target and args.output):
+        raise CompileError("--build needs --target and -o DIR")
+    program = build_program(args)
+    if args.output:
+        program.save(args.output)
+        if args.build:
+            from compiler.codegen import build_elf
+            build_elf(program, args.output, board="rv32-qemu" if args.target == "rv32-qemu" else args.target)
+    if args.json:
+        json.dump(program.report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(program.report))
+        if args.output:
+            print(f"\nwrote {args.output}/manifest.json and params.npz")
+    return 0

@@ -1,0 +1,129 @@
+/* edgefleet C kernel library: one function per op of compiler/ops (float32), no dynamic allocation.
+ *
+ * ABI (see docs/codegen.md):
+ *   - outputs first, then inputs, then shape and attribute arguments;
+ *   - tensors are dense, row-major, C-contiguous; shapes and strides are `int` element counts;
+ *   - an optional tensor is NULL when absent (Gemm's C, Conv's bias, SGD's velocity, ...);
+ *   - broadcasting is expressed with strides: a stride of 0 repeats an operand along that axis;
+ *     the code generator coalesces axes, so `rank` is small and `shape`/strides have `rank` entries;
+ *   - an output may be the same buffer as input 0 only for the elementwise ops (the memory plan's
+ *     in-place rule); every other output never overlaps an input;
+ *   - data-movement kernels take `esize`, the element size in bytes (1, 2, 4 or 8), and work for any dtype.
+ * The numpy forward of each op (compiler/ops) is the reference; tests/codegen checks every kernel against it.
+ */
+#ifndef EF_KERNELS_H
+#define EF_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EF_MAX_RANK 8
+
+/* dtype codes (Cast, Gather) */
+enum { EF_F32 = 0, EF_F64 = 1, EF_I64 = 2, EF_I32 = 3, EF_BOOL = 4 };
+
+/* sliding-window geometry (Conv, pools and their gradients): an int array indexed by these names.
+ * 1-D ops run as 2-D with H = 1. M is the output channel count (C for pools); G the group count. */
+enum {
+    EF_WIN_N, EF_WIN_C, EF_WIN_H, EF_WIN_W, EF_WIN_M, EF_WIN_OH, EF_WIN_OW, EF_WIN_KH, EF_WIN_KW,
+    EF_WIN_SH, EF_WIN_SW, EF_WIN_DH, EF_WIN_DW, EF_WIN_PT, EF_WIN_PL, EF_WIN_PB, EF_WIN_PR, EF_WIN_G,
+    EF_WIN_LEN
+};
+
+/* ---- elementwise, binary with broadcasting: y[i] = a[i·sa] op b[i·sb] over an N-d index ---------------- */
+void ef_add(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_sub(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_mul(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_div(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_pow(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+
+/* ---- elementwise, unary (n elements) ------------------------------------------------------------------- */
+void ef_neg(float *y, const float *x, int n);
+void ef_relu(float *y, const float *x, int n);
+void ef_sigmoid(float *y, const float *x, int n);
+void ef_tanh(float *y, const float *x, int n);
+void ef_erf(float *y, const float *x, int n);
+void ef_sqrt(float *y, const float *x, int n);
+void ef_exp(float *y, const float *x, int n);
+void ef_gelu(float *y, const float *x, int n, int approximate_tanh);
+
+/* ---- backward helpers: dx from (y or x, dy), n elements --------------------------------------------- */
+void ef_relu_grad(float *dx, const float *y, const float *dy, int n);
+void ef_sigmoid_grad(float *dx, const float *y, const float *dy, int n);
+void ef_tanh_grad(float *dx, const float *y, const float *dy, int n);
+void ef_erf_grad(float *dx, const float *x, const float *dy, int n);
+void ef_gelu_grad(float *dx, const float *x, const float *dy, int n, int approximate_tanh);
+
+/* ---- GEMM ---------------------------------------------------------------------------------------------- */
+/* y (M, N) = alpha·A'·B' + beta·C, A' = transA ? Aᵀ : A (A is (K, M) or (M, K)), likewise B';
+ * C (optional) is read at c[i·c_rs + j·c_cs] (strides 0 broadcast a row or a column). */
+void ef_gemm(float *y, const float *a, const float *b, const float *c, int m, int n, int k, int trans_a,
+             int trans_b, float alpha, float beta, int c_rs, int c_cs);
+/* numpy matmul: y (batch..., M, N) = a (..., M, K) @ b (..., K, N); the batch index runs over `bshape`
+ * (brank axes), the matrices of a and b start at element offsets given by the strides sa, sb (0 = broadcast). */
+void ef_mat_mul(float *y, const float *a, const float *b, int m, int n, int k, int brank, const int *bshape,
+                const int *sa, const int *sb);
+
+/* ---- data movement (any dtype; esize bytes per element) --------------------------------------------- */
+/* y (contiguous, `shape`) = x read at strides sx (element units) from element offset `offset`. */
+void ef_transpose(void *y, const void *x, int esize, int rank, const int *shape, const int *sx);
+void ef_expand(void *y, const void *x, int esize, int rank, const int *shape, const int *sx);
+void ef_slice(void *y, const void *x, int esize, int offset, int rank, const int *shape, const int *sx);
+/* dx (n_dx elements) = 0, then dy (contiguous, `shape`) written at dx + offset with strides sdx. */
+void ef_slice_grad(void *dx, const void *dy, int esize, int n_dx, int offset, int rank, const int *shape,
+                   const int *sdx);
+/* along one axis: each of the `outer` rows of y is chunk[0] elements of xs[0], then chunk[1] of xs[1], ...
+ * (Split is the inverse); the pointer arrays hold n_inputs / n_outputs tensors. */
+void ef_concat(void *y, void *const *xs, int esize, int n_inputs, int outer, const int *chunk);
+void ef_split(void *const *ys, const void *x, int esize, int n_outputs, int outer, const int *chunk);
+void ef_cast(void *y, int y_dtype, const void *x, int x_dtype, int n);
+void ef_shape(int64_t *y, int n, const int *dims);
+/* np.take along an axis: data (outer, axis_len, inner) and nidx indices (int64 if idx64, else int32). */
+void ef_gather(void *y, const void *data, const void *indices, int esize, int idx64, int outer, int axis_len,
+               int inner, int nidx);
+
+/* ---- reductions: y (ny elements) = Σ x over an N-d index, y read at strides sy (0 on reduced axes) ----- */
+void ef_reduce_sum(float *y, const float *x, int ny, int rank, const int *shape, const int *sy);
+void ef_reduce_mean(float *y, const float *x, int ny, int rank, const int *shape, const int *sy, int count);
+void ef_reduce_sum_to(float *y, const float *x, int ny, int rank, const int *shape, const int *sy);
+
+/* ---- sliding windows (NCHW; `win` holds EF_WIN_LEN ints) ---------------------------------------------- */
+void ef_conv(float *y, const float *x, const float *w, const float *bias, const int *win);
+void ef_conv_grad_input(float *dx, const float *dy, const float *w, const int *win);
+void ef_conv_grad_weight(float *dw, const float *x, const float *dy, const int *win);
+void ef_max_pool(float *y, const float *x, const int *win);
+void ef_max_pool_grad(float *dx, const float *x, const float *dy, const int *win);
+void ef_average_pool(float *y, const float *x, const int *win, int count_include_pad);
+void ef_average_pool_grad(float *dx, const float *dy, const int *win, int count_include_pad);
+void ef_global_average_pool(float *y, const float *x, int planes, int plane_size);
+
+/* ---- normalizations (the normalized axis / axes are viewed as (outer, n, inner) or (rows, n)) -------- */
+void ef_softmax(float *y, const float *x, int outer, int n, int inner);
+void ef_softmax_grad(float *dx, const float *y, const float *dy, int outer, int n, int inner);
+/* rows of n elements; scale/bias (bias may be NULL) hold ns elements repeated along the row (n % ns == 0) */
+void ef_layer_normalization(float *y, const float *x, const float *scale, const float *bias, int rows, int n,
+                            int ns, float epsilon);
+void ef_layer_norm_grad_input(float *dx, const float *x, const float *scale, const float *dy, int rows, int n,
+                              int ns, float epsilon);
+void ef_layer_norm_grad_scale(float *dscale, const float *x, const float *dy, int rows, int n, float epsilon);
+void ef_batch_normalization(float *y, const float *x, const float *scale, const float *bias, const float *mean,
+                            const float *var, int batch, int channels, int inner, float epsilon);
+
+/* ---- losses (scalar results) ------------------------------------------------------------------------- */
+void ef_softmax_cross_entropy(float *loss, const float *logits, const int64_t *labels, int rows, int classes);
+void ef_softmax_cross_entropy_grad(float *dlogits, const float *logits, const int64_t *labels, const float *dy,
+                                   int rows, int classes);
+void ef_mse_loss(float *loss, const float *pred, const float *target, int n);
+void ef_mse_loss_grad(float *dpred, const float *pred, const float *target, const float *dy, int n);
+
+/* ---- optimizer: in place; velocity NULL = no momentum buffer ------------------------------------------ */
+void ef_sgd(float *param, const float *grad, const float *lr, float *velocity, int n, float momentum,
+            float weight_decay);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EF_KERNELS_H */

@@ -1,0 +1,170 @@
+"""Softmax and the normalizations (LayerNormalization, inference-form BatchNormalization) with their backward ops."""
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.ir import CompileError
+from compiler.ops._util import norm_axis, size
+from compiler.ops.base import Op
+
+
+class Softmax(Op):
+    """ONNX opset-13 Softmax: normalized along one axis."""
+    name = "Softmax"
+    kind = "norm"
+
+    def infer(self, x, *, axis=-1):
+        norm_axis(axis, len(x))
+        return x
+
+    def forward(self, x, *, axis=-1):
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    def gradient(self, g, x, y, dy, *, axis=-1):
+        return (g.emit("SoftmaxGrad", [y[0], dy[0]], axis=axis),)
+
+    def flops(self, out_shapes, x, **attrs):
+        return 5 * size(x)
+
+
+class SoftmaxGrad(Op):
+    """dx = y · (dy - Σ dy·y) along the axis; reads the Softmax output, not its input."""
+    name = "SoftmaxGrad"
+    kind = "norm"
+    backward_only = True
+
+    def infer(self, y, dy, *, axis=-1):
+        return dy
+
+    def forward(self, y, dy, *, axis=-1):
+        return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+    def flops(self, out_shapes, y, dy, **attrs):
+        return 4 * size(dy)
+
+
+def _normalized_axes(x_shape, axis):
+    return tuple(range(norm_axis(axis, len(x_shape)), len(x_shape)))
+
+
+def _standardize(x, axis, epsilon):
+    """(x - mean) · rstd over the axes from ``axis`` on, and rstd."""
+    axes = _normalized_axes(x.shape, axis)
+    centered = x - x.mean(axis=axes, keepdims=True)
+    rstd = 1 / np.sqrt((centered * centered).mean(axis=axes, keepdims=True) + epsilon)
+    return centered * rstd, rstd
+
+
+class LayerNormalization(Op):
+    """Y = (X - mean) / sqrt(var + epsilon) · Scale + B over the axes from ``axis`` on (the Y output only).
+
+    ``stash_type`` is accepted and ignored: statistics are computed in the input's dtype."""
+    name = "LayerNormalization"
+    kind = "norm"
+
+    def infer(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+        normalized = tuple(x[a] for a in _normalized_axes(x, axis))
+        for name, shape in (("scale", scale), ("bias", b)):
+            if shape is not None and tuple(np.broadcast_shapes(shape, normalized)) != normalized:
+                raise CompileError(f"LayerNormalization: {name} {tuple(shape)} does not broadcast to the "
+                                   f"normalized shape {normalized}")
+        return x
+
+    def forward(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+        xhat, _ = _standardize(x, axis, epsilon)
+        y = xhat * scale
+        return y if b is None else y + b
+
+    def gradient(self, g, x, y, dy, *, axis=-1, epsilon=1e-5, stash_type=1):
+        dx = ds = db = None
+        if g.needs(x[0]):
+            dx = g.emit("LayerNormGradInput", [x[0], x[1], dy[0]], axis=axis, epsilon=epsilon)
+        if g.needs(x[1]):
+            ds = g.emit("LayerNormGradScale", [x[0], dy[0]], axis=axis, epsilon=epsilon)
+        if len(x) > 2 and g.needs(x[2]):
+            db = g.sum_to(dy[0], g.shape(x[2]))
+        return (dx, ds) if len(x) == 2 else (dx, ds, db)
+
+    def flops(self, out_shapes, x, *rest, **attrs):
+        return 8 * size(x)
+
+
+class LayerNormGradInput(Op):
+    """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)) with ĝ = dy · scale; mean and rstd are recomputed."""
+    name = "LayerNormGradInput"
+    kind = "norm"
+    backward_only = True
+
+    def infer(self, x, scale, dy, *, axis=-1, epsilon=1e-5):
+        return x
+
+    def forward(self, x, scale, dy, *, axis=-1, epsilon=1e-5):
+        axes = _normalized_axes(x.shape, axis)
+        xhat, rstd = _standardize(x, axis, epsilon)
+        ghat = dy * scale
+        return rstd * (ghat - ghat.mean(axis=axes, keepdims=True)
+                       - xhat * (ghat * xhat).mean(axis=axes, keepdims=True))
+
+    def flops(self, out_shapes, x, *rest, **attrs):
+        return 14 * size(x)
+
+
+class LayerNormGradScale(Op):
+    """dscale = Σ dy · x̂ over the leading (not normalized) axes; shape x.shape[axis:]."""
+    name = "LayerNormGradScale"
+    kind = "norm"
+    backward_only = True
+
+    def infer(self, x, dy, *, axis=-1, epsilon=1e-5):
+        return tuple(x[norm_axis(axis, len(x)):])
+
+    def forward(self, x, dy, *, axis=-1, epsilon=1e-5):
+        xhat, _ = _standardize(x, axis, epsilon)
+        return (dy * xhat).sum(axis=tuple(range(norm_axis(axis, x.ndim))))
+
+    def flops(self, out_shapes, x, *rest, **attrs):
+        return 10 * size(x)
+
+
+BATCH_NORM_INPUTS = ("X", "scale", "B", "input_mean", "input_var")
+
+
+class BatchNormalization(Op):
+    """Inference form: Y = (X - mean) / sqrt(var + epsilon) · scale + B per channel (axis 1).
+
+    The running statistics are constants, so training through it needs only dX = dY · scale / sqrt(var + eps),
+    built from ordinary ops. ``momentum`` only matters in training mode, which is not supported."""
+    name = "BatchNormalization"
+    kind = "norm"
+
+    def infer(self, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0):
+        if training_mode:
+            raise CompileError("BatchNormalization: training_mode=1 is not supported (export the model in "
+                               "eval mode: the running statistics stay fixed)")
+        if len(x) < 2:
+            raise CompileError(f"BatchNormalization: input {tuple(x)} has no channel axis")
+        for name, shape in zip(BATCH_NORM_INPUTS[1:], (scale, b, mean, var)):
+            if tuple(shape) != (x[1],):
+                raise CompileError(f"BatchNormalization: {name} {tuple(shape)} does not match {x[1]} channels")
+        return x
+
+    def forward(self, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0):
+        self.infer(x.shape, scale.shape, b.shape, mean.shape, var.shape, training_mode=training_mode)
+        channel = (1, -1) + (1,) * (x.ndim - 2)
+        factor = scale / np.sqrt(var + epsilon)
+        y = (x - mean.reshape(channel)) * factor.reshape(channel) + b.reshape(channel)
+        return y.astype(x.dtype, copy=False)
+
+    def gradient(self, g, x, y, dy, *, epsilon=1e-5, momentum=0.9, training_mode=0):
+        for role, name in zip(BATCH_NORM_INPUTS[1:], x[1:]):
+            if g.needs(name):
+                raise CompileError(f"BatchNormalization: cannot train {role} {name!r}: only the inference form "
+                                   "is supported, whose gradient flows to X alone")
+        shape = g.shape(x[0])
+        std = g.emit("Sqrt", [g.emit("Add", [x[4], g.const(epsilon, "epsilon", g.dtype(x[4]))])])
+        factor = g.reshape(g.emit("Div", [x[1], std]), (shape[1],) + (1,) * (len(shape) - 2))
+        return (g.emit("Mul", [dy[0], factor]), None, None, None, None)
+
+    def flops(self, out_shapes, x, *rest, **attrs):
+        return 2 * size(x)

@@ -1,0 +1,156 @@
+"""Pooling (ONNX semantics, 1-D and 2-D) and its backward ops; the window walk is ``conv.Window``'s."""
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.ir import CompileError
+from compiler.ops._util import size
+from compiler.ops.base import Op
+from compiler.ops.conv import Window
+
+
+def _pool_window(op, x_shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode):
+    if len(kernel_shape) != len(x_shape) - 2:
+        raise CompileError(f"{op}: kernel_shape {tuple(kernel_shape)} does not fit input {tuple(x_shape)}")
+    return Window.of(op, x_shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+
+
+def _argmax_taps(win: Window, x: np.ndarray) -> np.ndarray:
+    """For every output, the index i·kW + j of the tap holding the window's first maximum (PyTorch's tie rule)."""
+    xp = win.pad(win.lift(x), -np.inf)
+    best = np.full((*xp.shape[:2], *win.out_hw), -np.inf, x.dtype)
+    index = np.zeros(best.shape, np.int64)
+    for t, (i, j) in enumerate(win.taps()):
+        view = win.tap(xp, i, j)
+        better = view > best  # strict: an equal later value never takes over
+        best = np.where(better, view, best)
+        index[better] = t
+    return index
+
+
+class MaxPool(Op):
+    """The Y output only (the optional Indices output is not supported)."""
+    name = "MaxPool"
+    kind = "pool"
+
+    def infer(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0, auto_pad="NOTSET",
+              storage_order=0):
+        win = _pool_window("MaxPool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        return (*x[:2], *win.out_shape)
+
+    def forward(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                auto_pad="NOTSET", storage_order=0):
+        win = _pool_window("MaxPool", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        xp = win.pad(win.lift(x), -np.inf)
+        y = np.full((*xp.shape[:2], *win.out_hw), -np.inf, x.dtype)
+        for i, j in win.taps():
+            np.maximum(y, win.tap(xp, i, j), out=y)
+        return win.unlift(y)
+
+    def gradient(self, g, x, y, dy, **attrs):
+        return (g.emit("MaxPoolGrad", [x[0], dy[0]], **attrs),)
+
+    def flops(self, out_shapes, x, *, kernel_shape, **attrs):
+        return size(out_shapes[0]) * size(kernel_shape)
+
+
+class MaxPoolGrad(Op):
+    """dX from (X, dY): each dy goes to the first maximum of its window; overlapping windows add up."""
+    name = "MaxPoolGrad"
+    kind = "pool"
+    backward_only = True
+
+    def infer(self, x, dy, **attrs):
+        return x
+
+    def forward(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                auto_pad="NOTSET", storage_order=0):
+        win = _pool_window("MaxPoolGrad", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        index = _argmax_taps(win, x)
+        dy4 = win.lift(dy)
+        dxp = win.zeros(dy4.shape, dy.dtype)
+        for t, (i, j) in enumerate(win.taps()):
+            win.tap(dxp, i, j)[...] += np.where(index == t, dy4, 0)
+        return win.unlift(win.crop(dxp))
+
+    def flops(self, out_shapes, x, dy, *, kernel_shape, **attrs):
+        return 2 * size(dy) * size(kernel_shape)
+
+
+def _divisors(win: Window, count_include_pad: int) -> np.ndarray:
+    """(Ho, Wo): how many positions each window averages over. Explicit pads count only with
+    count_include_pad; the extra room ceil_mode adds past the pads never counts."""
+    (h, w), (top, left, bottom, right) = win.in_hw, win.pads
+    mask = np.zeros(win.padded_hw())
+    if count_include_pad:
+        mask[:h + top + bottom, :w + left + right] = 1
+    else:
+        mask[top:top + h, left:left + w] = 1
+    return sum(win.tap(mask, i, j) for i, j in win.taps())
+
+
+class AveragePool(Op):
+    name = "AveragePool"
+    kind = "pool"
+
+    def infer(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+              count_include_pad=0, auto_pad="NOTSET"):
+        win = _pool_window("AveragePool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        return (*x[:2], *win.out_shape)
+
+    def forward(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                count_include_pad=0, auto_pad="NOTSET"):
+        win = _pool_window("AveragePool", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        xp = win.pad(win.lift(x))
+        total = sum(win.tap(xp, i, j) for i, j in win.taps())
+        return win.unlift((total / _divisors(win, count_include_pad)).astype(x.dtype, copy=False))
+
+    def gradient(self, g, x, y, dy, **attrs):
+        return (g.emit("AveragePoolGrad", [dy[0]], shape=g.shape(x[0]), **attrs),)
+
+    def flops(self, out_shapes, x, *, kernel_shape, **attrs):
+        return size(out_shapes[0]) * (size(kernel_shape) + 1)
+
+
+class AveragePoolGrad(Op):
+    """dX from dY: each dy / divisor is spread over the positions its window read."""
+    name = "AveragePoolGrad"
+    kind = "pool"
+    backward_only = True
+
+    def infer(self, dy, *, shape, **attrs):
+        return tuple(shape)
+
+    def forward(self, dy, *, shape, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                count_include_pad=0, auto_pad="NOTSET"):
+        win = _pool_window("AveragePoolGrad", shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        share = (win.lift(dy) / _divisors(win, count_include_pad)).astype(dy.dtype, copy=False)
+        dxp = win.zeros(share.shape, dy.dtype)
+        for i, j in win.taps():
+            win.tap(dxp, i, j)[...] += share
+        return win.unlift(win.crop(dxp))
+
+    def flops(self, out_shapes, dy, *, kernel_shape, **attrs):
+        return size(dy) * (size(kernel_shape) + 1)
+
+
+class GlobalAveragePool(Op):
+    """Mean over every spatial axis, kept as size-1 axes: (N, C, ...) -> (N, C, 1, ...)."""
+    name = "GlobalAveragePool"
+    kind = "pool"
+
+    def infer(self, x):
+        if len(x) < 3:
+            raise CompileError(f"GlobalAveragePool: input {tuple(x)} has no spatial axes")
+        return (*x[:2], *(1 for _ in x[2:]))
+
+    def forward(self, x):
+        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True).astype(x.dtype, copy=False)
+
+    def gradient(self, g, x, y, dy):
+        shape = g.shape(x[0])
+        spread = g.emit("Expand", [dy[0]], shape=shape)
+        return (g.emit("Mul", [spread, g.const(1.0 / size(shape[2:]), "inv_count", g.dtype(dy[0]))]),)
+
+    def flops(self, out_shapes, x):
+        return size(x)

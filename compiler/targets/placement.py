@@ -1,0 +1,121 @@
+"""Placement: each persistent tensor and the arena go to L2 when they fit, the rest goes down to L3.
+
+L2 has ``l2_bytes - l2_reserved_bytes`` for the program. When the parameter region plus the arena (one
+region shared by the training and evaluation phases: they never run at once) does not fit, tensors are
+demoted to L3 in this order, largest first within a class:
+
+    1. frozen weights     read-only: one direction of traffic, read in the forward and backward passes
+    2. optimizer state    touched once per step, by the SGD update only
+    3. trainable params   read forward and backward, read and written by the update
+    4. constants, hyperparameters
+    5. the arena          activations and gradients are written and read back within every step, so the
+                          arena goes last, and only its top part: tensors lying wholly below the cut stay
+                          in L2, the others (including any straddling the cut) live in L3.
+
+After demotion, demoted tensors that fit in what is left of L2 are promoted back (last demoted first).
+If L3 cannot hold what was demoted, placement fails naming the tensor that overflowed and the shortfall.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from compiler.ir import CompileError, Role
+from compiler.plan import ALIGN_BYTES, align
+from compiler.program import Program
+from compiler.targets.spec import Target
+
+DEMOTION_RANK = {Role.FROZEN.value: 0, Role.OPT_STATE.value: 1, Role.TRAINABLE.value: 2,
+                 Role.CONSTANT.value: 3, Role.HYPER.value: 3}
+PHASES = ("train", "evaluate")
+
+
+@dataclass(frozen=True)
+class Placement:
+    levels: Mapping[str, str]                   # tensor -> "L2" | "L3" (arena tensors: the training phase's)
+    phase_levels: Mapping[str, Mapping[str, str]]  # phase -> tensor -> level, for the cost model
+    arena_bytes: int                            # the arena region (max over the phases)
+    arena_l2_bytes: int                         # the low part of the arena kept in L2
+    bytes_by_level: Mapping[str, int]           # program bytes resident in L2 and L3
+    demoted: tuple[str, ...]                    # persistent tensors in L3, in demotion order
+
+
+def _roots(program: Program) -> tuple[dict[str, int], dict[str, str]]:
+    """Persistent tensors (name -> aligned size) and views of them (view -> root, by shared offset)."""
+    sizes = {n: align(program.tensors[n].nbytes) for n in program.param_offsets if program.tensors[n].persistent}
+    at_offset: dict[int, str] = {}
+    for n in sizes:
+        off = program.param_offsets[n]
+        if n not in at_offset.values() and (off not in at_offset or sizes[n] > sizes[at_offset[off]]):
+            at_offset[off] = n
+    views = {n: at_offset[off] for n, off in program.param_offsets.items()
+             if n not in sizes and off in at_offset}
+    return sizes, views
+
+
+def place(program: Program, target: Target) -> Placement:
+    sizes, views = _roots(program)
+    budget = target.l2_budget_bytes
+    arena = max(program.train.arena_bytes, program.evaluate.arena_bytes)
+    order = sorted(sizes, key=lambda n: (DEMOTION_RANK[program.tensors[n].role], -sizes[n], n))
+    in_l2 = set(sizes)
+    demoted: list[str] = []
+    used = sum(sizes.values()) + arena
+    for name in order:
+        if used <= budget:
+            break
+        in_l2.discard(name)
+        demoted.append(name)
+        used -= sizes[name]
+    if used <= budget:
+        cut = arena
+        for name in reversed(list(demoted)):
+            if used + sizes[name] <= budget:
+                in_l2.add(name)
+                demoted.remove(name)
+                used += sizes[name]
+    else:  # every persistent tensor is in L3 and the arena still does not fit: split it
+        cut = max(0, budget - (used - arena)) // ALIGN_BYTES * ALIGN_BYTES
+
+    levels = {n: ("L2" if n in in_l2 else "L3") for n in sizes}
+    levels.update({v: levels[r] for v, r in views.items()})
+    phase_levels: dict[str, dict[str, str]] = {}
+    l3_floor = arena
+    for phase_name in PHASES:
+        phase = getattr(program, phase_name)
+        own = dict(levels)
+        for n, off in phase.arena_offsets.items():
+            in_l2_part = off + program.tensors[n].nbytes <= cut
+            own[n] = "L2" if in_l2_part else "L3"
+            if not in_l2_part:
+                l3_floor = min(l3_floor, off)
+        phase_levels[phase_name] = own
+    for phase_name in reversed(PHASES):  # the training phase's level wins for tensors in both
+        for n in getattr(program, phase_name).arena_offsets:
+            levels[n] = phase_levels[phase_name][n]
+
+    arena_l3 = arena - l3_floor
+    l3_bytes = sum(sizes[n] for n in demoted) + arena_l3
+    _check_l3(program, target, demoted, sizes, arena_l3, l3_bytes, phase_levels["train"])
+    l2_bytes = sum(sizes[n] for n in in_l2) + min(cut, arena)
+    return Placement(levels, phase_levels, arena, min(cut, arena), {"L2": l2_bytes, "L3": l3_bytes},
+                     tuple(demoted))
+
+
+def _check_l3(program: Program, target: Target, demoted: list[str], sizes: Mapping[str, int], arena_l3: int,
+              l3_bytes: int, train_levels: Mapping[str, str]) -> None:
+    budget = target.l3_budget_bytes
+    if l3_bytes <= budget:
+        return
+    short = l3_bytes - budget
+    items = [(n, sizes[n]) for n in demoted]
+    if arena_l3:
+        in_l3 = [n for n in program.train.arena_offsets if train_levels.get(n) == "L3"]
+        largest = max(in_l3 or list(program.train.arena_offsets), key=lambda n: program.tensors[n].nbytes)
+        items.append((largest, arena_l3))
+    placed = 0
+    for name, size in items:
+        placed += size
+        if placed > budget:
+            raise CompileError(f"program does not fit {target.name}: tensor {name!r} "
+                               f"({program.tensors[name].nbytes:,} B) short by {short:,} B in L3")

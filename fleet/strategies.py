@@ -1,0 +1,643 @@
+"""LoRA-aware Flower strategies, and a reply guard that works with any strategy.
+
+Adapter convention. A strategy's ArrayRecord maps parameter names to arrays. A
+LoRA-adapted layer ``L`` carries two factors::
+
+    L.lora_a  (in_features, r)      L.lora_b  (r, out_features)
+    ΔW = A @ B  (in, out);  the layer computes x @ W + (alpha / r) · (x @ A) @ B
+
+Every other key (``classifier.weight``, ``classifier.bias``, ...) is a fully
+trained parameter and is averaged weighted by ``num-examples``, as FedAvg does.
+
+Each strategy is a small subclass of Flower's FedAvg that overrides the fewest
+hooks it can and calls ``super()``; the arithmetic lives in plain module
+functions over ``dict[str, np.ndarray]`` so it can be swapped and tested alone.
+
+Config keys the ClientApp must honor (besides Flower's "server-round"):
+
+    "freeze-lora-a": bool     FFALoRA: do not update any ``*.lora_a``.
+    "lora-rank": int          FlexLoRA, HetLoRA: the rank of the factors sent;
+                              the client may reply at a lower rank.
+    "lora-prune-gamma": float HetLoRA with ``prune_gamma``: client-side
+                              self-pruning ratio.
+    "proximal-mu": float      stock FedProx.
+
+Faults: ``Guarded(strategy)`` (or ``filter_replies``) leaves out replies that
+carry an error, are malformed, have other keys or shapes than what was sent,
+or hold NaN/Inf, and counts them by cause in ``rejected`` / ``rejected_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
+
+logger = logging.getLogger(__name__)
+
+LORA_A_SUFFIX = ".lora_a"
+LORA_B_SUFFIX = ".lora_b"
+FREEZE_LORA_A_KEY = "freeze-lora-a"
+LORA_RANK_KEY = "lora-rank"
+PRUNE_GAMMA_KEY = "lora-prune-gamma"
+REJECT_CAUSES = ("nan", "shape", "error")
+
+State = dict[str, np.ndarray]
+Shape = tuple[int, ...]
+
+
+# --- plain aggregation functions (numpy in, numpy out) -------------------------
+
+
+def lora_layers(keys: Iterable[str]) -> list[str]:
+    """Names of the LoRA-adapted layers, in key order; a lone factor is an error."""
+    keys = list(keys)
+    a_layers = [k.removesuffix(LORA_A_SUFFIX) for k in keys if k.endswith(LORA_A_SUFFIX)]
+    b_layers = {k.removesuffix(LORA_B_SUFFIX) for k in keys if k.endswith(LORA_B_SUFFIX)}
+    lone = set(a_layers) ^ b_layers
+    if lone:
+        raise ValueError(f"LoRA factor without its partner in layers {sorted(lone)}")
+    return a_layers
+
+
+def lora_rank(a: np.ndarray, b: np.ndarray) -> int:
+    """Rank r of a factor pair A (in, r), B (r, out); mismatched pairs are an error."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"not a LoRA pair: A {a.shape}, B {b.shape}")
+    return a.shape[1]
+
+
+def shape_ranks(shapes: Mapping[str, Shape]) -> dict[str, int]:
+    """Rank of every LoRA layer, from the arrays' shapes alone."""
+    ranks = {}
+    for layer in lora_layers(shapes):
+        a, b = shapes[layer + LORA_A_SUFFIX], shapes[layer + LORA_B_SUFFIX]
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise ValueError(f"{layer}: not a LoRA pair: A {a}, B {b}")
+        ranks[layer] = a[1]
+    return ranks
+
+
+def state_ranks(state: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Rank of every LoRA layer in a state."""
+    return shape_ranks({k: np.shape(v) for k, v in state.items()})
+
+
+def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Σ w_i·x_i / Σ w_i, accumulated in float64, returned in the inputs' float dtype."""
+    if not arrays or len(arrays) != len(weights):
+        raise ValueError(f"{len(arrays)} arrays but {len(weights)} weights")
+    if len({np.shape(x) for x in arrays}) != 1:
+        raise ValueError(f"cannot average shapes {[np.shape(x) for x in arrays]}")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    dtype = np.result_type(*arrays)
+    if not np.issubdtype(dtype, np.inexact):
+        dtype = np.dtype(np.float64)
+    acc = sum((w / total) * np.asarray(x, dtype=np.float64) for x, w in zip(arrays, weights))
+    return np.asarray(acc, dtype=dtype)
+
+
+def pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad A (in, r) → (in, rank) and B (r, out) → (rank, out); A @ B is unchanged."""
+    extra = rank - lora_rank(a, b)
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {a.shape[1]} down to {rank}")
+    return np.pad(a, ((0, 0), (0, extra))), np.pad(b, ((0, extra), (0, 0)))
+
+
+def truncate_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first ``rank`` columns of A and rows of B."""
+    if not 1 <= rank <= lora_rank(a, b):
+        raise ValueError(f"cannot truncate rank {a.shape[1]} to {rank}")
+    return a[:, :rank].copy(), b[:rank, :].copy()
+
+
+# Where the singular values go when ΔW ≈ U_r S_r V_rᵀ is split into A @ B.
+Split = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+SVD_SPLITS: dict[str, Split] = {
+    "sqrt": lambda u, s, vt: (u * np.sqrt(s), np.sqrt(s)[:, None] * vt),  # balanced
+    "a": lambda u, s, vt: (u * s, vt),  # B has orthonormal rows
+    "b": lambda u, s, vt: (u, s[:, None] * vt),  # A has orthonormal columns
+}
+
+
+def svd_factors(delta: np.ndarray, rank: int, split: str = "sqrt") -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-``rank`` factors of ``delta`` (Eckart–Young), singular values descending.
+
+    ``split="sqrt"``: A = U_r·sqrt(S_r), B = sqrt(S_r)·V_rᵀ. Singular directions
+    past rank(delta) come out as zero columns of A and zero rows of B (padding
+    when ``rank`` > min(in, out)). Because the values are sorted, truncating
+    these factors to r' < rank gives the best rank-r' factors too.
+    """
+    if split not in SVD_SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {sorted(SVD_SPLITS)}")
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.size)
+    a, b = SVD_SPLITS[split](u[:, :k], s[:k], vt[:k])
+    return pad_rank(a, b, rank)
+
+
+def truncate_state(state: Mapping[str, np.ndarray], rank: int) -> State:
+    """Every LoRA layer cut to min(rank, its rank); other keys unchanged."""
+    out = dict(state)
+    for layer, r in state_ranks(state).items():
+        ka, kb = layer + LORA_A_SUFFIX, layer + LORA_B_SUFFIX
+        out[ka], out[kb] = truncate_rank(state[ka], state[kb], min(rank, r))
+    return out
+
+
+def _average_rest(states: Sequence[State], weights: Sequence[float], done: State) -> State:
+    """Average every key not in ``done``; keep the first state's key order."""
+    return {
+        k: done[k] if k in done else weighted_average([s[k] for s in states], weights)
+        for k in states[0]
+    }
+
+
+def hetlora_aggregate(
+    states: Sequence[State],
+    weights: Sequence[float],
+    ranks: Mapping[str, int] | None = None,
+    sparsity_weighted: bool = False,
+) -> State:
+    """HetLoRA: zero-pad each client's A and B to the global rank, then average.
+
+    ``ranks`` gives each layer's global rank (default: the largest reply rank).
+    With ``sparsity_weighted`` a layer's factors are weighted by ‖A_i B_i‖_F
+    instead of num-examples (HetLoRA's sparsity-weighted aggregation, per layer);
+    all-zero updates fall back to num-examples.
+    """
+    ranks = ranks or {}
+    done: State = {}
+    for layer in lora_layers(states[0]):
+        ka, kb = layer + LORA_A_SUFFIX, layer + LORA_B_SUFFIX
+        rank = ranks.get(layer) or max(s[ka].shape[1] for s in states)
+        padded = [pad_rank(s[ka], s[kb], rank) for s in states]
+        layer_weights = weights
+        if sparsity_weighted:
+            norms = [float(np.linalg.norm(s[ka] @ s[kb])) for s in states]
+            layer_weights = norms if sum(norms) > 0 else weights
+        done[ka] = weighted_average([a for a, _ in padded], layer_weights)
+        done[kb] = weighted_average([b for _, b in padded], layer_weights)
+    return _average_rest(states, weights, done)
+
+
+def flexlora_aggregate(
+    states: Sequence[State],
+    weights: Sequence[float],
+    ranks: Mapping[str, int] | None = None,
+    split: str = "sqrt",
+) -> State:
+    """FlexLoRA: average the full ΔW_i = A_i @ B_i, then SVD back to the global rank.
+
+    ``ranks`` gives each layer's global rank (default: the largest reply rank).
+    """
+    ranks = ranks or {}
+    done: State = {}
+    for layer in lora_layers(states[0]):
+        ka, kb = layer + LORA_A_SUFFIX, layer + LORA_B_SUFFIX
+        rank = ranks.get(layer) or max(s[ka].shape[1] for s in states)
+        delta = weighted_average([s[ka] @ s[kb] for s in states], weights)
+        done[ka], done[kb] = svd_factors(delta, rank, split)
+    return _average_rest(states, weights, done)
+
+
+# --- reply guard -----------------------------------------------------------------
+
+
+def shapes_of(record: ArrayRecord) -> dict[str, Shape]:
+    """Shape of every array in a record (read from the header, not deserialized)."""
+    return {k: tuple(v.shape) for k, v in record.items()}
+
+
+def _shape_problem(got: Mapping[str, Shape], sent: Mapping[str, Shape], rank_flexible: bool) -> str | None:
+    if set(got) != set(sent):
+        return f"keys differ: missing {sorted(set(sent) - set(got))}, extra {sorted(set(got) - set(sent))}"
+    for key, shape in sent.items():
+        ok = got[key] == shape
+        if not ok and rank_flexible and len(shape) == len(got[key]) == 2:
+            # A client may reply at a lower rank: (in, r' ≤ r) and (r' ≤ r, out).
+            if key.endswith(LORA_A_SUFFIX):
+                ok = got[key][0] == shape[0] and 1 <= got[key][1] <= shape[1]
+            elif key.endswith(LORA_B_SUFFIX):
+                ok = got[key][1] == shape[1] and 1 <= got[key][0] <= shape[0]
+        if not ok:
+            return f"{key}: sent {shape}, got {got[key]}"
+    for key in got:
+        partner = key.removesuffix(LORA_A_SUFFIX) + LORA_B_SUFFIX
+        if key.endswith(LORA_A_SUFFIX) and partner in got and got[key][1] != got[partner][0]:
+            return f"{key} has rank {got[key][1]} but {partner} has rank {got[partner][0]}"
+    return None
+
+
+def _finite(value: object) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(math.isfinite(v) for v in values)
+
+
+def check_reply(
+    reply: Message,
+    sent: Mapping[str, Shape] | None,
+    weighted_by_key: str = "num-examples",
+    rank_flexible: bool = False,
+) -> tuple[str, str] | None:
+    """(cause, reason) if a train reply must be left out of aggregation, else None."""
+    if reply.has_error():
+        return "error", f"client error {reply.error.code}: {reply.error.reason}"
+    if not reply.has_content():
+        return "error", "reply has neither content nor error"
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "error", "expected exactly one ArrayRecord and one MetricRecord"
+    record = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weighted_by_key)
+    if not isinstance(weight, (int, float)):
+        return "error", f"missing or non-scalar {weighted_by_key!r}"
+    if sent is None:
+        return "error", "reply from a node that was sent no instruction"
+    problem = _shape_problem(shapes_of(record), sent, rank_flexible)
+    if problem:
+        return "shape", problem
+    bad = [k for k, v in record.items() if not np.isfinite(v.numpy()).all()]
+    bad += [k for k, v in metrics.items() if not _finite(v)]
+    if bad:
+        return "nan", f"non-finite values in {bad}"
+    if weight <= 0:
+        return "error", f"{weighted_by_key!r} is {weight}"
+    return None
+
+
+def _signature(reply: Message) -> tuple:
+    content = reply.content
+    ((metrics_name, metrics),) = content.metric_records.items()
+    return next(iter(content.array_records)), metrics_name, frozenset(metrics)
+
+
+def filter_replies(
+    replies: Iterable[Message],
+    expected_shapes: Mapping[str, Shape] | Mapping[int, Mapping[str, Shape]],
+    *,
+    weighted_by_key: str = "num-examples",
+    rank_flexible: bool = False,
+    server_round: int = 0,
+) -> tuple[list[Message], Counter]:
+    """Split train replies into those fit to aggregate and counts of the rest by cause.
+
+    ``expected_shapes`` is either one ``{key: shape}`` for every node, or
+    ``{node_id: {key: shape}}`` (what each node was sent). With ``rank_flexible``
+    a reply may carry LoRA factors at a lower rank than sent. Replies whose record
+    names or metric keys differ from the majority are left out as "error" too, as
+    Flower's FedAvg would otherwise refuse the whole round. One log line per
+    rejected reply.
+    """
+    uniform = bool(expected_shapes) and all(isinstance(k, str) for k in expected_shapes)
+    good: list[Message] = []
+    rejected: Counter = Counter()
+
+    def reject(reply: Message, cause: str, reason: str) -> None:
+        rejected[cause] += 1
+        logger.warning(
+            "round %d: rejected reply from node %d (%s): %s",
+            server_round, reply.metadata.src_node_id, cause, reason,
+        )
+
+    for reply in replies:
+        sent = expected_shapes if uniform else expected_shapes.get(reply.metadata.src_node_id)
+        verdict = check_reply(reply, sent, weighted_by_key, rank_flexible)
+        if verdict:
+            reject(reply, *verdict)
+        else:
+            good.append(reply)
+    if good:
+        majority, _ = Counter(_signature(r) for r in good).most_common(1)[0]
+        for reply in [r for r in good if _signature(r) != majority]:
+            good.remove(reply)
+            reject(reply, "error", f"record names / metric keys {_signature(reply)} differ from {majority}")
+    return good, rejected
+
+
+def _copy_config(config: ConfigRecord) -> ConfigRecord:
+    return ConfigRecord(dict(config))
+
+
+def _sent_shapes(message: Message) -> dict[str, Shape]:
+    records = message.content.array_records.values()
+    return {k: s for record in records for k, s in shapes_of(record).items()}
+
+
+class Guarded(Strategy):
+    """Wrap any strategy so that bad train replies never reach its aggregate_train.
+
+    ``rejected`` counts the last round's rejected replies by cause ("nan",
+    "shape", "error"), ``rejected_total`` all rounds'. A round without a valid
+    reply returns no arrays, so ``Strategy.start`` keeps the global state.
+    Replies are checked against what ``configure_train`` sent to each node, so
+    it must run first (``start`` does). The wrapped strategy gets a copy of each
+    config, never the caller's.
+    """
+
+    def __init__(self, strategy: Strategy, *, rank_flexible: bool | None = None) -> None:
+        self.strategy = strategy
+        if rank_flexible is None:
+            rank_flexible = getattr(strategy, "rank_flexible", False)
+        self.rank_flexible = rank_flexible
+        self.weighted_by_key: str = getattr(strategy, "weighted_by_key", "num-examples")
+        self.rejected: Counter = Counter()
+        self.rejected_total: Counter = Counter()
+        self._sent: dict[int, dict[str, Shape]] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, _copy_config(config), grid))
+        self._sent = {m.metadata.dst_node_id: _sent_shapes(m) for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good, self.rejected = filter_replies(
+            replies,
+            self._sent,
+            weighted_by_key=self.weighted_by_key,
+            rank_flexible=self.rank_flexible,
+            server_round=server_round,
+        )
+        self.rejected_total.update(self.rejected)
+        if not good:
+            logger.warning("round %d: no valid train reply, global arrays unchanged", server_round)
+            return None, None
+        return self.strategy.aggregate_train(server_round, good)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, _copy_config(config), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        logger.info("Guarded %s (rank_flexible=%s)", type(self.strategy).__name__, self.rank_flexible)
+        self.strategy.summary()
+
+
+# --- LoRA strategies ------------------------------------------------------------------
+
+
+def _to_state(record: ArrayRecord) -> State:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _at_node_ranks(
+    strategy: FedAvg, messages: Iterable[Message], node_ranks: Mapping[int, int]
+) -> list[Message]:
+    """Give each of FedAvg's messages the global factors cut to its node's rank.
+
+    FedAvg puts one shared RecordDict in every message; each message gets its own
+    (one ArrayRecord per distinct rank). Unknown nodes get the global rank. The
+    config gains "lora-rank".
+    """
+    messages = list(messages)
+    if not messages:
+        return messages
+    keys = strategy.arrayrecord_key, strategy.configrecord_key
+    state = _to_state(messages[0].content[keys[0]])
+    global_rank = max(state_ranks(state).values(), default=0)
+    if global_rank == 0:  # no LoRA layers: nothing to cut
+        return messages
+    records: dict[int, ArrayRecord] = {}
+    for message in messages:
+        rank = min(node_ranks.get(message.metadata.dst_node_id, global_rank), global_rank)
+        if rank not in records:
+            records[rank] = _to_record(truncate_state(state, rank))
+        config = _copy_config(message.content[keys[1]])
+        config[LORA_RANK_KEY] = rank
+        message.content = RecordDict({keys[0]: records[rank], keys[1]: config})
+    return messages
+
+
+def _aggregate_states(
+    strategy: FedAvg,
+    replies: Iterable[Message],
+    aggregate: Callable[[list[State], list[float]], State],
+) -> tuple[ArrayRecord | None, MetricRecord | None, dict[int, int]]:
+    """FedAvg's reply checks and metric averaging around a state-level ``aggregate``.
+
+    Also returns each replying node's rank (its smallest layer rank).
+    """
+    valid, _ = strategy._check_and_log_replies(replies, is_train=True)  # pylint: disable=protected-access
+    if not valid:
+        return None, None, {}
+    contents = [m.content for m in valid]
+    states = [_to_state(next(iter(c.array_records.values()))) for c in contents]
+    weights = [float(next(iter(c.metric_records.values()))[strategy.weighted_by_key]) for c in contents]
+    reply_ranks = {
+        m.metadata.src_node_id: min(ranks.values())
+        for m, ranks in zip(valid, map(state_ranks, states))
+        if ranks
+    }
+    arrays = _to_record(aggregate(states, weights))
+    return arrays, strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key), reply_ranks
+
+
+def _check_node_ranks(node_ranks: Mapping[int, int] | None) -> dict[int, int]:
+    node_ranks = dict(node_ranks or {})
+    if any(r < 1 for r in node_ranks.values()):
+        raise ValueError(f"node ranks must be ≥ 1, got {node_ranks}")
+    return node_ranks
+
+
+class FedIT(FedAvg):
+    """FedIT (Zhang et al., 2024): FedAvg on the LoRA factors, A and B averaged separately.
+
+    Each of ``L.lora_a``, ``L.lora_b`` and every other key is a num-examples
+    weighted mean, exactly what FedAvg does to any array, so nothing is
+    overridden. Note mean(A_i) @ mean(B_i) ≠ mean(A_i @ B_i): FedIT's update is
+    not the mean of the clients' updates (FFA-LoRA and FlexLoRA address that).
+    All clients must share one rank.
+    """
+
+
+class FFALoRA(FedAvg):
+    """FFA-LoRA (Sun et al., 2024): A frozen at its initial value, only B is averaged.
+
+    Sends ``"freeze-lora-a": True``. The first ``configure_train`` stores the
+    initial A factors; the aggregate always carries those, whatever clients send.
+    """
+
+    def __init__(self, **fedavg_options) -> None:
+        super().__init__(**fedavg_options)
+        self.frozen_a: dict[str, Array] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.frozen_a is None:
+            self.frozen_a = {k: v for k, v in arrays.items() if k.endswith(LORA_A_SUFFIX)}
+        config = _copy_config(config)
+        config[FREEZE_LORA_A_KEY] = True
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.frozen_a:
+            arrays = ArrayRecord({k: self.frozen_a.get(k, v) for k, v in arrays.items()})
+        return arrays, metrics
+
+
+class FlexLoRA(FedAvg):
+    """FlexLoRA (Bai et al., 2024): clients of different ranks, ΔW averaged, SVD per client.
+
+    The global ArrayRecord holds factors at the rank of ``initial_arrays``
+    (the largest rank any node may use), split from the SVD of the
+    num-examples weighted mean of ΔW_i = A_i @ B_i (see ``svd_factors`` for
+    ``split``). Since singular values are sorted, each node is sent the first
+    r_i columns of A and rows of B: the best rank-r_i approximation of the mean
+    ΔW. A node's rank comes from ``node_ranks`` (node id → rank) and is updated
+    from the shapes of its last reply; unknown nodes get the global rank.
+    """
+
+    rank_flexible = True
+
+    def __init__(
+        self, *, node_ranks: Mapping[int, int] | None = None, split: str = "sqrt", **fedavg_options
+    ) -> None:
+        super().__init__(**fedavg_options)
+        if split not in SVD_SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {sorted(SVD_SPLITS)}")
+        self.node_ranks = _check_node_ranks(node_ranks)
+        self.split = split
+        self.global_ranks: dict[str, int] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_ranks = shape_ranks(shapes_of(arrays))
+        messages = super().configure_train(server_round, arrays, _copy_config(config), grid)
+        return _at_node_ranks(self, messages, self.node_ranks)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, _copy_config(config), grid)
+        return _at_node_ranks(self, messages, self.node_ranks)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        def aggregate(states: list[State], weights: list[float]) -> State:
+            return flexlora_aggregate(states, weights, self.global_ranks, self.split)
+
+        arrays, metrics, reply_ranks = _aggregate_states(self, replies, aggregate)
+        self.node_ranks.update(reply_ranks)
+        return arrays, metrics
+
+
+class HetLoRA(FedAvg):
+    """HetLoRA (Cho et al., 2024): zero-pad factors to the global rank, average, truncate.
+
+    Global factors keep the rank of ``initial_arrays``; node i is sent the first
+    r_i columns of A and rows of B. Ranks come from ``node_ranks`` and each
+    node's last reply, as in FlexLoRA. Options: ``sparsity_weighted`` (weights
+    ‖A_i B_i‖_F instead of num-examples) and ``prune_gamma`` (sent as
+    "lora-prune-gamma" for client-side self-pruning; a client then replies at
+    its lower rank).
+    """
+
+    rank_flexible = True
+
+    def __init__(
+        self,
+        *,
+        node_ranks: Mapping[int, int] | None = None,
+        sparsity_weighted: bool = False,
+        prune_gamma: float | None = None,
+        **fedavg_options,
+    ) -> None:
+        super().__init__(**fedavg_options)
+        self.node_ranks = _check_node_ranks(node_ranks)
+        self.sparsity_weighted = sparsity_weighted
+        self.prune_gamma = prune_gamma
+        self.global_ranks: dict[str, int] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_ranks = shape_ranks(shapes_of(arrays))
+        config = _copy_config(config)
+        if self.prune_gamma is not None:
+            config[PRUNE_GAMMA_KEY] = self.prune_gamma
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return _at_node_ranks(self, messages, self.node_ranks)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, _copy_config(config), grid)
+        return _at_node_ranks(self, messages, self.node_ranks)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        def aggregate(states: list[State], weights: list[float]) -> State:
+            return hetlora_aggregate(states, weights, self.global_ranks, self.sparsity_weighted)
+
+        arrays, metrics, reply_ranks = _aggregate_states(self, replies, aggregate)
+        self.node_ranks.update(reply_ranks)
+        return arrays, metrics
+
+
+# --- factory --------------------------------------------------------------------------
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedit": FedIT,
+    "ffa-lora": FFALoRA,
+    "flexlora": FlexLoRA,
+    "hetlora": HetLoRA,
+}
+
+
+def make_strategy(name: str, *, guard: bool = True, **options) -> Strategy:
+    """Build a strategy by name with its constructor's keyword ``options``.
+
+    Stock names give Flower's strategies unchanged; with ``guard`` (default)
+    the result is wrapped in ``Guarded``.
+    """
+    factory = STRATEGIES.get(name.lower())
+    if factory is None:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    try:
+        strategy = factory(**options)
+    except TypeError as err:
+        raise TypeError(f"strategy {name!r}: {err}") from err
+    return Guarded(strategy) if guard else strategy

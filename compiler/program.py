@@ -3,6 +3,7 @@ with allow_pickle=False). The device runtime knows Programs, not models or scena
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -104,35 +105,47 @@ class Program:
             "report": _jsonable(self.report), "target": _jsonable(self.target),
         }
 
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        """(manifest JSON, parameter .npz) — the form a program crosses process and file boundaries in."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in self.values.items()})
+        return json.dumps(self.manifest(), indent=1).encode(), buffer.getvalue()
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write manifest.json and params.npz into ``directory`` (created if needed), atomically per file."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / MANIFEST, json.dumps(self.manifest(), indent=1).encode())
-        tmp = out / (PARAMS + ".tmp.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in self.values.items()})
-        os.replace(tmp, out / PARAMS)
+        manifest, params = self.to_bytes()
+        _atomic_write(out / MANIFEST, manifest)
+        _atomic_write(out / PARAMS, params)
         return out
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Program":
         path = Path(directory)
         try:
-            data = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise CompileError(f"{path}: no {MANIFEST}; not a program artifact") from None
-        except json.JSONDecodeError as exc:
-            raise CompileError(f"{path / MANIFEST}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
-        if data.get("format") != FORMAT:
-            raise CompileError(f"{path / MANIFEST}: not an edgefleet program manifest")
+            manifest, params = (path / MANIFEST).read_bytes(), (path / PARAMS).read_bytes()
+        except FileNotFoundError as exc:
+            raise CompileError(f"{path}: no {Path(exc.filename).name}; not a program artifact") from None
+        return cls.from_bytes(manifest, params, where=str(path))
+
+    @classmethod
+    def from_bytes(cls, manifest: bytes, params: bytes, where: str = "program") -> "Program":
+        try:
+            data = json.loads(manifest)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CompileError(f"{where}: corrupt manifest ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CompileError(f"{where}: not an edgefleet program manifest")
         if data.get("version") != FORMAT_VERSION:
-            raise CompileError(f"{path / MANIFEST}: program format version {data.get('version')} is not "
+            raise CompileError(f"{where}: program format version {data.get('version')} is not "
                                f"supported (this edgefleet reads version {FORMAT_VERSION})")
         try:
-            with np.load(path / PARAMS, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(params), allow_pickle=False) as npz:
                 values = {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as exc:
-            raise CompileError(f"{path / PARAMS}: cannot read parameters ({exc})") from None
+            raise CompileError(f"{where}: cannot read parameters ({exc})") from None
+        path = Path(where)
         tensors = {t["name"]: TensorInfo(t["name"], tuple(t["shape"]), t["dtype"], t["role"], t.get("level", ""))
                    for t in data["tensors"]}
         missing = [n for n, t in tensors.items() if t.persistent and n not in values]

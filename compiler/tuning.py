@@ -29,6 +29,7 @@ class LoraConfig:
                                           # every MatMul/Gemm layer that is not trained fully
     init: str = "zero_b"  # zero_b: A kaiming-uniform, B = 0 (the usual); gaussian: A ~ N(0, 1/r), B = 0;
     seed: int = 0         # random: A and B both small and random (tests: every gradient is non-zero)
+    freeze_a: bool = False  # FFA-LoRA: A is a frozen (but replaceable) parameter, only B trains
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -70,11 +71,11 @@ class TuningSpec:
         if isinstance(spec, str):
             return _preset(spec)
         data = dict(spec)
-        known = {"strategy", "train", "last_k", "bias_only", "rank", "alpha", "targets", "init", "seed"}
+        known = {"strategy", "train", "last_k", "bias_only", "rank", "alpha", "targets", "init", "seed", "freeze_a"}
         unknown = set(data) - known
         if unknown:
             raise CompileError(f"unknown tuning key(s) {sorted(unknown)}; known: {sorted(known)}")
-        lora_keys = {k: data.pop(k) for k in ("rank", "alpha", "targets", "init", "seed") if k in data}
+        lora_keys = {k: data.pop(k) for k in ("rank", "alpha", "targets", "init", "seed", "freeze_a") if k in data}
         strategy = data.pop("strategy", "lora")
         if "targets" in lora_keys:
             lora_keys["targets"] = tuple(lora_keys["targets"])
@@ -93,6 +94,8 @@ class TuningSpec:
         if self.lora is not None:
             out.update(rank=self.lora.rank, alpha=self.lora.alpha, targets=list(self.lora.targets),
                        init=self.lora.init, seed=self.lora.seed)
+            if self.lora.freeze_a:
+                out["freeze_a"] = True
         return out
 
 
@@ -247,7 +250,7 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
                                f"(min(in, out) = {min(d_in, d_out)})")
         a, b = names(f"{layer}.lora_a"), names(f"{layer}.lora_b")
         values[a], values[b] = _lora_init(rng, cfg, d_in, d_out)
-        tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.TRAINABLE)
+        tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.FROZEN if cfg.freeze_a else Role.TRAINABLE)
         tensors[b] = TensorSpec(b, (cfg.rank, d_out), "float32", Role.TRAINABLE)
         scale = names(f"{layer}.lora_scale")
         values[scale] = np.asarray(cfg.alpha / cfg.rank, np.float32)

@@ -17,6 +17,9 @@ from compiler.program import Phase, Program, TensorInfo
 from device_runtime.device import DeviceError, EvalResult, Telemetry, TrainResult, batches
 
 
+SETTABLE_ROLES = (Role.TRAINABLE.value, Role.FROZEN.value, Role.OPT_STATE.value)
+
+
 def _view(buffer: np.ndarray, offset: int, info: TensorInfo) -> np.ndarray:
     return buffer[offset: offset + info.nbytes].view(info.dtype).reshape(info.shape)
 
@@ -81,8 +84,8 @@ class NumpyDevice:
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
         for name, value in params.items():
             view = self.param_views.get(name)
-            if view is None or self.program.tensors[name].role not in (Role.TRAINABLE.value, Role.OPT_STATE.value):
-                raise DeviceError(f"{name!r} is not a trainable parameter of program {self.program.model!r}")
+            if view is None or self.program.tensors[name].role not in SETTABLE_ROLES:
+                raise DeviceError(f"{name!r} is not a parameter of program {self.program.model!r}")
             if np.shape(value) != view.shape:
                 raise DeviceError(f"parameter {name!r}: shape {np.shape(value)} does not match {view.shape}")
             np.copyto(view, value, casting="same_kind")

@@ -83,13 +83,14 @@ SIGNATURE_RESONANCE_WIDTH = 6.0
 SIGNATURE_GAIN_DB = 3.0
 SIGNATURE_FLOOR_DB = 3.0             # level change towards the high bins, +-
 # Anomalies (test only).
-ANOMALY_TONE_DB = (8.0, 14.0)
+ANOMALY_TONE_DB = (4.0, 10.0)
 ANOMALY_TONE_WIDTH = 0.7
-ANOMALY_BURST_DB = (6.0, 10.0)
+ANOMALY_BURST_DB = (3.0, 7.0)
 ANOMALY_BURST_BINS = (30, 80)
-ANOMALY_RESONANCE_DB = (6.0, 10.0)
+ANOMALY_RESONANCE_DB = (4.0, 8.0)
 ANOMALY_RESONANCE_SHIFT = (15.0, 30.0)
 ANOMALY_RESONANCE_WIDTH = 3.0
+_UNIFORM_TO_UNIT = np.float32(np.sqrt(12.0))  # U(-1/2, 1/2) * sqrt(12) has unit variance
 _SOUND_CHUNK = 2048                  # clips rendered per vectorized step (bounds temporary memory)
 _NORMALIZATION_CLIPS = 2048
 
@@ -141,9 +142,8 @@ def fleet_data(spec: DataSpec, seed: int, device_indices: Sequence[int]) -> Devi
         y = np.concatenate([d.labels for d in draws] + [np.zeros(0, np.int64)])
     elif spec.kind == "machine-sound":
         shape = (SOUND_FEATURES,)
-        draws = [_draw_sound_device(np.random.default_rng([seed, _STREAM_SOUND, i]), spec) for i in indices]
-        x = _render_sound(_concat(draws, _SoundDraw), spec.writer_strength) if draws else np.zeros((0, *shape), np.float32)
-        y = np.concatenate([d.anomaly > 0 for d in draws] + [np.zeros(0, bool)]).astype(np.int64)
+        rngs = [np.random.default_rng([seed, _STREAM_SOUND, i]) for i in indices]
+        x, y = _sound_clips(rngs, spec, spec.writer_strength)
     else:
         raise DataError(f"unknown data kind {spec.kind!r}")
     x = x.reshape(len(indices), n_train + n_test, *shape)
@@ -168,9 +168,7 @@ def global_dataset(spec: DataSpec, seed: int, n_train: int, n_test: int = 256) -
                           x_test.reshape(n_test, *DIGITS_SHAPE), test_labels.astype(np.int64))
     if spec.kind == "machine-sound":
         generic = dataclasses.replace(spec, samples_per_device=n_train, test_samples_per_device=n_test)
-        draw = _draw_sound_device(rng, generic)
-        x = _render_sound(draw, strength=0.0)
-        y = (draw.anomaly > 0).astype(np.int64)
+        x, y = _sound_clips([rng], generic, strength=0.0)
         return DeviceData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
     raise DataError(f"unknown data kind {spec.kind!r}")
 
@@ -315,8 +313,28 @@ class _SoundDraw:
     uniform: np.ndarray     # (n, 15) uniform: speed, tone (bin, dB), shifted resonance (side, shift, dB),
     #                         burst (low bin, width, dB), burst frames (5), forced burst frame
     normal: np.ndarray      # (n, 6) standard normal: clip load, frame jitter (5)
-    noise: np.ndarray       # (n, 5, 128) standard normal
     anomaly: np.ndarray     # (n,) 0 normal, 1 tone, 2 burst, 3 shifted resonance
+
+
+def _sound_clips(rngs: list[np.random.Generator], spec: DataSpec, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Clips of one device per generator: x (devices * n, 640) standardized, y (devices * n,) 1 = anomaly.
+
+    The per-bin noise is drawn straight into the output (it is most of the random numbers, and uniform
+    noise is several times cheaper to draw than Gaussian; its shape does not matter here)."""
+    n = spec.samples_per_device + spec.test_samples_per_device
+    levels = np.empty((len(rngs) * n, SOUND_FRAMES, SOUND_MELS), dtype=np.float32)
+    draws = []
+    for k, rng in enumerate(rngs):
+        draws.append(_draw_sound_device(rng, spec))
+        rng.random(out=levels[k * n:(k + 1) * n], dtype=np.float32)
+    if not draws:
+        return levels.reshape(0, SOUND_FEATURES), np.zeros(0, np.int64)
+    draw = _concat(draws, _SoundDraw)
+    mean_db, scale_db = _sound_normalization()
+    for start in range(0, len(levels), _SOUND_CHUNK):
+        part = slice(start, start + _SOUND_CHUNK)
+        _sound_levels(draw, part, strength, levels[part], mean_db, scale_db)
+    return levels.reshape(-1, SOUND_FEATURES), (draw.anomaly > 0).astype(np.int64)
 
 
 def _draw_sound_device(rng: np.random.Generator, spec: DataSpec) -> _SoundDraw:
@@ -328,19 +346,7 @@ def _draw_sound_device(rng: np.random.Generator, spec: DataSpec) -> _SoundDraw:
     return _SoundDraw(signature=np.broadcast_to(rng.random(5, dtype=np.float32), (n, 5)),
                       uniform=rng.random((n, 15), dtype=np.float32),
                       normal=rng.standard_normal((n, 6), dtype=np.float32),
-                      noise=rng.standard_normal((n, SOUND_FRAMES, SOUND_MELS), dtype=np.float32),
                       anomaly=anomaly)
-
-
-def _render_sound(draw: _SoundDraw, strength: float) -> np.ndarray:
-    """(n, 640) float32, standardized with the generic machine's constants."""
-    mean_db, scale_db = _sound_normalization()
-    n = len(draw.anomaly)
-    out = np.empty((n, SOUND_FRAMES, SOUND_MELS), dtype=np.float32)
-    for start in range(0, n, _SOUND_CHUNK):
-        part = slice(start, start + _SOUND_CHUNK)
-        out[part] = (_sound_db(draw, part, strength) - mean_db) / scale_db
-    return out.reshape(n, SOUND_FEATURES)
 
 
 def _between(u: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
@@ -352,8 +358,11 @@ def _bump(bins: np.ndarray, centre: np.ndarray, height: np.ndarray, width: float
     return height * np.exp(-0.5 * ((bins - centre) / width) ** 2)
 
 
-def _sound_db(draw: _SoundDraw, part: slice, strength: float) -> np.ndarray:
-    """(clips, 5, 128) levels in dB of the clips in ``part``."""
+def _sound_levels(draw: _SoundDraw, part: slice, strength: float, levels: np.ndarray,
+                  mean_db: np.ndarray | float = 0.0, scale_db: float = 1.0) -> None:
+    """Turn ``levels`` (clips, 5, 128) of the clips in ``part`` from uniform per-bin noise in [0, 1) into
+    (level_dB - mean_db) / scale_db, in place (the big array is touched four times; everything else is per
+    clip or per clip and bin)."""
     f32 = np.float32
     bins = np.arange(SOUND_MELS, dtype=f32)
     position = bins / f32(SOUND_MELS - 1)
@@ -387,9 +396,13 @@ def _sound_db(draw: _SoundDraw, part: slice, strength: float) -> np.ndarray:
     burst_db = (anomaly == 2) * _between(u[:, 8:9], ANOMALY_BURST_DB)
     band = ((bins >= low) & (bins < high)) * burst_db
     frames_on = (u[:, 9:14] < 0.5) | (np.arange(SOUND_FRAMES) == np.floor(u[:, 14:15] * SOUND_FRAMES))
-    levels = (spectrum[:, None, :] + SOUND_FRAME_DB * z[:, 1:, None] + SOUND_NOISE_DB * draw.noise[part]
-              + frames_on[:, :, None] * band[:, None, :])
-    return levels.astype(f32)
+    noise_scale = f32(SOUND_NOISE_DB) * _UNIFORM_TO_UNIT / f32(scale_db)
+    levels *= noise_scale
+    levels += ((spectrum - mean_db) / f32(scale_db) - noise_scale / 2)[:, None, :].astype(f32)
+    levels += (f32(SOUND_FRAME_DB / scale_db) * z[:, 1:, None]).astype(f32)
+    bursting = np.flatnonzero(anomaly[:, 0] == 2)
+    if bursting.size:
+        levels[bursting] += (frames_on[bursting, :, None] * band[bursting, None, :] / f32(scale_db)).astype(f32)
 
 
 @functools.cache
@@ -398,8 +411,10 @@ def _sound_normalization() -> tuple[np.ndarray, np.float32]:
     once from a fixed-seed sample)."""
     generic = DataSpec(kind="machine-sound", dirichlet_alpha=None, samples_per_device=_NORMALIZATION_CLIPS,
                        test_samples_per_device=1, writer_strength=0.0, anomaly_fraction=0.0)
-    draw = _draw_sound_device(np.random.default_rng(_POOL_SPLIT_SEED), generic)
-    levels = _sound_db(draw, slice(0, _NORMALIZATION_CLIPS), 0.0)
+    rng = np.random.default_rng(_POOL_SPLIT_SEED)
+    draw = _draw_sound_device(rng, generic)
+    levels = rng.random((_NORMALIZATION_CLIPS, SOUND_FRAMES, SOUND_MELS), dtype=np.float32)
+    _sound_levels(draw, slice(0, _NORMALIZATION_CLIPS), 0.0, levels)
     mean = levels.mean(axis=(0, 1)).astype(np.float32)
     return mean, np.float32((levels - mean).std())
 

@@ -19,12 +19,12 @@ def _argmax_taps(win: Window, x: np.ndarray) -> np.ndarray:
     """For every output, the index i·kW + j of the tap holding the window's first maximum (PyTorch's tie rule)."""
     xp = win.pad(win.lift(x), -np.inf)
     best = np.full((*xp.shape[:2], *win.out_hw), -np.inf, x.dtype)
-    index = np.zeros(best.shape, np.int64)
+    index = np.zeros(best.shape, np.int32)
     for t, (i, j) in enumerate(win.taps()):
         view = win.tap(xp, i, j)
         better = view > best  # strict: an equal later value never takes over
-        best = np.where(better, view, best)
-        index[better] = t
+        np.copyto(best, view, where=better)
+        np.copyto(index, t, where=better)
     return index
 
 
@@ -71,7 +71,7 @@ class MaxPoolGrad(Op):
         dxp = win.zeros(dy4.shape, dy.dtype)
         for t, (i, j) in enumerate(win.taps()):
             win.tap(dxp, i, j)[...] += np.where(index == t, dy4, 0)
-        return win.unlift(win.crop(dxp))
+        return win.unlift(np.ascontiguousarray(win.crop(dxp)))
 
     def flops(self, out_shapes, x, dy, *, kernel_shape, **attrs):
         return 2 * size(dy) * size(kernel_shape)
@@ -128,7 +128,7 @@ class AveragePoolGrad(Op):
         dxp = win.zeros(share.shape, dy.dtype)
         for i, j in win.taps():
             win.tap(dxp, i, j)[...] += share
-        return win.unlift(win.crop(dxp))
+        return win.unlift(np.ascontiguousarray(win.crop(dxp)))
 
     def flops(self, out_shapes, dy, *, kernel_shape, **attrs):
         return size(dy) * (size(kernel_shape) + 1)

@@ -7,10 +7,11 @@ demoted to L3 in this order, largest first within a class:
     1. frozen weights     read-only: one direction of traffic, read in the forward and backward passes
     2. optimizer state    touched once per step, by the SGD update only
     3. trainable params   read forward and backward, read and written by the update
-    4. constants, hyperparameters
-    5. the arena          activations and gradients are written and read back within every step, so the
-                          arena goes last, and only its top part: tensors lying wholly below the cut stay
-                          in L2, the others (including any straddling the cut) live in L3.
+    4. the arena          activations and gradients are written and read back within every step, so the
+                          arena goes after the weights, and only its top part: tensors lying wholly below
+                          the cut stay in L2, the others (including any straddling the cut) live in L3
+    5. constants, hyperparameters: scalars and small vectors read by many steps; they leave L2 only when
+                          the whole arena already has.
 
 After demotion, demoted tensors that fit in what is left of L2 are promoted back (last demoted first).
 If L3 cannot hold what was demoted, placement fails naming the tensor that overflowed and the shortfall.
@@ -26,7 +27,8 @@ from compiler.program import Program
 from compiler.targets.spec import Target
 
 DEMOTION_RANK = {Role.FROZEN.value: 0, Role.OPT_STATE.value: 1, Role.TRAINABLE.value: 2,
-                 Role.CONSTANT.value: 3, Role.HYPER.value: 3}
+                 Role.CONSTANT.value: 4, Role.HYPER.value: 4}
+ARENA_RANK = 3
 PHASES = ("train", "evaluate")
 
 
@@ -43,11 +45,7 @@ class Placement:
 def _roots(program: Program) -> tuple[dict[str, int], dict[str, str]]:
     """Persistent tensors (name -> aligned size) and views of them (view -> root, by shared offset)."""
     sizes = {n: align(program.tensors[n].nbytes) for n in program.param_offsets if program.tensors[n].persistent}
-    at_offset: dict[int, str] = {}
-    for n in sizes:
-        off = program.param_offsets[n]
-        if n not in at_offset.values() and (off not in at_offset or sizes[n] > sizes[at_offset[off]]):
-            at_offset[off] = n
+    at_offset = {program.param_offsets[n]: n for n in sizes if sizes[n] > 0}
     views = {n: at_offset[off] for n, off in program.param_offsets.items()
              if n not in sizes and off in at_offset}
     return sizes, views
@@ -60,22 +58,32 @@ def place(program: Program, target: Target) -> Placement:
     order = sorted(sizes, key=lambda n: (DEMOTION_RANK[program.tensors[n].role], -sizes[n], n))
     in_l2 = set(sizes)
     demoted: list[str] = []
-    used = sum(sizes.values()) + arena
+    params_l2, cut = sum(sizes.values()), arena
+
+    def over() -> int:
+        return params_l2 + cut - budget
+
+    def split(cut_: int) -> int:
+        return max(0, cut_ - over()) // ALIGN_BYTES * ALIGN_BYTES
+
     for name in order:
-        if used <= budget:
+        if over() <= 0:
             break
+        if DEMOTION_RANK[program.tensors[name].role] > ARENA_RANK and cut:  # the arena's turn
+            cut = split(cut)
+            if over() <= 0:
+                break
         in_l2.discard(name)
         demoted.append(name)
-        used -= sizes[name]
-    if used <= budget:
-        cut = arena
-        for name in reversed(list(demoted)):
-            if used + sizes[name] <= budget:
+        params_l2 -= sizes[name]
+    if over() > 0 and cut:  # no constants left to stop at: the arena gives way
+        cut = split(cut)
+    if cut == arena:
+        for name in reversed(list(demoted)):  # promote back what fits in what is left
+            if over() + sizes[name] <= 0:
                 in_l2.add(name)
                 demoted.remove(name)
-                used += sizes[name]
-    else:  # every persistent tensor is in L3 and the arena still does not fit: split it
-        cut = max(0, budget - (used - arena)) // ALIGN_BYTES * ALIGN_BYTES
+                params_l2 += sizes[name]
 
     levels = {n: ("L2" if n in in_l2 else "L3") for n in sizes}
     levels.update({v: levels[r] for v, r in views.items()})
@@ -108,11 +116,12 @@ def _check_l3(program: Program, target: Target, demoted: list[str], sizes: Mappi
     if l3_bytes <= budget:
         return
     short = l3_bytes - budget
-    items = [(n, sizes[n]) for n in demoted]
+    items = [(n, sizes[n]) for n in demoted if DEMOTION_RANK[program.tensors[n].role] < ARENA_RANK]
     if arena_l3:
         in_l3 = [n for n in program.train.arena_offsets if train_levels.get(n) == "L3"]
         largest = max(in_l3 or list(program.train.arena_offsets), key=lambda n: program.tensors[n].nbytes)
         items.append((largest, arena_l3))
+    items += [(n, sizes[n]) for n in demoted if DEMOTION_RANK[program.tensors[n].role] > ARENA_RANK]
     placed = 0
     for name, size in items:
         placed += size

@@ -466,7 +466,7 @@ def test_forward_matches_onnxruntime(op_name, c):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-7), ("float32", 1e-4)])

@@ -1,0 +1,45 @@
+"""`edgefleet run SCENARIO` and `edgefleet run --resume RUN_DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="run a federated personalization scenario",
+                              description="Run a scenario (TOML) end to end, or resume a killed run.")
+    p.add_argument("scenario", nargs="?", help="scenario TOML file (e.g. scenarios/quickstart.toml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last finished round")
+    p.add_argument("--rounds", type=int, help="override training.rounds")
+    p.add_argument("--devices", type=int, help="override the fleet size (groups scaled in proportion)")
+    p.add_argument("--run-dir", help="where the run is written (default: the scenario's run_dir)")
+    p.add_argument("--actors", type=int, help="Ray host actors (0 = run in this process)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleet.engine import run_scenario
+    from fleet.scenario import load_scenario
+    if args.resume:
+        if args.scenario or args.rounds or args.devices:
+            raise ValueError("--resume takes only the run directory: the run's own scenario is used")
+        summary = run_scenario(None, args.resume, resume=True, progress=not args.quiet, actors=args.actors)
+    else:
+        if not args.scenario:
+            raise ValueError("give a scenario file, or --resume RUN_DIR")
+        scenario = load_scenario(args.scenario).with_overrides(rounds=args.rounds, devices=args.devices,
+                                                              run_dir=args.run_dir)
+        summary = run_scenario(scenario, scenario.run_dir, progress=not args.quiet, actors=args.actors)
+    p = summary["personalization"]
+    print(f"\n{summary['scenario']}: {summary['rounds_completed']} rounds, {summary['devices']} devices, "
+          f"{summary['timing']['seconds_per_round']:.2f} s/round")
+    print(f"  {summary['metric']}: base {p['base_accuracy_mean']:.3f}  global {p['global_accuracy_mean']:.3f}  "
+          f"personalized {p['personalized_accuracy_mean']:.3f}  ({100 * p['share_of_devices_improved']:.0f} % of "
+          f"devices improved)")
+    if summary["failures"]:
+        print(f"  failures: {json.dumps(summary['failures'])}")
+    return 0

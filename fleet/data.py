@@ -134,20 +134,17 @@ def fleet_data(spec: DataSpec, seed: int, device_indices: Sequence[int]) -> Devi
         raise DataError(f"device indices must be >= 0, got {min(indices)}")
     if spec.kind == "npz":
         return _stack_npz(spec, indices)
-    n_train, n_test = spec.samples_per_device, spec.test_samples_per_device
     if spec.kind == "digits":
-        shape = DIGITS_SHAPE
-        draws = [_draw_digits_device(np.random.default_rng([seed, _STREAM_DIGITS, i]), spec) for i in indices]
-        x = _render_digits(_concat(draws, _DigitsDraw)) if draws else np.zeros((0, *shape), np.float32)
-        y = np.concatenate([d.labels for d in draws] + [np.zeros(0, np.int64)])
+        rngs = [np.random.default_rng([seed, _STREAM_DIGITS, i]) for i in indices]
+        x, y = _digits_clips(rngs, spec)
     elif spec.kind == "machine-sound":
-        shape = (SOUND_FEATURES,)
         rngs = [np.random.default_rng([seed, _STREAM_SOUND, i]) for i in indices]
         x, y = _sound_clips(rngs, spec, spec.writer_strength)
     else:
         raise DataError(f"unknown data kind {spec.kind!r}")
-    x = x.reshape(len(indices), n_train + n_test, *shape)
-    y = y.reshape(len(indices), n_train + n_test)
+    n_train, n = spec.samples_per_device, spec.samples_per_device + spec.test_samples_per_device
+    x = _read_only(x.reshape(len(indices), n, *x.shape[1:]))
+    y = _read_only(y.reshape(len(indices), n))
     return DeviceData(x[:, :n_train], y[:, :n_train], x[:, n_train:], y[:, n_train:])
 
 
@@ -164,11 +161,11 @@ def global_dataset(spec: DataSpec, seed: int, n_train: int, n_test: int = 256) -
         test_labels = rng.integers(0, DIGITS_CLASSES, n_test)
         x_train = pools.images[_pick(rng, pools.global_pool, train_labels)]
         x_test = pools.images[_pick(rng, pools.test_pool, test_labels)]
-        return DeviceData(x_train.reshape(n_train, *DIGITS_SHAPE), train_labels.astype(np.int64),
-                          x_test.reshape(n_test, *DIGITS_SHAPE), test_labels.astype(np.int64))
+        return DeviceData(*map(_read_only, (x_train.reshape(n_train, *DIGITS_SHAPE), train_labels.astype(np.int64),
+                                            x_test.reshape(n_test, *DIGITS_SHAPE), test_labels.astype(np.int64))))
     if spec.kind == "machine-sound":
         generic = dataclasses.replace(spec, samples_per_device=n_train, test_samples_per_device=n_test)
-        x, y = _sound_clips([rng], generic, strength=0.0)
+        x, y = map(_read_only, _sound_clips([rng], generic, strength=0.0))
         return DeviceData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
     raise DataError(f"unknown data kind {spec.kind!r}")
 
@@ -178,12 +175,18 @@ def _concat(draws: list, cls: type) -> object:
     return cls(*(np.concatenate([getattr(d, f.name) for d in draws]) for f in dataclasses.fields(cls)))
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """Data is shared (views into one block), so nobody may change it in place."""
+    array.flags.writeable = False
+    return array
+
+
 # ---- digits ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _DigitPools:
     images: np.ndarray        # (1797, 8, 8) float32 in [0, 1]
-    global_pool: np.ndarray   # (10, max) image indices per label, padded; with counts
+    global_pool: np.ndarray   # (10, 1 + max) per label: the count, then image indices
     train_pool: np.ndarray
     test_pool: np.ndarray
 
@@ -193,7 +196,7 @@ def _digits_pools() -> _DigitPools:
     from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
 
     digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
+    images = _read_only((digits.images / 16.0).astype(np.float32))
     rng = np.random.default_rng(_POOL_SPLIT_SEED)
     pools: list[list[np.ndarray]] = [[], [], []]
     for label in range(DIGITS_CLASSES):
@@ -231,6 +234,15 @@ class _DigitsDraw:
     thickness: np.ndarray  # (n,) in [-1, 1]
     contrast: np.ndarray   # (n,)
     noise: np.ndarray      # (n, 8, 8) already scaled by the writer's noise level
+
+
+def _digits_clips(rngs: list[np.random.Generator], spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Images of one device per generator: x (devices * n, 1, 8, 8), y (devices * n,)."""
+    draws = [_draw_digits_device(rng, spec) for rng in rngs]
+    if not draws:
+        return np.zeros((0, *DIGITS_SHAPE), np.float32), np.zeros(0, np.int64)
+    draw = _concat(draws, _DigitsDraw)
+    return _render_digits(draw).reshape(-1, *DIGITS_SHAPE), draw.labels
 
 
 def _draw_digits_device(rng: np.random.Generator, spec: DataSpec) -> _DigitsDraw:
@@ -430,29 +442,30 @@ def _npz_dir(spec: DataSpec) -> Path:
 def _load_npz(file: Path) -> DeviceData:
     if not file.is_file():
         raise DataError(f"{file}: no such file")
-    arrays = {}
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{file}: expected an .npz archive of {', '.join(NPZ_KEYS)}, got a single array")
-            for key in NPZ_KEYS:
-                if key not in archive.files:
-                    raise DataError(f"{file}: missing key '{key}' (expected {', '.join(NPZ_KEYS)})")
-                try:
-                    arrays[key] = archive[key]
-                except ValueError as error:
-                    if "pickle" in str(error) or "Object arrays" in str(error):
-                        raise DataError(f"{file}: {key}: object arrays need pickle, which is refused") from None
-                    raise DataError(f"{file}: {key}: cannot read: {error}") from None
-    except DataError:
-        raise
-    except ValueError as error:
-        if "pickle" in str(error):
-            raise DataError(f"{file}: holds pickled data, which is refused") from None
-        raise DataError(f"{file}: cannot read: {error}") from None
+        archive = np.load(file, allow_pickle=False)
+    except ValueError:  # neither a zip nor an .npy file: numpy would have to unpickle it
+        raise DataError(f"{file}: not an .npz archive (pickled data is refused)") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{file}: cannot read: {error}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{file}: expected an .npz archive of {', '.join(NPZ_KEYS)}, got a single array")
+    with archive:
+        arrays = {key: _read_member(file, archive, key) for key in NPZ_KEYS}
     return _check_arrays(file, arrays)
+
+
+def _read_member(file: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    if key not in archive.files:
+        raise DataError(f"{file}: missing key '{key}' (expected {', '.join(NPZ_KEYS)})")
+    try:
+        return archive[key]
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise DataError(f"{file}: {key}: an object array needs pickle, which is refused") from None
+        raise DataError(f"{file}: {key}: cannot read: {error}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{file}: {key}: cannot read: {error}") from None
 
 
 def _check_arrays(file: Path, arrays: dict[str, np.ndarray]) -> DeviceData:
@@ -469,7 +482,8 @@ def _check_arrays(file: Path, arrays: dict[str, np.ndarray]) -> DeviceData:
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise DataError(f"{file}: x_test: samples of shape {arrays['x_test'].shape[1:]} differ from x_train's "
                         f"{arrays['x_train'].shape[1:]}")
-    return DeviceData(*(arrays[key].astype(np.float32 if key.startswith("x") else np.int64) for key in NPZ_KEYS))
+    return DeviceData(*(_read_only(arrays[key].astype(np.float32 if key.startswith("x") else np.int64))
+                        for key in NPZ_KEYS))
 
 
 def _stack_npz(spec: DataSpec, indices: list[int]) -> DeviceData:
@@ -484,4 +498,4 @@ def _stack_npz(spec: DataSpec, indices: list[int]) -> DeviceData:
                 raise DataError(f"{directory / f'device_{i}.npz'}: {key}: shape {getattr(data, key).shape} differs "
                                 f"from device_{indices[0]}.npz's {getattr(first, key).shape}; stacking needs equal "
                                 "shapes (load devices one by one with device_data)")
-    return DeviceData(*(np.stack([getattr(d, key) for d in loaded]) for key in NPZ_KEYS))
+    return DeviceData(*(_read_only(np.stack([getattr(d, key) for d in loaded])) for key in NPZ_KEYS))

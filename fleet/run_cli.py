@@ -31,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.scenario:
             raise ValueError("give a scenario file, or --resume RUN_DIR")
-        scenario = load_scenario(args.scenario).with_overrides(rounds=args.rounds, devices=args.devices,
-                                                              run_dir=args.run_dir)
+        scenario = load_scenario(args.scenario)
+        run_dir = args.run_dir or _free_dir(scenario.run_dir)  # an explicit --run-dir is never reused
+        scenario = scenario.with_overrides(rounds=args.rounds, devices=args.devices, run_dir=run_dir)
+        print(f"run directory: {run_dir}", file=sys.stderr)
         summary = run_scenario(scenario, scenario.run_dir, progress=not args.quiet, actors=args.actors)
     p = summary["personalization"]
     print(f"\n{summary['scenario']}: {summary['rounds_completed']} rounds, {summary['devices']} devices, "
@@ -43,3 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if summary["failures"]:
         print(f"  failures: {json.dumps(summary['failures'])}")
     return 0
+
+
+def _free_dir(default: str) -> str:
+    """The scenario's run directory, or the first free ``<dir>-N`` when it already holds a run."""
+    from pathlib import Path
+    path, n = Path(default), 2
+    while path.exists() and any(path.iterdir()):
+        path = Path(f"{default}-{n}")
+        n += 1
+    return str(path)

@@ -267,6 +267,9 @@ def _split(site: Site) -> dict[str, Any]:
     shape = site.shape(x)
     axis = norm_axis(int(site.attr("axis")), len(shape))
     outer, _, inner = split_at(shape, axis)
+    parts = tuple(site.shape(y)[axis] for y in ys)
+    if tuple(int(p) for p in site.attr("split")) != parts:
+        raise site.error(f"split {tuple(site.attr('split'))} does not match the outputs' sizes {parts}")
     return dict(ys=tuple(Ref(y) for y in ys), x=Ref(x), esize=esize(site, x), count=len(ys), outer=outer,
                 chunk=tuple(site.shape(y)[axis] * inner for y in ys))
 

@@ -44,6 +44,13 @@ class SoftmaxGrad(Op):
         return 4 * size(dy)
 
 
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return tuple(np.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+    except ValueError:
+        return False
+
+
 def _normalized_axes(x_shape, axis):
     return tuple(range(norm_axis(axis, len(x_shape)), len(x_shape)))
 
@@ -66,7 +73,7 @@ class LayerNormalization(Op):
     def infer(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
         normalized = tuple(x[a] for a in _normalized_axes(x, axis))
         for name, shape in (("scale", scale), ("bias", b)):
-            if shape is not None and tuple(np.broadcast_shapes(shape, normalized)) != normalized:
+            if shape is not None and not _broadcasts_to(shape, normalized):
                 raise CompileError(f"LayerNormalization: {name} {tuple(shape)} does not broadcast to the "
                                    f"normalized shape {normalized}")
         return x

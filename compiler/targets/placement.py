@@ -8,8 +8,10 @@ demoted to L3 in this order, largest first within a class:
     2. optimizer state    touched once per step, by the SGD update only
     3. trainable params   read forward and backward, read and written by the update
     4. the arena          activations and gradients are written and read back within every step, so the
-                          arena goes after the weights, and only its top part: tensors lying wholly below
-                          the cut stay in L2, the others (including any straddling the cut) live in L3
+                          arena goes after the weights, and only in part: a window of arena offsets as large
+                          as what is left of L2 stays there. The window is placed where the tensors lying
+                          wholly inside it carry the most traffic (bytes x steps touching them, training
+                          phase); every other arena tensor, including those straddling an edge, lives in L3
     5. constants, hyperparameters: scalars and small vectors read by many steps; they leave L2 only when
                           the whole arena already has.
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
+
+import numpy as np
 
 from compiler.ir import CompileError, Role
 from compiler.plan import ALIGN_BYTES, align
@@ -37,7 +41,8 @@ class Placement:
     levels: Mapping[str, str]                   # tensor -> "L2" | "L3" (arena tensors: the training phase's)
     phase_levels: Mapping[str, Mapping[str, str]]  # phase -> tensor -> level, for the cost model
     arena_bytes: int                            # the arena region (max over the phases)
-    arena_l2_bytes: int                         # the low part of the arena kept in L2
+    arena_l2_bytes: int                         # size of the arena window kept in L2
+    arena_window: tuple[int, int]               # [start, end) of arena offsets mapped to L2
     bytes_by_level: Mapping[str, int]           # program bytes resident in L2 and L3
     demoted: tuple[str, ...]                    # persistent tensors in L3, in demotion order
 
@@ -87,27 +92,49 @@ def place(program: Program, target: Target) -> Placement:
 
     levels = {n: ("L2" if n in in_l2 else "L3") for n in sizes}
     levels.update({v: levels[r] for v, r in views.items()})
+    start = 0 if cut == arena else _window(program, cut)
+    window = (start, start + cut)
     phase_levels: dict[str, dict[str, str]] = {}
-    l3_floor = arena
+    far: list[tuple[int, int]] = []
     for phase_name in PHASES:
         phase = getattr(program, phase_name)
         own = dict(levels)
         for n, off in phase.arena_offsets.items():
-            in_l2_part = off + program.tensors[n].nbytes <= cut
-            own[n] = "L2" if in_l2_part else "L3"
-            if not in_l2_part:
-                l3_floor = min(l3_floor, off)
+            end = off + program.tensors[n].nbytes
+            inside = window[0] <= off and end <= window[1]
+            own[n] = "L2" if inside else "L3"
+            if not inside:
+                far.append((off, end))
         phase_levels[phase_name] = own
     for phase_name in reversed(PHASES):  # the training phase's level wins for tensors in both
         for n in getattr(program, phase_name).arena_offsets:
             levels[n] = phase_levels[phase_name][n]
 
-    arena_l3 = arena - l3_floor
+    arena_l3 = max(e for _, e in far) - min(o for o, _ in far) if far else 0  # one block, same offsets
     l3_bytes = sum(sizes[n] for n in demoted) + arena_l3
     _check_l3(program, target, demoted, sizes, arena_l3, l3_bytes, phase_levels["train"])
-    l2_bytes = sum(sizes[n] for n in in_l2) + min(cut, arena)
-    return Placement(levels, phase_levels, arena, min(cut, arena), {"L2": l2_bytes, "L3": l3_bytes},
-                     tuple(demoted))
+    l2_bytes = sum(sizes[n] for n in in_l2) + cut
+    return Placement(levels, phase_levels, arena, cut, window, {"L2": l2_bytes, "L3": l3_bytes}, tuple(demoted))
+
+
+def _window(program: Program, size: int) -> int:
+    """The start of the ``size``-byte window of arena offsets whose wholly-contained tensors carry the most
+    training-phase traffic (bytes x number of steps reading or writing them)."""
+    phase = program.train
+    touches: dict[str, int] = {}
+    for step in phase.steps:
+        for name in (*step.inputs, *step.outputs):
+            touches[name] = touches.get(name, 0) + 1
+    names = list(phase.arena_offsets)
+    if not names or size <= 0:
+        return 0
+    offs = np.array([phase.arena_offsets[n] for n in names], dtype=np.int64)
+    ends = offs + np.array([program.tensors[n].nbytes for n in names], dtype=np.int64)
+    weight = (ends - offs) * np.array([touches.get(n, 0) for n in names], dtype=np.int64)
+    arena = max(phase.arena_bytes, program.evaluate.arena_bytes)
+    starts = np.unique(np.clip(np.concatenate([offs, ends - size, [0]]), 0, max(0, arena - size)))
+    inside = (offs[None, :] >= starts[:, None]) & (ends[None, :] <= starts[:, None] + size)
+    return int(starts[int(np.argmax(inside @ weight))])
 
 
 def _check_l3(program: Program, target: Target, demoted: list[str], sizes: Mapping[str, int], arena_l3: int,

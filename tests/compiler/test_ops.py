@@ -504,6 +504,19 @@ def test_max_pool_gradient_goes_to_the_first_maximum_on_ties():
     np.testing.assert_array_equal(dx, [[[[5.0, 0.0], [0.0, 0.0]]]])
 
 
+@pytest.mark.parametrize("op_name,shapes,attrs,match", [
+    ("Conv", [(1, 4, 5, 5), (6, 3, 3, 3)], {"group": 2}, "group=2"),
+    ("Conv", [(1, 3, 2, 2), (4, 3, 3, 3)], {}, "does not fit"),
+    ("Conv", [(1, 3, 4, 4, 4), (2, 3, 1, 1, 1)], {}, "1-D and 2-D"),
+    ("MaxPool", [(1, 3, 5)], {"kernel_shape": (2, 2)}, "kernel_shape"),
+    ("LayerNormalization", [(3, 5), (4,)], {}, "scale"),
+])
+def test_shape_rules_name_the_op_and_the_problem(op_name, shapes, attrs, match):
+    op = get_op(op_name)
+    with pytest.raises(CompileError, match=f"{op_name}: .*{match}"):
+        op.infer(*shapes, **op.resolve_attrs(attrs))
+
+
 def test_batch_norm_trains_only_through_its_input():
     c = CASES["BatchNormalization"][0]
     c = Case((c.inputs[0], Input((3,)), *c.inputs[2:]), c.attrs)  # a trainable scale

@@ -1,0 +1,367 @@
+"""The scenario schema: shipped scenarios, every kind of error, defaults, overrides, round trips."""
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleet.scenario import (AGGREGATION_DEFAULTS, DeviceGroup, Dropout, Periodic, Scenario, ScenarioError,
+                            load_scenario, parse_scenario)
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "scenarios").glob("*.toml"))
+
+MINIMAL = {
+    "name": "tiny",
+    "model": {"name": "cct-digits"},
+    "fleet": {"groups": [{"count": 3}]},
+}
+
+
+def parse(raw: dict) -> Scenario:
+    return parse_scenario(raw, source="scenario.toml")
+
+
+def changed(edit) -> dict:
+    """A copy of a small valid scenario with ``edit(raw)`` applied."""
+    raw = copy.deepcopy({
+        "name": "base",
+        "seed": 7,
+        "model": {"name": "cct-digits"},
+        "tuning": {"strategy": "lora", "rank": 4, "targets": ["*attn*"], "train": ["classifier.*"]},
+        "training": {"rounds": 3, "fraction": 0.5, "local_steps": 5},
+        "aggregation": {"strategy": "fedit"},
+        "data": {"kind": "digits"},
+        "fleet": {"groups": [{"name": "a", "count": 10, "memory_kib": 256},
+                             {"name": "b", "count": 5, "memory_kib": 512}]},
+    })
+    edit(raw)
+    return raw
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ScenarioError) as caught:
+        parse(raw)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert message.startswith("scenario.toml: "), message
+    return message
+
+
+# ---- shipped scenarios -----------------------------------------------------------------------------------
+
+def test_there_are_shipped_scenarios():
+    names = {path.stem for path in SHIPPED}
+    assert {"quickstart", "digits-1000", "hetero-memory", "deep-ae-anomaly", "long-resume"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_scenario_validates_and_round_trips(path):
+    scenario = load_scenario(path)
+    assert scenario.name == path.stem
+    assert parse_scenario(tomllib.loads(scenario.to_toml())) == scenario
+    assert parse_scenario(json.loads(json.dumps(scenario.to_dict()))) == scenario
+
+
+def test_shipped_scenarios_say_what_the_brief_asks():
+    quick = load_scenario(REPO / "scenarios/quickstart.toml")
+    assert (quick.model.name, quick.tuning.strategy, quick.tuning.rank) == ("cct-digits", "lora", 4)
+    assert quick.tuning.train == ("classifier.*",) and quick.aggregation.strategy == "fedit"
+    assert (quick.training.rounds, quick.training.fraction, quick.training.local_steps,
+            quick.training.batch_size) == (5, 0.5, 10, 16)
+    assert 40 <= quick.device_count <= 60
+    assert load_scenario(REPO / "scenarios/digits-1000.toml").device_count == 1000
+    hetero = load_scenario(REPO / "scenarios/hetero-memory.toml")
+    assert len({g.memory_kib for g in hetero.fleet.groups}) == 3
+    assert hetero.tuning.rank_from_memory and hetero.aggregation.strategy == "hetlora"
+    anomaly = load_scenario(REPO / "scenarios/deep-ae-anomaly.toml")
+    assert (anomaly.model.name, anomaly.data.kind, anomaly.device_count) == ("deep-ae", "machine-sound", 200)
+    assert load_scenario(REPO / "scenarios/long-resume.toml").training.rounds >= 100
+
+
+# ---- defaults --------------------------------------------------------------------------------------------
+
+def test_minimal_scenario_gets_documented_defaults():
+    s = parse(MINIMAL)
+    assert s.seed == 0 and s.run_dir == "runs/tiny"
+    assert s.model.pretrain_steps == 200
+    assert (s.tuning.strategy, s.tuning.rank, s.tuning.alpha, s.tuning.targets, s.tuning.init) == \
+        ("lora", 4, 4.0, ("*",), "zero_b")
+    assert (s.training.rounds, s.training.local_steps, s.training.local_epochs) == (10, 10, None)
+    assert s.aggregation.strategy == "fedavg"
+    assert (s.data.kind, s.data.samples_per_device, s.data.anomaly_fraction) == ("digits", 32, None)
+    group = s.fleet.groups[0]
+    assert group == DeviceGroup(name="group0", count=3)
+    assert (s.ray.address, s.ray.actors) == (None, 2)
+    assert (s.metrics.enabled, s.metrics.address) == (False, None)
+
+
+def test_strategy_defaults_are_resolved_and_others_left_unset():
+    s = parse(changed(lambda r: r.update(aggregation={"strategy": "fedadam"})))
+    assert (s.aggregation.server_lr, s.aggregation.beta_1, s.aggregation.tau) == (0.1, 0.9, 1e-9)
+    assert s.aggregation.proximal_mu is None and s.aggregation.server_momentum is None
+    assert set(AGGREGATION_DEFAULTS) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                                        "fedit", "ffa-lora", "flexlora", "hetlora"}
+
+
+def test_local_epochs_replaces_local_steps():
+    s = parse(changed(lambda r: r["training"].update(local_steps=None) or r["training"].pop("local_steps")
+                      or r["training"].update(local_epochs=2)))
+    assert (s.training.local_steps, s.training.local_epochs) == (None, 2)
+
+
+def test_availability_kinds():
+    s = parse(changed(lambda r: (
+        r["fleet"]["groups"][0].update(availability={"kind": "dropout", "p": 0.25}),
+        r["fleet"]["groups"][1].update(availability={"kind": "periodic", "on_rounds": 2, "off_rounds": 1}))))
+    assert s.fleet.groups[0].availability == Dropout(p=0.25)
+    assert s.fleet.groups[1].availability == Periodic(on_rounds=2, off_rounds=1, phase="random")
+
+
+def test_metrics_address_enables_metrics():
+    s = parse(changed(lambda r: r.update(metrics={"address": "0.0.0.0:9000"})))
+    assert (s.metrics.enabled, s.metrics.address) == (True, "0.0.0.0:9000")
+    s = parse(changed(lambda r: r.update(metrics={"enabled": True})))
+    assert s.metrics.address == "127.0.0.1:9464"
+
+
+def test_group_ranges_number_devices_group_after_group():
+    s = parse(changed(lambda r: None))
+    assert [(g.name, r) for g, r in s.fleet.group_ranges()] == [("a", range(0, 10)), ("b", range(10, 15))]
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def test_the_example_from_the_brief():
+    raw = changed(lambda r: r["fleet"]["groups"][1].update(memory_kib="big"))
+    assert error_of(raw) == 'scenario.toml: fleet.groups[1].memory_kib: expected an integer >= 1, got "big"'
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r.update(trainng=r.pop("training")),
+     "unknown key 'trainng.rounds' (did you mean 'training.rounds'?)"),
+    (lambda r: r.update(sed=1), "unknown key 'sed' (did you mean 'seed'?)"),
+    (lambda r: r["fleet"]["groups"][1].update(memroy_kib=3),
+     "unknown key 'fleet.groups[1].memroy_kib' (did you mean 'fleet.groups[1].memory_kib'?)"),
+    (lambda r: r["tuning"].update(rnak=2), "unknown key 'tuning.rnak' (did you mean 'tuning.rank'?)"),
+    (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "dropout", "prob": 0.1}),
+     "unknown key 'fleet.groups[0].availability.prob' (did you mean 'fleet.groups[0].availability.p'?)"),
+    (lambda r: r.update(zzzzz=1), "unknown key 'zzzzz'; expected one of: name, seed, run_dir"),
+], ids=["section", "top", "group", "tuning", "availability", "no-suggestion"])
+def test_unknown_keys_are_named_with_a_suggestion(edit, expected):
+    assert expected in error_of(changed(edit))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["training"].update(rounds=True), "training.rounds: expected an integer >= 1, got true"),
+    (lambda r: r["training"].update(lr="fast"), 'training.lr: expected a number > 0, got "fast"'),
+    (lambda r: r["tuning"].update(targets="*attn*"),
+     'tuning.targets: expected a list of glob patterns (at least one), got "*attn*"'),
+    (lambda r: r["tuning"].update(bias_only="yes"), 'tuning.bias_only: expected true or false, got "yes"'),
+    (lambda r: r.update(seed=1.5), "seed: expected an integer in [0, "),
+    (lambda r: r.update(model="cct-digits"), 'model: expected a table, got "cct-digits"'),
+    (lambda r: r["fleet"].update(groups={"count": 1}), "fleet.groups: expected an array of tables"),
+    (lambda r: r["fleet"]["groups"][0].update(availability="always"),
+     'fleet.groups[0].availability: expected a table, got "always"'),
+    (lambda r: r["aggregation"].update(strategy="fedavgg"),
+     'aggregation.strategy: expected one of "fedavg", "fedprox"'),
+    (lambda r: r["model"].update(name="cct-digit"), '(did you mean "cct-digits"?)'),
+    (lambda r: r.update(name="my run"), 'name: expected a name of letters, digits'),
+    (lambda r: r["fleet"]["groups"][0].update(target="Siracusa"), "fleet.groups[0].target: expected a target"),
+    (lambda r: r.update(metrics={"address": "localhost"}), 'metrics.address: expected a "host:port" address'),
+], ids=["bool-for-int", "str-for-float", "str-for-list", "str-for-bool", "float-for-int", "str-for-table",
+        "table-for-array", "availability", "choice", "model", "name", "target", "address"])
+def test_wrong_types_are_named(edit, expected):
+    assert expected in error_of(changed(edit))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["training"].update(fraction=0), "training.fraction: expected a number in (0, 1], got 0"),
+    (lambda r: r["training"].update(fraction=1.5), "training.fraction: expected a number in (0, 1], got 1.5"),
+    (lambda r: r["training"].update(momentum=1.0), "training.momentum: expected a number in [0, 1), got 1.0"),
+    (lambda r: r["fleet"]["groups"][1].update(memory_kib=0), "fleet.groups[1].memory_kib: expected an integer >= 1, got 0"),
+    (lambda r: r["fleet"]["groups"][0].update(count=0), "fleet.groups[0].count: expected an integer >= 1, got 0"),
+    (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "dropout", "p": 1.0}),
+     "fleet.groups[0].availability.p: expected a number in [0, 1), got 1.0"),
+    (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "periodic", "on_rounds": 2, "off_rounds": 1,
+                                                            "phase": 3}),
+     'fleet.groups[0].availability.phase: expected "random" or an integer in [0, 2], got 3'),
+    (lambda r: r["fleet"]["groups"][0].update(link_kbps=float("nan")), "fleet.groups[0].link_kbps: expected a number > 0"),
+    (lambda r: r["fleet"]["groups"][0].update(deadline_s=-1), "fleet.groups[0].deadline_s: expected a number > 0, got -1"),
+    (lambda r: r.update(metrics={"address": "localhost:70000"}), "metrics.address: expected a port in [0, 65535]"),
+    (lambda r: r["tuning"].update(rank=0), "tuning.rank: expected an integer >= 1, got 0"),
+    (lambda r: r["data"].update(dirichlet_alpha=0), "data.dirichlet_alpha: expected a number > 0, got 0"),
+], ids=["fraction-0", "fraction-big", "momentum", "memory", "count", "p", "phase", "nan", "deadline", "port",
+        "rank", "alpha"])
+def test_out_of_range_values_are_named(edit, expected):
+    assert expected in error_of(changed(edit))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r.pop("name"), "name: missing required key, expected a name"),
+    (lambda r: r.pop("model"), "model: missing required key, expected a table"),
+    (lambda r: r["model"].pop("name"), "model.name: missing required key, expected a zoo model"),
+    (lambda r: r.pop("fleet"), "fleet: missing required key"),
+    (lambda r: r["fleet"].pop("groups"), "fleet.groups: missing required key"),
+    (lambda r: r["fleet"].update(groups=[]), "fleet.groups: expected an array of tables ([[fleet.groups]]), at least one, got []"),
+    (lambda r: r["fleet"]["groups"][1].pop("count"), "fleet.groups[1].count: missing required key, expected an integer >= 1"),
+    (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "dropout"}),
+     "fleet.groups[0].availability.p: missing required key"),
+    (lambda r: r.update(data={"kind": "npz"}), "data.path: missing required key"),
+], ids=["name", "model", "model.name", "fleet", "groups", "empty-groups", "count", "p", "npz-path"])
+def test_missing_required_keys_are_named(edit, expected):
+    assert expected in error_of(changed(edit))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["tuning"].update(strategy="full") or r["tuning"].clear() or r["tuning"].update(strategy="full"),
+     'aggregation.strategy: "fedit" aggregates LoRA adapters and needs tuning.strategy = "lora", got "full"'),
+    (lambda r: r.update(tuning={"strategy": "selective", "train": ["classifier.*"]},
+                        aggregation={"strategy": "hetlora"}),
+     'aggregation.strategy: "hetlora" aggregates LoRA adapters and needs tuning.strategy = "lora"'),
+    (lambda r: r["tuning"].update(rank_from_memory=True),
+     'tuning.rank_from_memory: devices of different rank need aggregation.strategy "flexlora" or "hetlora", got "fedit"'),
+    (lambda r: r["tuning"].update(init="zero_a") or r["aggregation"].update(strategy="ffa-lora"),
+     'tuning.init: "ffa-lora" keeps A frozen at its random start and needs init = "zero_b", got "zero_a"'),
+    (lambda r: r["tuning"].update(strategy="full"), 'tuning.rank: only used when strategy is "lora", got strategy = "full"'),
+    (lambda r: r.update(tuning={"strategy": "selective"}, aggregation={}),
+     'tuning.train: strategy "selective" needs at least one of train, last_k or bias_only = true'),
+    (lambda r: r["aggregation"].update(proximal_mu=0.1),
+     'aggregation.proximal_mu: only used when strategy is "fedprox", got strategy = "fedit"'),
+    (lambda r: r["data"].update(path="somewhere"), 'data.path: only used when kind is "npz", got kind = "digits"'),
+    (lambda r: r["data"].update(anomaly_fraction=0.1),
+     'data.anomaly_fraction: only used when kind is "machine-sound", got kind = "digits"'),
+    (lambda r: r["model"].update(name="deep-ae"), 'data.kind: model "deep-ae" needs one of "machine-sound", "npz", got "digits"'),
+    (lambda r: r["data"].update(kind="machine-sound"),
+     'data.kind: model "cct-digits" needs one of "digits", "npz", got "machine-sound"'),
+    (lambda r: r["model"].update(name="ds-cnn") or r["data"].update(kind="machine-sound"),
+     'model.name: data.kind "machine-sound" needs one of "deep-ae" or an .onnx model, got "ds-cnn"'),
+    (lambda r: r["training"].update(local_epochs=1), "training.local_epochs: set exactly one of local_steps and local_epochs"),
+    (lambda r: r["training"].update(batch_size=64),
+     "training.batch_size: expected an integer <= data.samples_per_device (32), got 64"),
+    (lambda r: r["fleet"]["groups"][0].update(port="/dev/ttyUSB0"),
+     'fleet.groups[0].port: only used with runtime = "serial", got runtime = "numpy"'),
+    (lambda r: r["fleet"]["groups"][0].update(port="/dev/ttyUSB0", runtime="serial"),
+     "fleet.groups[0].count: expected 1 for a group with a serial port (one board per port), got 10"),
+    (lambda r: r["fleet"]["groups"][1].update(name="a"),
+     'fleet.groups[1].name: expected a unique group name, got "a" (also fleet.groups[0])'),
+    (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "always", "p": 0.5}),
+     'fleet.groups[0].availability.p: only used when kind is "dropout", got kind = "always"'),
+], ids=["fedit-needs-lora", "hetlora-needs-lora", "rank-from-memory", "ffa-lora-init", "full-has-no-rank",
+        "selective-selects", "proximal-mu", "path-only-npz", "anomaly-only-sound", "deep-ae-data",
+        "cct-digits-data", "sound-model", "steps-and-epochs", "batch-size", "port-serial", "port-count",
+        "unique-names", "availability-keys"])
+def test_rules_across_keys_are_named(edit, expected):
+    assert expected in error_of(changed(edit))
+
+
+def test_load_scenario_names_the_file(tmp_path):
+    path = tmp_path / "scenario.toml"
+    path.write_text('name = "x"\n[model]\nname = "cct-digits"\n[[fleet.groups]]\ncount = "many"\n')
+    with pytest.raises(ScenarioError, match=r"^.*scenario\.toml: fleet\.groups\[0\]\.count: expected an integer "
+                                            r'>= 1, got "many"$'):
+        load_scenario(path)
+    path.write_text("name = \n")
+    with pytest.raises(ScenarioError, match=r"scenario\.toml: not valid TOML: "):
+        load_scenario(path)
+    with pytest.raises(ScenarioError, match=r"missing\.toml: cannot read"):
+        load_scenario(tmp_path / "missing.toml")
+
+
+def test_relative_paths_are_resolved_against_the_scenario_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "own.toml"
+    path.write_text('name = "own"\n[model]\nname = "models/net.onnx"\n[data]\nkind = "npz"\npath = "data"\n'
+                    '[[fleet.groups]]\ncount = 2\ntarget = "targets/board.toml"\n')
+    s = load_scenario(path)
+    assert Path(s.model.name) == tmp_path / "sub" / "models" / "net.onnx" and s.model.is_onnx
+    assert Path(s.data.path) == tmp_path / "sub" / "data"
+    assert Path(s.fleet.groups[0].target) == tmp_path / "sub" / "targets" / "board.toml"
+    assert s.run_dir == "runs/own"
+    assert load_scenario_from_text(tmp_path, s.to_toml()) == s  # resolved paths stay put
+
+
+def load_scenario_from_text(directory: Path, text: str) -> Scenario:
+    copy_path = directory / "elsewhere.toml"
+    copy_path.write_text(text)
+    return load_scenario(copy_path)
+
+
+# ---- round trip and overrides ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit", [
+    lambda r: None,
+    lambda r: r.update(tuning={"strategy": "full"}, aggregation={"strategy": "fedprox", "proximal_mu": 0.5}),
+    lambda r: r.update(tuning={"strategy": "selective", "last_k": 2, "bias_only": True},
+                       aggregation={"strategy": "fedavgm"}),
+    lambda r: r.update(model={"name": "deep-ae"}, data={"kind": "machine-sound", "anomaly_fraction": 0.2}),
+    lambda r: r.update(data={"kind": "npz", "path": "/data/fleet"}),
+    lambda r: r["fleet"]["groups"].append({"name": "board", "count": 1, "runtime": "serial",
+                                           "port": "socket://localhost:5000", "deadline_s": 2.5,
+                                           "availability": {"kind": "periodic", "on_rounds": 1,
+                                                            "off_rounds": 0, "phase": 0}}),
+    lambda r: r.update(ray={"address": "auto", "actors": 8}, metrics={"address": "[::1]:9464"}),
+], ids=["base", "full-fedprox", "selective", "sound", "npz", "serial", "ray-metrics"])
+def test_to_dict_round_trips(edit):
+    s = parse(changed(edit))
+    assert parse_scenario(s.to_dict()) == s
+    assert parse_scenario(tomllib.loads(s.to_toml())) == s
+    assert parse_scenario(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_to_dict_does_not_share_state_with_the_scenario():
+    s = parse(changed(lambda r: None))
+    d = s.to_dict()
+    d["tuning"]["targets"].append("x")
+    d["fleet"]["groups"][0]["count"] = 99
+    assert s.tuning.targets == ("*attn*",) and s.fleet.groups[0].count == 10
+
+
+def test_overrides_rounds_and_run_dir():
+    s = parse(changed(lambda r: None))
+    t = s.with_overrides(rounds=50, run_dir="/tmp/elsewhere")
+    assert (t.training.rounds, t.run_dir) == (50, "/tmp/elsewhere")
+    assert (s.training.rounds, s.run_dir) == (3, "runs/base")  # the original is untouched
+    assert s.with_overrides() == s
+    with pytest.raises(ScenarioError, match=r"^override: training\.rounds: expected an integer >= 1, got 0$"):
+        s.with_overrides(rounds=0)
+
+
+def test_override_devices_scales_groups_in_proportion():
+    s = parse(changed(lambda r: r["fleet"]["groups"].append({"name": "c", "count": 5})))  # 10, 5, 5
+    assert [g.count for g in s.with_overrides(devices=1000).fleet.groups] == [500, 250, 250]
+    assert [g.count for g in s.with_overrides(devices=7).fleet.groups] == [4, 2, 1]
+    assert [g.count for g in s.with_overrides(devices=3).fleet.groups] == [1, 1, 1]
+    scaled = s.with_overrides(devices=1001)
+    assert scaled.device_count == 1001
+    assert [g.memory_kib for g in scaled.fleet.groups] == [256, 512, None]  # only counts change
+    with pytest.raises(ScenarioError, match=r"^override: devices: expected an integer >= 3 \(one per simulated "
+                                            r"group\), got 2$"):
+        s.with_overrides(devices=2)
+
+
+def test_override_devices_keeps_physical_boards():
+    s = parse(changed(lambda r: r["fleet"]["groups"].append(
+        {"name": "board", "count": 1, "runtime": "serial", "port": "/dev/ttyUSB0"})))
+    counts = [g.count for g in s.with_overrides(devices=101).fleet.groups]
+    assert counts == [67, 33, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=6), st.integers(0, 20_000))
+def test_override_devices_totals_exactly(counts, extra):
+    raw = changed(lambda r: r["fleet"].update(groups=[{"name": f"g{i}", "count": c} for i, c in enumerate(counts)]))
+    devices = len(counts) + extra
+    groups = parse(raw).with_overrides(devices=devices).fleet.groups
+    assert sum(g.count for g in groups) == devices
+    assert all(g.count >= 1 for g in groups)
+    total = sum(counts)
+    for group, weight in zip(groups, counts):
+        share = devices * weight / total
+        if all(devices * c / total >= 1 for c in counts):  # no group was lifted to its minimum of one
+            assert abs(group.count - share) < 1

@@ -257,16 +257,17 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         tensors[scale] = TensorSpec(scale, (), "float32", Role.CONSTANT)
         y = node.outputs[0]
         y_shape = tensors[y].shape
-        h, u, s, out = (names(f"{layer}.lora_{k}") for k in ("h", "u", "s", "out"))
+        # the α/r scale is applied to the rank-r intermediate: same result, r/out of the work and bytes
+        h, s, u, out = (names(f"{layer}.lora_{k}") for k in ("h", "s", "u", "out"))
         tensors[h] = TensorSpec(h, tuple(y_shape[:-1]) + (cfg.rank,))
+        tensors[s] = TensorSpec(s, tuple(y_shape[:-1]) + (cfg.rank,))
         tensors[u] = TensorSpec(u, y_shape)
-        tensors[s] = TensorSpec(s, y_shape)
         tensors[out] = TensorSpec(out, y_shape)
         lora_layer = node.layer or layer
         nodes += [Node(f"{layer}.lora/A", "MatMul", (x, a), (h,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/B", "MatMul", (h, b), (u,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/scale", "Mul", (u, scale), (s,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/Add", "Add", (y, s), (out,), {}, "forward", lora_layer)]
+                  Node(f"{layer}.lora/scale", "Mul", (h, scale), (s,), {}, "forward", lora_layer),
+                  Node(f"{layer}.lora/B", "MatMul", (s, b), (u,), {}, "forward", lora_layer),
+                  Node(f"{layer}.lora/Add", "Add", (y, u), (out,), {}, "forward", lora_layer)]
         renamed[y] = out
     outputs = tuple(renamed.get(o, o) for o in graph.outputs)
     return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes), outputs=outputs)

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from compiler.codegen import build_elf, read_manifest
-from compiler.codegen.build import firmware_key, get_board, memory_map
+from compiler.codegen.build import default_cache_dir, firmware_key, get_board, memory_map
 from compiler.codegen.emit import generate
 from compiler.ir import CompileError, Role
 from compiler.program import Program
@@ -103,11 +103,6 @@ def _view(buffer: np.ndarray, offset: int, info) -> np.ndarray:
     return buffer[offset: offset + info.nbytes].view(info.dtype).reshape(info.shape)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEFLEET_FIRMWARE_CACHE",
-                               Path(tempfile.gettempdir()) / f"edgefleet-firmware-{os.getuid()}"))
-
-
 class QemuDevice:
     """Runs ``program`` on QEMU (rv32-qemu) or natively (host); same interface as NumpyDevice.
 
@@ -139,7 +134,9 @@ class QemuDevice:
         except CompileError as exc:
             raise DeviceError(f"{name}: cannot build the firmware: {exc}") from None
         self.memory_mib = (read_manifest(self.executable).get("memory") or {}).get("memory_mib", 128)
-        self.last_run_s = 0.0
+        self.last_run_s = 0.0                                   # wall time of the last QEMU run
+        self.last_step_cycles = np.zeros(0, np.uint64)          # per-step counters of the last train()
+        self.last_step_instructions = np.zeros(0, np.uint64)
 
     # ---- parameters (as NumpyDevice) ----------------------------------------------------------------------
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:

@@ -45,6 +45,7 @@ class HostPool:
         if actors <= 0:
             self.local = DeviceHostCore(data_spec, scenario.seed)
             self.actors = []
+            self.nodes = ["local"]
             for key, (manifest, params) in payloads.items():
                 self.local.install(key, manifest, params)
             return
@@ -53,6 +54,7 @@ class HostPool:
         self.actors = [DeviceHost.remote(data_spec, scenario.seed) for _ in range(actors)]
         refs = {k: (ray.put(m), ray.put(p)) for k, (m, p) in payloads.items()}
         ray.get([a.install.remote(k, *refs[k]) for a in self.actors for k in refs])
+        self.nodes = ray.get([a.node.remote() for a in self.actors])
 
     def dispatch(self, key: str, kind: str, jobs: Sequence[dict[str, Any]],
                  arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
@@ -249,6 +251,7 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     personal = personalize(grid, pool, fleet, initial, final, steps, scenario)
     summary = _summary(scenario, run, fleet, first, personal, round_times, rounds_completed,
                        time.perf_counter() - wall_start)
+    summary["hosts"] = {"actors": len(pool.nodes), "nodes": len(set(pool.nodes))}
     run.write_summary(summary)
     run.write_state({"rounds_completed": rounds_completed, "finished": True})
     return summary
@@ -387,7 +390,7 @@ def _ray_init(scenario: Scenario, actors: int) -> None:
     if scenario.ray.address:
         ray.init(address=scenario.ray.address, **kwargs)
     else:
-        ray.init(num_cpus=max(actors, os.cpu_count() or 1), **kwargs)
+        ray.init(num_cpus=max(actors, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _set_task_identity() -> None:

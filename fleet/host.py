@@ -70,6 +70,16 @@ class DeviceHostCore:
             self._data[device] = device_data(self.data_spec, self.seed, device)
         return self._data[device]
 
+    def node(self) -> str:
+        """The Ray node this host runs on ("local" outside Ray)."""
+        try:
+            import ray
+            if ray.is_initialized():
+                return ray.get_runtime_context().get_node_id()
+        except ImportError:  # pragma: no cover
+            pass
+        return "local"
+
     # ---- work -----------------------------------------------------------------------------------------
     def run(self, key: str, kind: str, jobs: Sequence[Mapping[str, Any]],
             arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ BOARD_DIR = CODEGEN_DIR / "boards"
 FIRMWARE_MAIN = BOARD_DIR / "main.c"
 BUILD_TIMEOUT_S = 300.0
 MANIFEST = "firmware.json"
+COMMON_CFLAGS = ("-std=gnu11", "-Wall")
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -122,6 +124,41 @@ def firmware_key(source: str, board: Board, memory: MemoryMap | None) -> str:
     return h.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """Where content-addressed build products are shared: $EDGEFLEET_FIRMWARE_CACHE, else
+    $EDGEFLEET_CACHE/firmware (the project's cache root), else <tmp>/edgefleet-firmware-<uid>."""
+    if "EDGEFLEET_FIRMWARE_CACHE" in os.environ:
+        return Path(os.environ["EDGEFLEET_FIRMWARE_CACHE"])
+    if "EDGEFLEET_CACHE" in os.environ:
+        return Path(os.environ["EDGEFLEET_CACHE"]) / "firmware"
+    return Path(tempfile.gettempdir()) / f"edgefleet-firmware-{os.getuid()}"
+
+
+def _library_objects(cc: str, board: Board, timeout_s: float) -> list[Path]:
+    """The kernel library and the firmware entry compiled once per board and source content, then reused."""
+    sources = kernel_sources() + [FIRMWARE_MAIN]
+    headers = sorted(KERNEL_DIR.glob("*.h")) + [BOARD_DIR / board.folder / "ef_board.h"]
+    key = hashlib.sha256((_sources_digest(sources + headers) + cc + " ".join(board.cflags)).encode()).hexdigest()
+    cache = default_cache_dir() / "objects" / f"{board.name}-{key[:16]}"
+    objects = [cache / f"{src.stem}.o" for src in sources]
+    if all(o.exists() for o in objects):
+        return objects
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)  # incomplete (someone removed files): rebuild it whole
+    work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=cache.parent))
+    try:
+        cmd = [cc, *board.cflags, *COMMON_CFLAGS, f"-I{KERNEL_DIR}", f"-I{BOARD_DIR / board.folder}", "-c",
+               *map(str, sources)]
+        _compile(cmd, work / "build.log", f"building the kernel library for {board.name}", timeout_s, cwd=work)
+        try:
+            os.replace(work, cache)
+        except OSError:  # another build got there first (same content)
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return objects
+
+
 def _require_toolchain(board: Board) -> str:
     cc = shutil.which(board.cc)
     if cc is None:
@@ -132,9 +169,9 @@ def _require_toolchain(board: Board) -> str:
     return cc
 
 
-def _compile(cmd: list[str], log: Path, what: str, timeout_s: float) -> None:
+def _compile(cmd: list[str], log: Path, what: str, timeout_s: float, cwd: Path | None = None) -> None:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise CompileError(f"{what}: the compiler did not finish within {timeout_s:g} s") from None
     log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
@@ -166,9 +203,10 @@ def build_elf(program: Program, out_dir: str | os.PathLike, board: str = "rv32-q
     out.mkdir(parents=True, exist_ok=True)
     (out / "program.c").write_text(source)
     tmp = out / f"{spec.executable}.tmp-{os.getpid()}"
-    cmd = [cc, *spec.cflags, "-std=gnu11", "-Wall", f"-I{KERNEL_DIR}", f"-I{BOARD_DIR / spec.folder}",
-           *(memory.linker_flags() if memory else []), str(out / "program.c"), str(FIRMWARE_MAIN),
-           *map(str, kernel_sources()), "-lm", "-o", str(tmp)]
+    objects = _library_objects(cc, spec, timeout_s)
+    cmd = [cc, *spec.cflags, *COMMON_CFLAGS, f"-I{KERNEL_DIR}", f"-I{BOARD_DIR / spec.folder}",
+           *(memory.linker_flags() if memory else []), str(out / "program.c"), *map(str, objects), "-lm",
+           "-o", str(tmp)]
     _compile(cmd, out / "build.log", f"building {program.model!r} for {spec.name}", timeout_s)
     os.replace(tmp, exe)
     info = {"board": spec.name, "model": program.model, "fingerprint": mark, "key": key,
@@ -192,7 +230,7 @@ def build_kernel_library(out_dir: str | os.PathLike, cc: str = "gcc", *, timeout
     lib = out / f"libef_kernels-{_sources_digest(kernel_sources())[:12]}.so"
     if not lib.exists():
         tmp = out / f"{lib.name}.tmp-{os.getpid()}"
-        cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-fPIC", "-shared", f"-I{KERNEL_DIR}",
+        cmd = [cc, "-O2", *COMMON_CFLAGS, "-fPIC", "-shared", f"-I{KERNEL_DIR}",
                *map(str, kernel_sources()), "-lm", "-o", str(tmp)]
         _compile(cmd, out / "kernels-build.log", "building the kernel library", timeout_s)
         os.replace(tmp, lib)

@@ -10,7 +10,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -244,14 +244,3 @@ def generate_c(program: Program) -> str:
 
 def program_fingerprint(program: Program) -> int:
     return generate(program)[1]
-
-
-def kernel_calls(program: Program, phase_name: str = "train") -> Iterable[str]:
-    """The kernel call of every non-view step (for reports and tests)."""
-    phase = getattr(program, phase_name)
-    params = {n: f"P{i}" for i, n in enumerate(program.param_offsets)}
-    symbols = Symbols(program, phase, "T", params)
-    for step in phase.steps:
-        call = step_call(program, step, symbols)
-        if call is not None:
-            yield call

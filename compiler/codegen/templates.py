@@ -521,7 +521,7 @@ def _mse_grad(site: Site) -> dict[str, Any]:
 def _sgd(site: Site) -> dict[str, Any]:
     param, grad, lr, velocity = site.input(0), site.input(1), site.input(2), site.optional(3)
     site.require("float32", param, grad, lr, velocity)
-    n = site.same_size(param, grad, *( [velocity] if velocity else []))
+    n = site.same_size(param, grad, *(n for n in (velocity,) if n))
     return dict(param=Ref(param), grad=Ref(grad), lr=Ref(lr), velocity=Ref(velocity) if velocity else None, n=n,
                 momentum=float(site.attr("momentum")), weight_decay=float(site.attr("weight_decay")))
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
-
 from compiler.targets.spec import Link, RedMulE, Target
 
 
@@ -94,7 +92,3 @@ def pipeline_cycles(flow: Flow) -> int:
         return _ceil(first + c + last)
     steady = max(c, i + o, li + lo)
     return _ceil(first + max(c, i, li) + (t - 2) * steady + max(c, o, lo) + last)
-
-
-def total(values: Iterable[float]) -> int:
-    return _ceil(sum(values))

@@ -89,21 +89,17 @@ class _GemmTiling:
         return sum(self.traffic.values())
 
 
-def _footprint(view: GemmView, mt: int, nt: int, kt: int) -> int:
-    c = {"n": nt, "m": mt, "full": mt * nt}.get(view.c_axis, 0) if view.c else 0
-    return 2 * WORD_BYTES * (mt * kt + kt * nt + mt * nt + c)
-
-
 def _tiling(view: GemmView, mt: int, nt: int, space: int) -> _GemmTiling | None:
+    """Tiles of mt x nt outputs with the deepest K slice that fits ``space`` twice over; None if none does."""
     fixed = mt * nt + ({"n": nt, "m": mt, "full": mt * nt}.get(view.c_axis, 0) if view.c else 0)
     kt = min(view.k, (space // (2 * WORD_BYTES) - fixed) // (mt + nt))
     if kt < 1:
         return None
     n_m, n_n, n_k = -(-view.m // mt), -(-view.n // nt), -(-view.k // kt)
-    halo = {"a": 1.0, "b": 1.0, "z": 1.0}
+    reread = {"a": 1.0, "b": 1.0, "z": 1.0}  # im2col operands: halo and per-tap re-reads
     if view.spatial:
-        halo[view.spatial.operand] = view.spatial.factor({"m": mt, "n": nt, "k": kt})
-    a, b = view.a.nbytes * halo["a"], view.b.nbytes * halo["b"]
+        reread[view.spatial.operand] = view.spatial.factor({"m": mt, "n": nt, "k": kt})
+    a, b = view.a.nbytes * reread["a"], view.b.nbytes * reread["b"]
     if n_k == 1:
         order = "a" if a + b * n_m <= a * n_n + b else "b"
     else:
@@ -117,12 +113,12 @@ def _tiling(view: GemmView, mt: int, nt: int, space: int) -> _GemmTiling | None:
     else:
         traffic = {"a": a * n_n, "b": b * n_m}
         loads = {"a": n_m * n_n * n_k, "b": n_m * n_n * n_k}
-    traffic["z"] = view.z.nbytes * halo["z"]
+    traffic["z"] = view.z.nbytes * reread["z"]
     loads["z"] = n_m * n_n
     if view.c:
         traffic["c"] = view.c.nbytes * {"n": n_m, "m": n_n}.get(view.c_axis, 1)
         loads["c"] = n_m * n_n
-    footprint = _footprint(view, mt, nt, kt)
+    footprint = 2 * WORD_BYTES * (mt * kt + kt * nt + fixed)
     group, tiles = 1, view.instances * n_m * n_n * n_k
     if tiles == view.instances and view.instances > 1:  # whole instances fit: several per tile (3-D DMA)
         group = max(1, min(view.instances, space // footprint))

@@ -98,3 +98,43 @@ def test_memory_map_fits_the_program_or_fails_clearly(program):
 def test_unknown_board_is_an_error(program, tmp_path):
     with pytest.raises(CompileError, match="unknown board 'esp32'"):
         build_elf(program, tmp_path, board="esp32")
+
+
+def test_every_rendered_kernel_call_compiles_cleanly(tmp_path):
+    """The C text of every kernel case (the ctypes tests bypass rendering) compiles with -Werror."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from compiler.codegen import KERNEL_DIR
+    from compiler.codegen.emit import C_TYPES, render
+    from compiler.ops import REGISTRY
+    from tests.codegen.harness import expected_outputs
+    from tests.codegen.kernel_cases import CASES
+
+    if shutil.which("gcc") is None:
+        pytest.skip("host gcc is not installed")
+    rng = np.random.default_rng(0)
+    decls, calls = [], []
+    for op_name in sorted(REGISTRY):
+        if REGISTRY[op_name].view:
+            continue
+        for i, case in enumerate(CASES[op_name]):
+            inputs = [make(rng) for make in case.inputs]
+            outputs = [] if REGISTRY[op_name].updates else expected_outputs(op_name, inputs, case.attrs)
+            arrays = {f"t{len(decls)}_{j}": a for j, a in enumerate([*inputs, *outputs])}
+            names = list(arrays)
+            for name, a in arrays.items():
+                decls.append(f"{C_TYPES[str(a.dtype)]} {name}[{max(a.size, 1)}];")
+            site = tpl.site_of(f"{op_name}-{i}", op_name, names[:len(inputs)], names[len(inputs):], case.attrs,
+                               {n: a.shape for n, a in arrays.items()}, {n: str(a.dtype) for n, a in arrays.items()})
+            symbols = {n: n for n in names}
+            args = ", ".join(render(v, symbols) for _, v in tpl.bind(tpl.TEMPLATES[op_name], site))
+            calls.append(f"    {tpl.TEMPLATES[op_name].kernel}({args});")
+    source = tmp_path / "calls.c"
+    source.write_text('#include <stddef.h>\n#include <stdint.h>\n#include "ef_kernels.h"\n' + "\n".join(decls)
+                      + "\nvoid all_calls(void) {\n" + "\n".join(calls) + "\n}\n")
+    proc = subprocess.run(["gcc", "-std=gnu11", "-Wall", "-Werror", f"-I{KERNEL_DIR}", "-c", str(source), "-o",
+                           str(tmp_path / "calls.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[:2000]

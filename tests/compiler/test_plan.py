@@ -153,9 +153,10 @@ def test_random_graph_plans_are_sound_and_exact(graph: Graph, momentum: float) -
 
 
 @pytest.mark.parametrize("model", zoo.names())
-@pytest.mark.parametrize("strategy", ["full", "lora+head", "last-1"])
+@pytest.mark.parametrize("strategy", ["full", "selective", "lora", "lora+head"])
 def test_zoo_plans_are_sound_and_tight(model: str, strategy: str) -> None:
-    program = compile_model(model, strategy, batch=4)
+    from tests.compiler.test_training_parity import STRATEGIES
+    program = compile_model(model, STRATEGIES[model][strategy], batch=4)
     for phase in ("train", "evaluate"):
         independent_overlap_check(program, phase)
     memory = program.report["memory"]

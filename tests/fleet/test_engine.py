@@ -104,3 +104,25 @@ def test_personalization_beats_the_base_model_on_digits(tmp_path, ray_local):
     summary = run_scenario(s, tmp_path / "run", progress=False, actors=0)
     p = summary["personalization"]
     assert p["personalized_accuracy_mean"] > p["base_accuracy_mean"] + 0.02, p
+
+
+def test_two_node_ray_cluster(tmp_path):
+    """A real two-node Ray cluster on this machine (two raylets); the host actors land on both nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        s = scenario(**{"ray": {"address": cluster.address, "actors": 2, "devices_per_call": 3},
+                        "training.rounds": 2})
+        summary = run_scenario(s, tmp_path / "run", progress=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        assert summary["hosts"] == {"actors": 2, "nodes": 2}
+        assert summary["rounds_completed"] == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -110,8 +110,10 @@ def test_strategy_defaults_are_resolved_and_others_left_unset():
 
 
 def test_local_epochs_replaces_local_steps():
-    s = parse(changed(lambda r: r["training"].update(local_steps=None) or r["training"].pop("local_steps")
-                      or r["training"].update(local_epochs=2)))
+    def epochs(raw):
+        del raw["training"]["local_steps"]
+        raw["training"]["local_epochs"] = 2
+    s = parse(changed(epochs))
     assert (s.training.local_steps, s.training.local_epochs) == (None, 2)
 
 
@@ -184,15 +186,18 @@ def test_wrong_types_are_named(edit, expected):
     (lambda r: r["training"].update(fraction=0), "training.fraction: expected a number in (0, 1], got 0"),
     (lambda r: r["training"].update(fraction=1.5), "training.fraction: expected a number in (0, 1], got 1.5"),
     (lambda r: r["training"].update(momentum=1.0), "training.momentum: expected a number in [0, 1), got 1.0"),
-    (lambda r: r["fleet"]["groups"][1].update(memory_kib=0), "fleet.groups[1].memory_kib: expected an integer >= 1, got 0"),
+    (lambda r: r["fleet"]["groups"][1].update(memory_kib=0),
+     "fleet.groups[1].memory_kib: expected an integer >= 1, got 0"),
     (lambda r: r["fleet"]["groups"][0].update(count=0), "fleet.groups[0].count: expected an integer >= 1, got 0"),
     (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "dropout", "p": 1.0}),
      "fleet.groups[0].availability.p: expected a number in [0, 1), got 1.0"),
     (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "periodic", "on_rounds": 2, "off_rounds": 1,
                                                             "phase": 3}),
      'fleet.groups[0].availability.phase: expected "random" or an integer in [0, 2], got 3'),
-    (lambda r: r["fleet"]["groups"][0].update(link_kbps=float("nan")), "fleet.groups[0].link_kbps: expected a number > 0"),
-    (lambda r: r["fleet"]["groups"][0].update(deadline_s=-1), "fleet.groups[0].deadline_s: expected a number > 0, got -1"),
+    (lambda r: r["fleet"]["groups"][0].update(link_kbps=float("nan")),
+     "fleet.groups[0].link_kbps: expected a number > 0"),
+    (lambda r: r["fleet"]["groups"][0].update(deadline_s=-1),
+     "fleet.groups[0].deadline_s: expected a number > 0, got -1"),
     (lambda r: r.update(metrics={"address": "localhost:70000"}), "metrics.address: expected a port in [0, 65535]"),
     (lambda r: r["tuning"].update(rank=0), "tuning.rank: expected an integer >= 1, got 0"),
     (lambda r: r["data"].update(dirichlet_alpha=0), "data.dirichlet_alpha: expected a number > 0, got 0"),
@@ -208,8 +213,10 @@ def test_out_of_range_values_are_named(edit, expected):
     (lambda r: r["model"].pop("name"), "model.name: missing required key, expected a zoo model"),
     (lambda r: r.pop("fleet"), "fleet: missing required key"),
     (lambda r: r["fleet"].pop("groups"), "fleet.groups: missing required key"),
-    (lambda r: r["fleet"].update(groups=[]), "fleet.groups: expected an array of tables ([[fleet.groups]]), at least one, got []"),
-    (lambda r: r["fleet"]["groups"][1].pop("count"), "fleet.groups[1].count: missing required key, expected an integer >= 1"),
+    (lambda r: r["fleet"].update(groups=[]),
+     "fleet.groups: expected an array of tables ([[fleet.groups]]), at least one, got []"),
+    (lambda r: r["fleet"]["groups"][1].pop("count"),
+     "fleet.groups[1].count: missing required key, expected an integer >= 1"),
     (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "dropout"}),
      "fleet.groups[0].availability.p: missing required key"),
     (lambda r: r.update(data={"kind": "npz"}), "data.path: missing required key"),
@@ -225,10 +232,12 @@ def test_missing_required_keys_are_named(edit, expected):
                         aggregation={"strategy": "hetlora"}),
      'aggregation.strategy: "hetlora" aggregates LoRA adapters and needs tuning.strategy = "lora"'),
     (lambda r: r["tuning"].update(rank_from_memory=True),
-     'tuning.rank_from_memory: devices of different rank need aggregation.strategy "flexlora" or "hetlora", got "fedit"'),
+     'tuning.rank_from_memory: devices of different rank need aggregation.strategy "flexlora" or "hetlora", '
+     'got "fedit"'),
     (lambda r: r["tuning"].update(init="zero_a") or r["aggregation"].update(strategy="ffa-lora"),
      'tuning.init: "ffa-lora" keeps A frozen at its random start and needs init = "zero_b", got "zero_a"'),
-    (lambda r: r["tuning"].update(strategy="full"), 'tuning.rank: only used when strategy is "lora", got strategy = "full"'),
+    (lambda r: r["tuning"].update(strategy="full"),
+     'tuning.rank: only used when strategy is "lora", got strategy = "full"'),
     (lambda r: r.update(tuning={"strategy": "selective"}, aggregation={}),
      'tuning.train: strategy "selective" needs at least one of train, last_k or bias_only = true'),
     (lambda r: r["aggregation"].update(proximal_mu=0.1),
@@ -236,12 +245,14 @@ def test_missing_required_keys_are_named(edit, expected):
     (lambda r: r["data"].update(path="somewhere"), 'data.path: only used when kind is "npz", got kind = "digits"'),
     (lambda r: r["data"].update(anomaly_fraction=0.1),
      'data.anomaly_fraction: only used when kind is "machine-sound", got kind = "digits"'),
-    (lambda r: r["model"].update(name="deep-ae"), 'data.kind: model "deep-ae" needs one of "machine-sound", "npz", got "digits"'),
+    (lambda r: r["model"].update(name="deep-ae"),
+     'data.kind: model "deep-ae" needs one of "machine-sound", "npz", got "digits"'),
     (lambda r: r["data"].update(kind="machine-sound"),
      'data.kind: model "cct-digits" needs one of "digits", "npz", got "machine-sound"'),
     (lambda r: r["model"].update(name="ds-cnn") or r["data"].update(kind="machine-sound"),
      'model.name: data.kind "machine-sound" needs one of "deep-ae" or an .onnx model, got "ds-cnn"'),
-    (lambda r: r["training"].update(local_epochs=1), "training.local_epochs: set exactly one of local_steps and local_epochs"),
+    (lambda r: r["training"].update(local_epochs=1),
+     "training.local_epochs: set exactly one of local_steps and local_epochs"),
     (lambda r: r["training"].update(batch_size=64),
      "training.batch_size: expected an integer <= data.samples_per_device (32), got 64"),
     (lambda r: r["fleet"]["groups"][0].update(port="/dev/ttyUSB0"),
@@ -335,7 +346,7 @@ def test_overrides_rounds_and_run_dir():
 def test_override_devices_scales_groups_in_proportion():
     s = parse(changed(lambda r: r["fleet"]["groups"].append({"name": "c", "count": 5})))  # 10, 5, 5
     assert [g.count for g in s.with_overrides(devices=1000).fleet.groups] == [500, 250, 250]
-    assert [g.count for g in s.with_overrides(devices=7).fleet.groups] == [4, 2, 1]
+    assert [g.count for g in s.with_overrides(devices=7).fleet.groups] == [3, 2, 2]  # 3.5, 1.75, 1.75
     assert [g.count for g in s.with_overrides(devices=3).fleet.groups] == [1, 1, 1]
     scaled = s.with_overrides(devices=1001)
     assert scaled.device_count == 1001

@@ -37,7 +37,8 @@ class ScenarioError(ValueError):
 
 # ---- the choices the schema accepts ----------------------------------------------------------------------
 
-# Built-in models. TODO: take these from the compiler's zoo registry once it exists.
+# Built-in models: the names of compiler.zoo.ZOO, kept here so reading a scenario does not import onnx
+# (tests/fleet/test_scenario.py checks that the two agree).
 ZOO_MODELS = ("cct-digits", "cct-2-3x2", "deep-ae", "ds-cnn")
 TUNING_STRATEGIES = ("full", "selective", "lora")
 LORA_INITS = ("zero_b", "zero_a")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.scenario import (AGGREGATION_DEFAULTS, DeviceGroup, Dropout, Periodic, Scenario, ScenarioError,
-                            load_scenario, parse_scenario)
+from fleet.scenario import (AGGREGATION_DEFAULTS, ZOO_MODELS, DeviceGroup, Dropout, Periodic, Scenario,
+                            ScenarioError, load_scenario, parse_scenario)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "scenarios").glob("*.toml"))
@@ -82,6 +82,14 @@ def test_shipped_scenarios_say_what_the_brief_asks():
     anomaly = load_scenario(REPO / "scenarios/deep-ae-anomaly.toml")
     assert (anomaly.model.name, anomaly.data.kind, anomaly.device_count) == ("deep-ae", "machine-sound", 200)
     assert load_scenario(REPO / "scenarios/long-resume.toml").training.rounds >= 100
+
+
+def test_zoo_names_and_data_shapes_agree_with_the_compiler():
+    from compiler import zoo
+    from fleet.data import DIGITS_SHAPE, SOUND_FEATURES
+    assert set(ZOO_MODELS) == set(zoo.names())
+    assert zoo.input_shape("cct-digits") == DIGITS_SHAPE
+    assert zoo.input_shape("deep-ae") == (SOUND_FEATURES,)
 
 
 # ---- defaults --------------------------------------------------------------------------------------------

@@ -270,8 +270,9 @@ def _finish_round(run: RunDir, grid: FleetGrid, strategy: Any, round_: int, arra
         for cause, count in entry.failures.items():
             failures[cause] = failures.get(cause, 0) + count
     rejected = getattr(strategy, "rejected", {}) or {}
-    for cause, count in dict(rejected).items():
-        failures[f"rejected_{cause}"] = failures.get(f"rejected_{cause}", 0) + int(count)
+    for cause, count in dict(rejected).items():  # error replies are already counted by their grid-side cause
+        if cause != "error":
+            failures[f"rejected_{cause}"] = failures.get(f"rejected_{cause}", 0) + int(count)
     train = [d for d in devices if d["kind"] == "train" and "error" not in d]
     evals = [d for d in devices if d["kind"] == "evaluate" and "error" not in d]
     record = {"type": "round", "round": round_,
@@ -281,7 +282,7 @@ def _finish_round(run: RunDir, grid: FleetGrid, strategy: Any, round_: int, arra
               "metric_after": _mean([d["metric_after"] for d in train]),
               "global_metric": _mean([d["metric_before"] for d in evals]),
               "modelled_s_max": max([d["modelled_s"] for d in train], default=0.0),
-              "bytes_up": sum(d["bytes_up"] for d in train), "bytes_down": sum(d["bytes_down"] for d in devices)}
+              "bytes_up": sum(d["bytes_up"] for d in train), "bytes_down": sum(d.get("bytes_down", 0) for d in devices)}
     run.append_metrics([{"type": "device", **d} for d in devices] + [record])
     run.save_checkpoint(round_, arrays, strategy_state(strategy))
     run.write_state({"rounds_completed": round_, "finished": False})

@@ -105,7 +105,9 @@ _SECTION_KEYS = {
     "metrics": ("address", "enabled"),
 }
 _GROUP_KEYS = ("name", "count", "target", "memory_kib", "clock_mhz", "availability", "link_kbps", "deadline_s",
-               "runtime", "port")
+               "runtime", "port", "faults")
+_FAULT_TABLE_KEYS = ("kind", "p")
+FAULT_KINDS = ("raise", "nan", "shape")
 _AVAILABILITY_TABLE_KEYS = ("kind", "p", "on_rounds", "off_rounds", "phase")
 
 
@@ -207,6 +209,14 @@ Availability = AlwaysAvailable | Dropout | Periodic
 
 
 @dataclass(frozen=True)
+class Faults:
+    """Injected device faults (for studying robustness): each selected device, with probability p, raises
+    ("raise"), returns NaN parameters ("nan") or returns a wrongly shaped update ("shape")."""
+    kind: str
+    p: float = 1.0
+
+
+@dataclass(frozen=True)
 class DeviceGroup:
     name: str
     count: int
@@ -218,6 +228,7 @@ class DeviceGroup:
     deadline_s: float | None = None      # straggler deadline per round; None = wait for every device
     runtime: str = "numpy"
     port: str | None = None              # serial: the board's port (None = discover)
+    faults: Faults | None = None         # injected faults (robustness studies, tests)
 
 
 @dataclass(frozen=True)
@@ -430,7 +441,14 @@ def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
                        availability=_parse_availability(t.table("availability")),
                        link_kbps=t.number("link_kbps", default=DeviceGroup.link_kbps, above=0),
                        deadline_s=t.number("deadline_s", default=None, above=0),
-                       runtime=runtime, port=port)
+                       runtime=runtime, port=port, faults=_parse_faults(t))
+
+
+def _parse_faults(group: _Table) -> "Faults | None":
+    if "faults" not in group.raw:
+        return None
+    t = group.table("faults")
+    return Faults(kind=t.choice("kind", FAULT_KINDS), p=t.number("p", default=1.0, minimum=0, maximum=1))
 
 
 def _parse_availability(t: _Table) -> Availability:
@@ -538,8 +556,10 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
 
     groups = []
     for g in s.fleet.groups:
-        group = fields(g, [k for k in _GROUP_KEYS if k != "availability"])
+        group = fields(g, [k for k in _GROUP_KEYS if k not in ("availability", "faults")])
         group["availability"] = g.availability.to_dict()
+        if g.faults is not None:
+            group["faults"] = {"kind": g.faults.kind, "p": g.faults.p}
         groups.append({key: group[key] for key in _GROUP_KEYS if key in group})
     return {
         "name": s.name,
@@ -731,6 +751,8 @@ def _allowed_keys(path: str) -> tuple[str, ...]:
         return _GROUP_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]\.availability", path):
         return _AVAILABILITY_TABLE_KEYS
+    if re.fullmatch(r"fleet\.groups\[\d+\]\.faults", path):
+        return _FAULT_TABLE_KEYS
     raise AssertionError(f"no schema for table {path!r}")  # a bug in this module, not in the scenario
 
 
@@ -742,6 +764,7 @@ def _known_paths(near: str) -> list[str]:
     paths += [f"{section}.{key}" for section, keys in _SECTION_KEYS.items() for key in keys]
     paths += [f"{group}.{key}" for key in _GROUP_KEYS]
     paths += [f"{group}.availability.{key}" for key in _AVAILABILITY_TABLE_KEYS]
+    paths += [f"{group}.faults.{key}" for key in _FAULT_TABLE_KEYS]
     return paths
 
 

@@ -126,3 +126,36 @@ def test_two_node_ray_cluster(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_every_fault_kind_is_left_out_and_counted(tmp_path, ray_local):
+    groups = [{"name": "ok", "count": 4, "target": "siracusa"},
+              {"name": "raises", "count": 2, "target": "siracusa", "faults": {"kind": "raise"}},
+              {"name": "nan", "count": 2, "target": "siracusa", "faults": {"kind": "nan"}},
+              {"name": "shape", "count": 2, "target": "siracusa", "faults": {"kind": "shape"}},
+              {"name": "flaky", "count": 2, "target": "siracusa", "availability": {"kind": "dropout", "p": 0.999}},
+              {"name": "slow", "count": 2, "target": "siracusa", "deadline_s": 1e-6}]
+    s = scenario(**{"fleet.groups": groups, "training.fraction": 1.0, "training.rounds": 2})
+    summary = run_scenario(s, tmp_path / "run", progress=False)
+    assert summary["rounds_completed"] == 2
+    rounds = [r for r in RunDir(tmp_path / "run").metrics() if r["type"] == "round"]
+    for r in rounds:
+        assert r["failures"] == {"error": 2, "rejected_nan": 2, "rejected_shape": 2, "dropout": 2, "straggler": 2}
+        assert r["devices_trained"] == 4 + 2 + 2  # the NaN and shape replies arrive, then are rejected
+    arrays0, _ = RunDir(tmp_path / "run").load_checkpoint(0)
+    arrays2, _ = RunDir(tmp_path / "run").load_checkpoint(2)
+    assert all(np.isfinite(v).all() for v in arrays2.values())
+    assert all(arrays0[k].shape == arrays2[k].shape for k in arrays0)
+    assert any(not np.allclose(arrays0[k], arrays2[k]) for k in arrays0)  # the good devices were aggregated
+    assert summary["failures"]["straggler"] == 4
+
+
+def test_bad_scenario_key_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[trainng]\nrounds = 3\n')
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "run", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trainng" in lines[0] and "did you mean" in lines[0], out.stderr

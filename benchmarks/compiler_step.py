@@ -1,0 +1,446 @@
+"""One training step (forward + backward + SGD update) of the numpy executor against PyTorch eager.
+
+Per case (zoo model × tuning strategy × batch) both sides start from the same weights (the zoo ONNX
+initializers and the compiled program's LoRA factors) and run the same step: the same loss, LoRA rank/alpha,
+trainable set, and ``torch.optim.SGD`` with the program's lr/momentum. Before timing, each case checks that
+the PyTorch module's forward equals onnxruntime and the executor's ``evaluate`` output, and that three steps
+give the same losses and the same trained parameters on both sides, so the comparison is apples to apples.
+
+The PyTorch baselines are hand-written ``nn.Module``s (no ONNX interpretation): ``DeepAE`` (Linear +
+BatchNorm1d in eval mode, frozen + ReLU), ``Cct`` (conv tokenizer, pre-norm blocks with q/k/v/proj
+Linear layers and ``F.scaled_dot_product_attention``, GELU MLP, attention pooling, classifier; used for
+both CCT configs) and ``DsCnn``. LoRA is ``LoraLinear``: the frozen Linear plus (x @ A @ B) · alpha / r.
+
+Timing: the executor step is ``PhaseRunner.run`` (copy the feeds into the arena, run every kernel), the
+torch step is zero_grad → forward → loss → backward → optimizer step. After warm-up the two alternate in
+blocks, so drifting clock speed hits both alike; the figure is the median over the repeats.
+
+    python benchmarks/compiler_step.py                 # cct-digits and deep-ae, batch 1/8/32, lora and full
+    python benchmarks/compiler_step.py --all           # also cct-2-3x2 and ds-cnn
+    python benchmarks/compiler_step.py --profile deep-ae:lora:32   # cProfile of executor steps, no JSON
+
+ratio = torch_ms / executor_ms: above 1 the executor is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compiler import zoo  # noqa: E402
+from compiler.pipeline import compile_model  # noqa: E402
+from compiler.program import Program  # noqa: E402
+from compiler.zoo import cct as zoo_cct  # noqa: E402
+from compiler.zoo import deep_ae as zoo_deep_ae  # noqa: E402
+from compiler.zoo import ds_cnn as zoo_ds_cnn  # noqa: E402
+from device_runtime import NumpyDevice  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compiler_step.json"
+REQUIRED_MODELS = ("cct-digits", "deep-ae")
+OPTIONAL_MODELS = ("cct-2-3x2", "ds-cnn")
+BATCHES = (1, 8, 32)
+STRATEGIES = ("lora", "full")   # compile_model presets: LoRA on the auto targets, every weight trains
+LR, MOMENTUM = 0.01, 0.0        # compile_model's defaults
+SEED = 0
+WARMUP_STEPS = 10
+REPEATS = 100                   # timed steps per side and case (fewer if the time budget runs out)
+BUDGET_S = 3.0                  # per side and case
+BLOCK_STEPS = 5                 # steps per alternation block
+VERIFY_STEPS = 3
+RTOL, ATOL_SCALE = 1e-4, 1e-4   # float32 on both sides; atol relative to the largest reference value
+
+
+# ---- PyTorch baselines -----------------------------------------------------------------------------------
+class LoraLinear(nn.Module):
+    """A frozen Linear plus the low-rank update (x @ A @ B) · alpha / r; A: (in, r), B: (r, out)."""
+
+    def __init__(self, base: nn.Linear, a: np.ndarray, b: np.ndarray, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.tensor(a))
+        self.lora_b = nn.Parameter(torch.tensor(b))
+        self.scale = alpha / a.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a @ self.lora_b) * self.scale
+
+
+class DeepAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        self.named: dict[str, nn.Module] = {}  # ONNX layer name -> module
+        for part, sizes in (("encoder", zoo_deep_ae.ENCODER_DIMS), ("decoder", zoo_deep_ae.DECODER_DIMS)):
+            for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+                layer = f"{part}.{i}"
+                self.named[layer] = nn.Linear(fan_in, fan_out)
+                layers.append(self.named[layer])
+                if not (part == "decoder" and i == len(sizes) - 2):  # the output layer is linear
+                    self.named[f"{layer}.bn"] = nn.BatchNorm1d(fan_out, eps=zoo_deep_ae.BN_EPSILON)
+                    layers += [self.named[f"{layer}.bn"], nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (lin(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)   # softmax(q·kᵀ / √(d/h)) · v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Cct(nn.Module):
+    def __init__(self, config: zoo_cct.CctConfig):
+        super().__init__()
+        d, c_in = config.embed_dim, config.in_channels
+        tokenizer: list[nn.Module] = []
+        for c_out in config.conv_channels:
+            tokenizer += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.MaxPool2d(config.pool_kernel, config.pool_stride, config.pool_pad)]
+            c_in = c_out
+        self.tokenizer = nn.Sequential(*tokenizer)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, config.num_tokens, d))
+        self.blocks = nn.ModuleList(Block(d, config.num_heads, config.mlp_hidden) for _ in range(config.num_blocks))
+        self.norm = nn.LayerNorm(d)
+        self.pool_attention = nn.Linear(d, 1)
+        self.classifier = nn.Linear(d, config.num_classes)
+        self.named: dict[str, nn.Module] = {f"tokenizer.conv{i}": m for i, m in enumerate(
+            m for m in tokenizer if isinstance(m, nn.Conv2d))}
+        for i, blk in enumerate(self.blocks):
+            for name in ("norm1", "norm2"):
+                self.named[f"blocks.{i}.{name}"] = getattr(blk, name)
+            for name in ("q", "k", "v", "proj"):
+                self.named[f"blocks.{i}.attn.{name}"] = getattr(blk, name)
+            for name in ("fc1", "fc2"):
+                self.named[f"blocks.{i}.mlp.{name}"] = getattr(blk, name)
+        self.named.update({"norm": self.norm, "pool.attention": self.pool_attention, "classifier": self.classifier})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tokenizer(x).flatten(2).transpose(1, 2) + self.pos_embedding  # (B, T, d)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        weights = torch.softmax(self.pool_attention(x).transpose(1, 2), dim=-1)    # (B, 1, T)
+        return self.classifier((weights @ x).flatten(1))
+
+
+class DsCnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        c = zoo_ds_cnn.CHANNELS
+        top, left, bottom, right = zoo_ds_cnn.CONV0_PADS
+        convs = {"conv0": nn.Conv2d(zoo_ds_cnn.INPUT_SHAPE[0], c, zoo_ds_cnn.CONV0_KERNEL, zoo_ds_cnn.CONV0_STRIDES)}
+        for i in range(zoo_ds_cnn.NUM_BLOCKS):
+            convs[f"blocks.{i}.dw"] = nn.Conv2d(c, c, 3, padding=1, groups=c)
+            convs[f"blocks.{i}.pw"] = nn.Conv2d(c, c, 1)
+        layers: list[nn.Module] = [nn.ZeroPad2d((left, right, top, bottom))]
+        self.named: dict[str, nn.Module] = {}
+        for name, conv in convs.items():
+            bn = nn.BatchNorm2d(c, eps=zoo_ds_cnn.BN_EPSILON)
+            layers += [conv, bn, nn.ReLU()]
+            self.named[name], self.named[f"{name}.bn"] = conv, bn
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, zoo_ds_cnn.NUM_CLASSES)
+        self.named["classifier"] = self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class TorchModel:
+    build: Callable[[], nn.Module]
+    linear_kind: str  # the ONNX node of every Linear: MatMul weights are (in, out), Gemm (transB=1) (out, in)
+    label: str
+
+
+TORCH_MODELS = {
+    "deep-ae": TorchModel(DeepAE, "Gemm", "DeepAE"),
+    "cct-digits": TorchModel(lambda: Cct(zoo_cct.CCT_DIGITS), "MatMul", "Cct(CCT_DIGITS)"),
+    "cct-2-3x2": TorchModel(lambda: Cct(zoo_cct.CCT_2_3X2), "MatMul", "Cct(CCT_2_3X2)"),
+    "ds-cnn": TorchModel(DsCnn, "Gemm", "DsCnn"),
+}
+
+
+@dataclass
+class TorchSide:
+    module: nn.Module
+    params: dict[str, nn.Parameter]   # program parameter name -> trainable torch parameter
+    layouts: dict[str, bool]          # program parameter name -> stored transposed in torch
+
+
+def torch_baseline(name: str, model: onnx.ModelProto, program: Program) -> TorchSide:
+    """The hand-written module with the zoo ONNX initializers, LoRA wrappers where the program has adapters,
+    and requires_grad exactly on the program's trainable parameters."""
+    spec = TORCH_MODELS[name]
+    module = spec.build()
+    module.eval()  # BatchNorm uses its running statistics, as the inference-form ONNX does
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    named: dict[str, nn.Module] = module.named
+    by_name: dict[str, torch.Tensor] = {}
+    transposed: dict[str, bool] = {}
+    with torch.no_grad():
+        for layer, m in named.items():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                for attr in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(m, attr).copy_(torch.from_numpy(inits[f"{layer}.{attr}"]))
+                continue
+            for attr in ("weight", "bias"):
+                key = f"{layer}.{attr}"
+                if key not in inits:
+                    continue
+                value = inits[key]
+                flip = isinstance(m, nn.Linear) and attr == "weight" and spec.linear_kind == "MatMul"
+                getattr(m, attr).copy_(torch.from_numpy(value.T if flip else value))
+                by_name[key], transposed[key] = getattr(m, attr), flip
+        if isinstance(module, Cct):
+            module.pos_embedding.copy_(torch.from_numpy(inits["pos_embedding.weight"]))
+            by_name["pos_embedding.weight"], transposed["pos_embedding.weight"] = module.pos_embedding, False
+    module.requires_grad_(False)
+    alpha = float(program.tuning.get("alpha", 8.0))
+    for layer in sorted({n.rsplit(".lora_", 1)[0] for n in program.values if n.endswith(".lora_a")}):
+        lora = LoraLinear(named[layer], program.values[f"{layer}.lora_a"], program.values[f"{layer}.lora_b"], alpha)
+        _replace_module(module, named[layer], lora)
+        named[layer] = lora
+        for part in ("lora_a", "lora_b"):
+            by_name[f"{layer}.{part}"], transposed[f"{layer}.{part}"] = getattr(lora, part), False
+    trainable = set(program.trainable)
+    missing = trainable - set(by_name)
+    if missing:
+        raise AssertionError(f"{name}: no torch parameter for {sorted(missing)}")
+    for key in trainable:
+        by_name[key].requires_grad_(True)
+    params = {k: by_name[k] for k in program.trainable}
+    return TorchSide(module, params, {k: transposed[k] for k in params})
+
+
+def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for child_name, child in parent.named_children():
+            if child is old:
+                setattr(parent, child_name, new)
+                return
+    raise AssertionError("module to wrap not found")
+
+
+# ---- one case --------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    model: str
+    strategy: str
+    batch: int
+    program: Program
+    device: NumpyDevice
+    torch_side: TorchSide
+    feeds: dict[str, np.ndarray]
+    step_torch: Callable[[], torch.Tensor]
+
+    def step_executor(self) -> None:
+        self.device.trainer.run(self.feeds)
+
+    def executor_loss(self) -> float:
+        return float(self.device.trainer.results[self.program.loss])
+
+
+def build_case(model: str, strategy: str, batch: int) -> Case:
+    entry = zoo.ZOO[model]
+    onnx_model = zoo.build(model, SEED)
+    program = compile_model(onnx_model, strategy, batch=batch, lr=LR, momentum=MOMENTUM)
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, *entry.input_shape)).astype(np.float32)
+    feeds = {program.input: x}
+    xt = torch.from_numpy(x)
+    if entry.task == "classification":
+        y = rng.integers(0, entry.num_classes, batch)
+        feeds[program.label] = y
+        yt = torch.from_numpy(y)
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out, yt)
+    else:
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(out, xt)
+    side = torch_baseline(model, onnx_model, program)
+    opt = torch.optim.SGD(list(side.params.values()), lr=program.optimizer["lr"],
+                          momentum=program.optimizer["momentum"])
+
+    def step_torch() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(side.module(xt))
+        loss.backward()
+        opt.step()
+        return loss
+
+    case = Case(model, strategy, batch, program, NumpyDevice(program), side, feeds, step_torch)
+    verify(case, onnx_model)
+    return case
+
+
+def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
+    """Forward equal to onnxruntime and to the executor; VERIFY_STEPS steps with equal losses and parameters."""
+    x = case.feeds[case.program.input]
+    with torch.no_grad():
+        out = case.torch_side.module(torch.from_numpy(x)).numpy()
+    ort_out = _onnxruntime(onnx_model, x)
+    executor_out = case.device.evaluate(x, case.feeds.get(case.program.label)).outputs
+    for what, ref in (("onnxruntime", ort_out), ("executor evaluate", executor_out)):
+        np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL_SCALE * float(np.abs(ref).max()),
+                                   err_msg=f"{case.model}/{case.strategy}/{case.batch}: torch forward vs {what}")
+    executor_losses, torch_losses = [], []
+    for _ in range(VERIFY_STEPS):
+        case.step_executor()
+        executor_losses.append(case.executor_loss())
+        torch_losses.append(float(case.step_torch()))
+    np.testing.assert_allclose(executor_losses, torch_losses, rtol=RTOL,
+                               err_msg=f"{case.model}/{case.strategy}/{case.batch}: losses")
+    trained = case.device.get_params()
+    for name, param in case.torch_side.params.items():
+        ref = param.detach().numpy()
+        ref = ref.T if case.torch_side.layouts[name] else ref
+        np.testing.assert_allclose(trained[name], ref, rtol=RTOL, atol=ATOL_SCALE * max(float(np.abs(ref).max()), 1e-3),
+                                   err_msg=f"{case.model}/{case.strategy}/{case.batch}: {name}")
+
+
+def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def time_case(case: Case, repeats: int, budget_s: float) -> tuple[float, float, int]:
+    """(executor ms, torch ms, steps timed per side): medians over per-step times, the sides alternating."""
+    for _ in range(WARMUP_STEPS):
+        case.step_executor()
+        case.step_torch()
+    executor_s: list[float] = []
+    torch_s: list[float] = []
+    deadline = time.perf_counter() + 2 * budget_s
+    while len(executor_s) < repeats and time.perf_counter() < deadline:
+        for fn, times in ((case.step_executor, executor_s), (case.step_torch, torch_s)):
+            for _ in range(BLOCK_STEPS):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(executor_s), 1e3 * statistics.median(torch_s), len(executor_s)
+
+
+def machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "processor": _cpu_model()}
+    try:
+        from threadpoolctl import threadpool_info
+        info["numpy_blas"] = [{k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
+                              for p in threadpool_info() if p.get("user_api") == "blas"]
+    except ImportError:
+        info["numpy_blas"] = "threadpoolctl not installed"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def profile(spec: str, steps: int, top: int) -> None:
+    model, strategy, batch = spec.split(":")
+    case = build_case(model, strategy, int(batch))
+    for _ in range(WARMUP_STEPS):
+        case.step_executor()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        case.step_executor()
+    profiler.disable()
+    stats = pstats.Stats(profiler).strip_dirs()
+    print(f"executor, {spec}, {steps} steps")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--all", action="store_true", help=f"also {', '.join(OPTIONAL_MODELS)}")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="time limit per side and case")
+    parser.add_argument("--profile", metavar="MODEL:STRATEGY:BATCH", help="cProfile executor steps instead")
+    parser.add_argument("--profile-steps", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.profile:
+        profile(args.profile, args.profile_steps, top=25)
+        return 0
+    models = REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ())
+    rows = []
+    print(f"{'model':<11} {'strategy':<8} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6}")
+    for model in models:
+        for strategy in STRATEGIES:
+            for batch in BATCHES:
+                case = build_case(model, strategy, batch)
+                executor_ms, torch_ms, steps = time_case(case, args.repeats, args.budget_s)
+                row = {"model": model, "strategy": strategy, "batch": batch,
+                       "executor_ms": round(executor_ms, 4), "torch_ms": round(torch_ms, 4),
+                       "ratio": round(torch_ms / executor_ms, 3), "steps_timed": steps,
+                       "torch_baseline": f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
+                       "verified": f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
+                                   f"parameters equal (rtol {RTOL})"}
+                rows.append(row)
+                print(f"{model:<11} {strategy:<8} {batch:>5} {executor_ms:>12.3f} {torch_ms:>9.3f} {row['ratio']:>6.2f}",
+                      flush=True)
+    result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager",
+              "machine": machine(),
+              "settings": {"lr": LR, "momentum": MOMENTUM, "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
+                           "budget_s_per_side": args.budget_s, "statistic": "median per-step wall time",
+                           "executor_step": "PhaseRunner.run (feeds copied into the arena + every kernel)",
+                           "torch_step": "zero_grad, forward, loss, backward, SGD step"},
+              "cases": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

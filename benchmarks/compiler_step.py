@@ -49,9 +49,12 @@ sys.path.insert(0, str(ROOT))
 from compiler import zoo  # noqa: E402
 from compiler.pipeline import compile_model  # noqa: E402
 from compiler.program import Program  # noqa: E402
-from compiler.zoo import cct as zoo_cct  # noqa: E402
-from compiler.zoo import deep_ae as zoo_deep_ae  # noqa: E402
-from compiler.zoo import ds_cnn as zoo_ds_cnn  # noqa: E402
+from compiler.zoo.cct import CCT_2_3X2, CCT_DIGITS, CctConfig  # noqa: E402
+from compiler.zoo.deep_ae import BN_EPSILON as AE_BN_EPSILON  # noqa: E402
+from compiler.zoo.deep_ae import DECODER_DIMS, ENCODER_DIMS  # noqa: E402
+from compiler.zoo.ds_cnn import BN_EPSILON as KWS_BN_EPSILON  # noqa: E402
+from compiler.zoo.ds_cnn import (CHANNELS, CONV0_KERNEL, CONV0_PADS, CONV0_STRIDES, INPUT_SHAPE,  # noqa: E402
+                                  NUM_BLOCKS, NUM_CLASSES)
 from device_runtime import NumpyDevice  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compiler_step.json"
@@ -89,13 +92,13 @@ class DeepAE(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         self.named: dict[str, nn.Module] = {}  # ONNX layer name -> module
-        for part, sizes in (("encoder", zoo_deep_ae.ENCODER_DIMS), ("decoder", zoo_deep_ae.DECODER_DIMS)):
+        for part, sizes in (("encoder", ENCODER_DIMS), ("decoder", DECODER_DIMS)):
             for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
                 layer = f"{part}.{i}"
                 self.named[layer] = nn.Linear(fan_in, fan_out)
                 layers.append(self.named[layer])
                 if not (part == "decoder" and i == len(sizes) - 2):  # the output layer is linear
-                    self.named[f"{layer}.bn"] = nn.BatchNorm1d(fan_out, eps=zoo_deep_ae.BN_EPSILON)
+                    self.named[f"{layer}.bn"] = nn.BatchNorm1d(fan_out, eps=AE_BN_EPSILON)
                     layers += [self.named[f"{layer}.bn"], nn.ReLU()]
         self.layers = nn.Sequential(*layers)
 
@@ -125,7 +128,7 @@ class Block(nn.Module):
 
 
 class Cct(nn.Module):
-    def __init__(self, config: zoo_cct.CctConfig):
+    def __init__(self, config: CctConfig):
         super().__init__()
         d, c_in = config.embed_dim, config.in_channels
         tokenizer: list[nn.Module] = []
@@ -162,20 +165,20 @@ class Cct(nn.Module):
 class DsCnn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        c = zoo_ds_cnn.CHANNELS
-        top, left, bottom, right = zoo_ds_cnn.CONV0_PADS
-        convs = {"conv0": nn.Conv2d(zoo_ds_cnn.INPUT_SHAPE[0], c, zoo_ds_cnn.CONV0_KERNEL, zoo_ds_cnn.CONV0_STRIDES)}
-        for i in range(zoo_ds_cnn.NUM_BLOCKS):
+        c = CHANNELS
+        top, left, bottom, right = CONV0_PADS
+        convs = {"conv0": nn.Conv2d(INPUT_SHAPE[0], c, CONV0_KERNEL, CONV0_STRIDES)}
+        for i in range(NUM_BLOCKS):
             convs[f"blocks.{i}.dw"] = nn.Conv2d(c, c, 3, padding=1, groups=c)
             convs[f"blocks.{i}.pw"] = nn.Conv2d(c, c, 1)
         layers: list[nn.Module] = [nn.ZeroPad2d((left, right, top, bottom))]
         self.named: dict[str, nn.Module] = {}
         for name, conv in convs.items():
-            bn = nn.BatchNorm2d(c, eps=zoo_ds_cnn.BN_EPSILON)
+            bn = nn.BatchNorm2d(c, eps=KWS_BN_EPSILON)
             layers += [conv, bn, nn.ReLU()]
             self.named[name], self.named[f"{name}.bn"] = conv, bn
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c, zoo_ds_cnn.NUM_CLASSES)
+        self.classifier = nn.Linear(c, NUM_CLASSES)
         self.named["classifier"] = self.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +194,8 @@ class TorchModel:
 
 TORCH_MODELS = {
     "deep-ae": TorchModel(DeepAE, "Gemm", "DeepAE"),
-    "cct-digits": TorchModel(lambda: Cct(zoo_cct.CCT_DIGITS), "MatMul", "Cct(CCT_DIGITS)"),
-    "cct-2-3x2": TorchModel(lambda: Cct(zoo_cct.CCT_2_3X2), "MatMul", "Cct(CCT_2_3X2)"),
+    "cct-digits": TorchModel(lambda: Cct(CCT_DIGITS), "MatMul", "Cct(CCT_DIGITS)"),
+    "cct-2-3x2": TorchModel(lambda: Cct(CCT_2_3X2), "MatMul", "Cct(CCT_2_3X2)"),
     "ds-cnn": TorchModel(DsCnn, "Gemm", "DsCnn"),
 }
 
@@ -218,7 +221,7 @@ def torch_baseline(name: str, model: onnx.ModelProto, program: Program) -> Torch
         for layer, m in named.items():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 for attr in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(m, attr).copy_(torch.from_numpy(inits[f"{layer}.{attr}"]))
+                    getattr(m, attr).copy_(torch.tensor(inits[f"{layer}.{attr}"]))
                 continue
             for attr in ("weight", "bias"):
                 key = f"{layer}.{attr}"
@@ -226,10 +229,10 @@ def torch_baseline(name: str, model: onnx.ModelProto, program: Program) -> Torch
                     continue
                 value = inits[key]
                 flip = isinstance(m, nn.Linear) and attr == "weight" and spec.linear_kind == "MatMul"
-                getattr(m, attr).copy_(torch.from_numpy(value.T if flip else value))
+                getattr(m, attr).copy_(torch.tensor(value.T if flip else value))
                 by_name[key], transposed[key] = getattr(m, attr), flip
         if isinstance(module, Cct):
-            module.pos_embedding.copy_(torch.from_numpy(inits["pos_embedding.weight"]))
+            module.pos_embedding.copy_(torch.tensor(inits["pos_embedding.weight"]))
             by_name["pos_embedding.weight"], transposed["pos_embedding.weight"] = module.pos_embedding, False
     module.requires_grad_(False)
     alpha = float(program.tuning.get("alpha", 8.0))
@@ -325,7 +328,7 @@ def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
     for _ in range(VERIFY_STEPS):
         case.step_executor()
         executor_losses.append(case.executor_loss())
-        torch_losses.append(float(case.step_torch()))
+        torch_losses.append(case.step_torch().item())
     np.testing.assert_allclose(executor_losses, torch_losses, rtol=RTOL,
                                err_msg=f"{case.model}/{case.strategy}/{case.batch}: losses")
     trained = case.device.get_params()

@@ -14,6 +14,7 @@ import onnx
 
 from compiler import zoo
 from compiler.autodiff import SGDConfig, differentiate
+from compiler.device_axis import add_device_axis, scale_loss
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
 from compiler.ops import get_op
@@ -32,6 +33,7 @@ class CompileOptions:
     batch: int = 8
     loss: str = "auto"
     sgd: SGDConfig = field(default_factory=SGDConfig)
+    devices: int = 1  # device axis: one program trains this many devices at once (import with batch·devices)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -109,12 +111,16 @@ def _phase(graph: Graph, plan: MemoryPlan, results: Sequence[str]) -> Phase:
 
 
 def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", task_hint: str = "auto") -> Program:
-    graph = apply_tuning(graph, options.tuning)
+    """Compile an imported graph (batch ``options.batch``, or batch·devices with a device axis)."""
+    graph = add_device_axis(apply_tuning(graph, options.tuning), options.devices)
     forward, loss, label, task = add_loss(graph, options.loss, task_hint)
+    forward, loss = scale_loss(forward, loss, options.devices)
     train, _ = differentiate(forward, loss, options.sgd)
-    train = train.pruned(keep=(loss,))
+    # batched devices also keep the outputs, so each device's loss can be read per step
+    train_results = (loss,) if options.devices == 1 else (loss, forward.outputs[0])
+    train = train.pruned(keep=train_results)
     train.check()
-    train_plan = plan_memory(train, keep=(loss,))
+    train_plan = plan_memory(train, keep=train_results)
     check_plan(train, train_plan)
     eval_graph = forward.pruned(keep=(forward.outputs[0], loss))
     eval_plan = plan_memory(eval_graph, keep=(eval_graph.outputs[0], loss))
@@ -128,18 +134,19 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         model=name, batch=options.batch, task=task, input=forward.inputs[0], label=label,
         output=forward.outputs[0], loss=loss, tensors=tensors, param_offsets=param_offsets,
         params_bytes=train_plan.params_bytes, values=values,
-        train=_phase(train, train_plan, (loss,)), evaluate=_phase(eval_graph, eval_plan, (forward.outputs[0], loss)),
+        train=_phase(train, train_plan, train_results), evaluate=_phase(eval_graph, eval_plan, (forward.outputs[0], loss)),
         tuning=options.tuning.to_dict(),
         optimizer={"kind": "sgd", "lr": options.sgd.lr, "momentum": options.sgd.momentum,
-                   "weight_decay": options.sgd.weight_decay})
+                   "weight_decay": options.sgd.weight_decay}, devices=options.devices)
     return program.replace(report=build_report(program, train_plan))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",
                   batch: int = 8, loss: str = "auto", lr: float = 0.01, momentum: float = 0.0,
-                  weight_decay: float = 0.0, seed: int = 0) -> Program:
-    """Compile a zoo model name, an ONNX file or a ModelProto into a training Program."""
+                  weight_decay: float = 0.0, seed: int = 0, devices: int = 1) -> Program:
+    """Compile a zoo model name, an ONNX file or a ModelProto into a training Program (``devices`` > 1: one
+    program that trains that many devices at once; see compiler.device_axis)."""
     source, name, task_hint = load_model(model, seed)
-    options = CompileOptions(TuningSpec.parse(tuning), batch, loss, SGDConfig(lr, momentum, weight_decay))
-    graph = import_onnx(source, options.batch)
+    options = CompileOptions(TuningSpec.parse(tuning), batch, loss, SGDConfig(lr, momentum, weight_decay), devices)
+    graph = import_onnx(source, options.batch * options.devices)
     return compile_graph(graph, options, name, task_hint)

@@ -81,6 +81,7 @@ class Program:
     optimizer: Mapping[str, Any] = field(default_factory=dict)
     report: Mapping[str, Any] = field(default_factory=dict)
     target: Mapping[str, Any] = field(default_factory=dict)
+    devices: int = 1                # device axis: per-device parameters carry a leading axis of this size
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -96,7 +97,7 @@ class Program:
     def manifest(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": FORMAT_VERSION,
-            "model": self.model, "batch": self.batch, "task": self.task,
+            "model": self.model, "batch": self.batch, "devices": self.devices, "task": self.task,
             "input": self.input, "label": self.label, "output": self.output, "loss": self.loss,
             "tuning": dict(self.tuning), "optimizer": dict(self.optimizer),
             "tensors": [_jsonable(dataclasses.asdict(t)) for t in self.tensors.values()],
@@ -156,7 +157,7 @@ class Program:
                    param_offsets=data["param_offsets"], params_bytes=data["params_bytes"], values=values,
                    train=_phase_from(data["phases"]["train"]), evaluate=_phase_from(data["phases"]["evaluate"]),
                    tuning=data["tuning"], optimizer=data["optimizer"], report=data["report"],
-                   target=data.get("target", {}))
+                   target=data.get("target", {}), devices=data.get("devices", 1))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

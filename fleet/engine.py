@@ -31,29 +31,32 @@ class Fleet:
     """Everything the run needs besides the strategy: programs by key, devices, dispatch."""
     programs: dict[str, Any]
     devices: list[DeviceInfo]
-    ranks: dict[int, int] = field(default_factory=dict)  # node id → LoRA rank
+    batched: dict[str, Any] = field(default_factory=dict)  # key → device-axis program
+    ranks: dict[int, int] = field(default_factory=dict)    # node id → LoRA rank
 
 
 class HostPool:
     """A bounded pool of device hosts (Ray actors, or in-process for ``actors=0``)."""
 
-    def __init__(self, scenario: Scenario, programs: Mapping[str, Any], actors: int):
+    def __init__(self, scenario: Scenario, programs: Mapping[str, Any], actors: int,
+                 batched: Mapping[str, Any] | None = None):
         self.scenario = scenario
         self.per_call = scenario.ray.devices_per_call
         data_spec = _dataclass_dict(scenario.data)
-        payloads = {k: p.to_bytes() for k, p in programs.items()}
+        payloads = [(k, False, *p.to_bytes()) for k, p in programs.items()]
+        payloads += [(k, True, *p.to_bytes()) for k, p in (batched or {}).items()]
         if actors <= 0:
             self.local = DeviceHostCore(data_spec, scenario.seed)
             self.actors = []
             self.nodes = ["local"]
-            for key, (manifest, params) in payloads.items():
-                self.local.install(key, manifest, params)
+            for key, is_batched, manifest, params in payloads:
+                self.local.install(key, manifest, params, is_batched)
             return
         import ray
         self.local = None
         self.actors = [DeviceHost.remote(data_spec, scenario.seed) for _ in range(actors)]
-        refs = {k: (ray.put(m), ray.put(p)) for k, (m, p) in payloads.items()}
-        ray.get([a.install.remote(k, *refs[k]) for a in self.actors for k in refs])
+        refs = [(k, b, ray.put(m), ray.put(p)) for k, b, m, p in payloads]
+        ray.get([a.install.remote(k, m, p, b) for a in self.actors for k, b, m, p in refs])
         self.nodes = ray.get([a.node.remote() for a in self.actors])
 
     def dispatch(self, key: str, kind: str, jobs: Sequence[dict[str, Any]],
@@ -74,6 +77,7 @@ def _dataclass_dict(obj: Any) -> dict[str, Any]:
 
 def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
     programs: dict[str, Any] = {}
+    batched_programs: dict[str, Any] = {}
     devices: list[DeviceInfo] = []
     ranks: dict[int, int] = {}
     rng = np.random.default_rng([scenario.seed, 7])
@@ -82,6 +86,9 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
         program = builder.program(group.target, rank)
         key = f"{group.target}-r{rank}" if rank else group.target
         programs[key] = program
+        if key not in batched_programs:
+            chunk = min(scenario.ray.devices_per_call, group.count)
+            batched_programs[key] = builder.batched(group.target, rank, chunk)
         clock_mhz = group.clock_mhz or program.target.get("clock_mhz") or DEFAULT_CLOCK_MHZ
         availability = group.availability
         for index in indices:
@@ -99,7 +106,7 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
                 fault=fault.kind if fault else "", fault_p=fault.p if fault else 0.0))
             if rank:
                 ranks[NODE_BASE + index] = rank
-    return Fleet(programs, devices, ranks)
+    return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks)
 
 
 def make_fleet_strategy(scenario: Scenario, fleet: Fleet):
@@ -205,7 +212,7 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     fleet = build_fleet(scenario, builder)
     actors = scenario.ray.actors if actors is None else actors
     _ray_init(scenario, actors)
-    pool = HostPool(scenario, fleet.programs, actors)
+    pool = HostPool(scenario, fleet.programs, actors, fleet.batched)
     first = fleet.programs[fleet.devices[0].program]
     steps = local_steps(scenario.training.local_steps, scenario.training.local_epochs,
                         scenario.data.samples_per_device or 32, scenario.training.batch_size)

@@ -138,10 +138,8 @@ class FleetGrid(Grid):
                 log.failures["straggler"] = log.failures.get("straggler", 0) + 1
                 continue
             fault = info.fault if (kind == "train" and fault_u < info.fault_p) else ""
-            freeze = tuple(k for k in arrays[tables[id(record)]] if k.endswith(".lora_a")) \
-                if bool(config.get("freeze-lora-a", False)) else ()
             job = {"device": info.index, "arrays": tables[id(record)], "steps": steps,
-                   "lr": float(self.training["lr"]), "freeze": freeze, "fault": fault}
+                   "lr": float(self.training["lr"]), "fault": fault}  # FFA-LoRA's "freeze-lora-a": the program compiles A frozen
             groups.setdefault(info.program, []).append((message, {**job, "_modelled_s": modelled_s,
                                                                   "_down": down_bytes}))
         for program, items in groups.items():

@@ -16,6 +16,7 @@ import numpy as np
 
 from compiler.program import Program
 from device_runtime import DeviceError, NumpyDevice
+from device_runtime.batched import BatchedDevices
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec
 
@@ -29,7 +30,6 @@ class Job:
     arrays: str                # key into the call's table of adapter sets
     steps: int
     lr: float
-    freeze: tuple[str, ...] = ()   # parameter names that must not change (FFA-LoRA's A)
     fault: str = ""            # simulate a fault of this kind (tests and fault scenarios)
 
 
@@ -52,13 +52,17 @@ class DeviceHostCore:
         self.data_spec = DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data_spec.items()})
         self.seed = seed
         self.devices: dict[str, NumpyDevice] = {}
+        self.batched: dict[str, BatchedDevices] = {}  # key → the same program with a device axis
         self.programs: dict[str, Program] = {}
         self._data: dict[int, DeviceData] = {}
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def install(self, key: str, manifest: bytes, params: bytes) -> str:
-        if key not in self.devices:
-            program = Program.from_bytes(manifest, params, where=f"program {key}")
+    def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False) -> str:
+        """Install a program under ``key``; ``batched``: its device-axis form, used for many devices at once."""
+        program = Program.from_bytes(manifest, params, where=f"program {key}")
+        if batched:
+            self.batched[key] = BatchedDevices(program)
+        elif key not in self.devices:
             self.programs[key] = program
             self.devices[key] = NumpyDevice(program, name=key)
         return key
@@ -84,6 +88,12 @@ class DeviceHostCore:
     def run(self, key: str, kind: str, jobs: Sequence[Mapping[str, Any]],
             arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
         """Run ``kind`` ("train" | "evaluate") for every job; one result dict per job, errors included."""
+        batched = self.batched.get(key)
+        if batched is not None and len(jobs) > 1 and len({(j["steps"], j["lr"]) for j in jobs}) == 1:
+            out: list[dict[str, Any]] = []
+            for i in range(0, len(jobs), batched.devices):
+                out += self._run_batched(batched, kind, [Job(**raw) for raw in jobs[i:i + batched.devices]], arrays)
+            return out
         device = self.devices[key]
         results = []
         for raw in jobs:
@@ -110,26 +120,65 @@ class DeviceHostCore:
         if kind == "evaluate":
             out["num_examples"] = int(len(data.x_test))
             return out
-        if job.fault == "raise":
-            raise DeviceError(f"device {job.device}: simulated failure")
         y_train = data.y_train if program.task == "classification" else None
         trained = device.train(data.x_train, y_train, job.steps, lr=job.lr)
         params = trained.params
         for name, value in arrays.items():  # echo what the device holds but does not train (FFA-LoRA's A)
             params.setdefault(name, np.asarray(value))
-        for name in job.freeze:  # FFA-LoRA compiles A as frozen; this is a guard for other programs
-            params[name] = np.asarray(arrays[name])
         after = device.evaluate(data.x_test, data.y_test)
-        if job.fault == "nan":
-            first = next(iter(params))
-            params[first] = np.full_like(params[first], np.nan)
-        elif job.fault == "shape":
-            first = next(iter(params))
-            params[first] = params[first][..., :-1]
         out.update(arrays=params, loss=float(np.mean(trained.losses)), loss_after=after.loss,
                    metric_after=task_metric(program.task, after.outputs, data.x_test, data.y_test),
                    samples=int(trained.telemetry.samples), steps=job.steps)
+        _inject(job, out)
         return out
+
+
+    def _run_batched(self, bd: BatchedDevices, kind: str, jobs: list[Job],
+                     arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        task = bd.program.task
+        data = [self.data(j.device) for j in jobs]
+        x_test = np.stack([d.x_test for d in data])
+        y_test = np.stack([d.y_test for d in data])
+        labels = y_test if task == "classification" else None
+        bd.set_params([arrays[j.arrays] for j in jobs])
+        outputs, losses = bd.evaluate(x_test, labels)
+        results = [{"device": j.device, "loss_before": float(losses[k]),
+                    "metric_before": task_metric(task, outputs[k], data[k].x_test, data[k].y_test),
+                    "num_examples": int(len(data[k].x_test if kind == "evaluate" else data[k].x_train))}
+                   for k, j in enumerate(jobs)]
+        if kind == "train":
+            x_train = np.stack([d.x_train for d in data])
+            y_train = np.stack([d.y_train for d in data]) if task == "classification" else None
+            step_losses = bd.train(x_train, y_train, jobs[0].steps, lr=jobs[0].lr)
+            trained = bd.get_params(len(jobs))
+            outputs, losses = bd.evaluate(x_test, labels)
+            for k, (job, result) in enumerate(zip(jobs, results)):
+                params = trained[k]
+                for name, value in arrays[job.arrays].items():  # echo what is held but not trained
+                    params.setdefault(name, np.asarray(value))
+                result.update(arrays=params, loss=float(step_losses[:, k].mean()), loss_after=float(losses[k]),
+                              metric_after=task_metric(task, outputs[k], data[k].x_test, data[k].y_test),
+                              samples=int(job.steps * bd.batch), steps=job.steps)
+                _inject(job, result)
+        wall = (time.perf_counter() - start) / len(jobs)
+        for result in results:
+            result["wall_s"] = wall
+        return results
+
+
+def _inject(job: Job, result: dict[str, Any]) -> None:
+    """Apply a simulated fault to a finished device result (fault scenarios and tests)."""
+    if job.fault == "raise":
+        result.clear()
+        result.update(device=job.device, error=f"DeviceError: device {job.device}: simulated failure")
+        return
+    params = result["arrays"]
+    first = next(iter(params))
+    if job.fault == "nan":
+        params[first] = np.full_like(params[first], np.nan)
+    elif job.fault == "shape":
+        params[first] = params[first][..., :-1]
 
 
 def local_steps(training_steps: int | None, epochs: int | None, samples: int, batch: int) -> int:

@@ -101,18 +101,30 @@ class ProgramBuilder:
         self._cache: dict[tuple, Program] = {}
         self.freeze_a = scenario.aggregation.strategy == "ffa-lora"
 
-    def program(self, target: str, rank: int | None) -> Program:
-        key = (target, rank)
+    def program(self, target: str, rank: int | None, devices: int = 1) -> Program:
+        """The training program for one device (lowered onto ``target``: cost, levels), or with ``devices`` > 1
+        the same program with a device axis, which the hosts use to run that many devices at once."""
+        key = (target, rank, devices)
         if key not in self._cache:
             t = self.scenario.training
             options = CompileOptions(tuning_spec(self.scenario, rank, self.freeze_a), t.batch_size, "auto",
-                                     SGDConfig(t.lr, t.momentum))
-            program = compile_graph(import_onnx(self.source, t.batch_size), options, self.name, self.task)
+                                     SGDConfig(t.lr, t.momentum), devices)
+            graph = import_onnx(self.source, t.batch_size * devices)
+            program = compile_graph(graph, options, self.name, self.task)
             values = dict(program.values)
             values.update({k: v for k, v in self.base.items() if k in values})
             program = program.replace(values=values)
-            self._cache[key] = lower(program, target)
+            self._cache[key] = lower(program, target) if devices == 1 else program
         return self._cache[key]
+
+    def batched(self, target: str, rank: int | None, devices: int) -> Program | None:
+        """The device-axis program, or None where the tuning cannot be batched (it then runs per device)."""
+        if devices < 2:
+            return None
+        try:
+            return self.program(target, rank, devices)
+        except CompileError:
+            return None
 
     def rank_for(self, group: DeviceGroup) -> int | None:
         """The group's LoRA rank: the scenario's, or with rank_from_memory the largest that fits the budget."""

@@ -82,6 +82,17 @@ class Op:
     def forward(self, *xs: np.ndarray, **attrs: Any) -> np.ndarray | tuple[np.ndarray, ...]:
         raise NotImplementedError
 
+    def forward_into(self, outs: Sequence[np.ndarray], *xs: np.ndarray, **attrs: Any) -> None:
+        """Store ``forward``'s result(s) in the preallocated ``outs`` (the executor's planned views).
+
+        Ops override this to write straight into ``outs`` (numpy ``out=``) and skip the temporary and the copy;
+        an override computes exactly what ``forward`` does, in the same order. The executor calls an override
+        only when every input and output has one dtype and no output overlaps an input, except an output that
+        is the very same array as an input of an ``inplace`` or ``updates`` op (an in-place Add, SGD's update)."""
+        result = self.forward(*xs, **attrs)
+        for out, value in zip(outs, result if isinstance(result, tuple) else (result,)):
+            np.copyto(out, value, casting="same_kind")
+
     def gradient(self, g: "GradBuilder", x: tuple[str, ...], y: tuple[str, ...],
                  dy: tuple[str | None, ...], **attrs: Any) -> tuple[str | None, ...]:
         """Names of the gradients of the inputs, built with ``g.emit``; None where not needed."""

@@ -1,0 +1,107 @@
+"""Many devices in one pass: runs a program compiled with a device axis (``program.devices`` = D).
+
+Device d's samples are rows d·B … d·B+B−1 of each step's batch; its parameters are index d of every
+per-device tensor. Fewer than D devices are padded with copies of the last one, whose results are dropped.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from compiler.program import Program
+from device_runtime.device import DeviceError
+from device_runtime.numpy_executor import NumpyDevice, per_sample_loss
+
+
+class BatchedDevices:
+    kind = "numpy-batched"
+
+    def __init__(self, program: Program):
+        if program.devices < 2:
+            raise DeviceError("BatchedDevices needs a program compiled with a device axis (devices >= 2)")
+        self.program = program
+        self.devices = program.devices
+        self.batch = program.batch
+        self.device = NumpyDevice(program, name="batched")
+        self.per_device = [n for n, t in program.tensors.items()
+                           if n in program.param_offsets and t.shape[:1] == (self.devices,)
+                           and t.role in ("trainable", "frozen") and (t.role == "trainable" or n.endswith(".lora_a"))]
+
+    def _pad(self, items: Sequence, count: int) -> list:
+        return list(items) + [items[-1]] * (count - len(items))
+
+    def set_params(self, params: Sequence[Mapping[str, np.ndarray]]) -> None:
+        if not 0 < len(params) <= self.devices:
+            raise DeviceError(f"{len(params)} parameter sets for a program of {self.devices} devices")
+        padded = self._pad(params, self.devices)
+        for name in self.per_device:
+            view = self.device.param_views[name]
+            for d, p in enumerate(padded):
+                if name not in p:
+                    raise DeviceError(f"device {d}: no value for parameter {name!r}")
+                if np.shape(p[name]) != view.shape[1:]:
+                    raise DeviceError(f"device {d}: parameter {name!r} has shape {np.shape(p[name])}, "
+                                      f"expected {view.shape[1:]}")
+                view[d] = p[name]
+        self.device.reset_optimizer()
+
+    def get_params(self, count: int | None = None) -> list[dict[str, np.ndarray]]:
+        count = self.devices if count is None else count
+        trainable = [n for n in self.per_device if self.program.tensors[n].role == "trainable"]
+        return [{n: self.device.param_views[n][d].copy() for n in trainable} for d in range(count)]
+
+    def _feeds(self, xs: np.ndarray, ys: np.ndarray | None, idx: np.ndarray) -> dict[str, np.ndarray]:
+        rows = xs[:, idx].reshape((self.devices * self.batch,) + xs.shape[2:])
+        feeds = {self.program.input: rows}
+        if self.program.label:
+            feeds[self.program.label] = ys[:, idx].reshape(-1)
+        return feeds
+
+    def _stack(self, xs: np.ndarray, ys: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if len(xs) > self.devices:
+            raise DeviceError(f"data for {len(xs)} devices, program holds {self.devices}")
+        if len(xs) < self.devices:
+            pad = self.devices - len(xs)
+            xs = np.concatenate([xs, np.repeat(xs[-1:], pad, axis=0)])
+            ys = None if ys is None else np.concatenate([ys, np.repeat(ys[-1:], pad, axis=0)])
+        return xs, ys
+
+    def train(self, xs: np.ndarray, ys: np.ndarray | None, steps: int, lr: float | None = None) -> np.ndarray:
+        """xs: (devices, n, ...) samples. Returns each device's loss per step, shape (steps, devices)."""
+        n = xs.shape[1]
+        count = len(xs)
+        xs, ys = self._stack(xs, ys)
+        if lr is not None:
+            for name in self.device.lr_tensors:
+                self.device.param_views[name][...] = lr
+        runner = self.device.trainer
+        out_view = runner.results[self.program.output]
+        losses = np.empty((steps, self.devices), np.float32)
+        for step in range(steps):
+            idx = (np.arange(self.batch) + step * self.batch) % n
+            feeds = self._feeds(xs, ys, idx)
+            runner.run(feeds)
+            per_sample = per_sample_loss(self.program.task, out_view, feeds[self.program.input],
+                                         feeds.get(self.program.label))
+            losses[step] = per_sample.reshape(self.devices, self.batch).mean(axis=1)
+        return losses[:, :count]
+
+    def evaluate(self, xs: np.ndarray, ys: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs (devices, n, ...) and each device's mean loss."""
+        count, n = len(xs), xs.shape[1]
+        xs, ys = self._stack(xs, ys)
+        steps = -(-n // self.batch)
+        runner = self.device.evaluator
+        out_view = runner.results[self.program.output]
+        out_shape = out_view.shape[1:]
+        outputs = np.empty((self.devices, steps * self.batch) + out_shape, np.float32)
+        for step in range(steps):
+            idx = (np.arange(self.batch) + step * self.batch) % n
+            runner.run(self._feeds(xs, ys, idx))
+            outputs[:, step * self.batch:(step + 1) * self.batch] = out_view.reshape(
+                (self.devices, self.batch) + out_shape)
+        outputs = outputs[:count, :n]
+        losses = np.array([per_sample_loss(self.program.task, outputs[d], xs[d], None if ys is None else ys[d]).mean()
+                           for d in range(count)])
+        return outputs, losses

@@ -6,13 +6,14 @@ their output the input's bytes.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from compiler.ir import Role
-from compiler.ops import get_op
+from compiler.ops import Op, get_op
 from compiler.program import Phase, Program, TensorInfo
 from device_runtime.device import DeviceError, EvalResult, Telemetry, TrainResult, batches
 
@@ -22,6 +23,26 @@ SETTABLE_ROLES = (Role.TRAINABLE.value, Role.FROZEN.value, Role.OPT_STATE.value)
 
 def _view(buffer: np.ndarray, offset: int, info: TensorInfo) -> np.ndarray:
     return buffer[offset: offset + info.nbytes].view(info.dtype).reshape(info.shape)
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides)
+
+
+def _kernel(op: Op, ins: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> Callable[..., None]:
+    """The op's own ``forward_into`` when it may write straight into ``outs`` (see ``Op.forward_into``),
+    else the default: ``forward`` into a temporary, copied into ``outs``."""
+    default = functools.partial(Op.forward_into, op)
+    if type(op).forward_into is Op.forward_into or not outs:
+        return default
+    if any(a.dtype != outs[0].dtype for a in (*ins, *outs)):
+        return default
+    for out in outs:
+        for x in ins:
+            if np.shares_memory(out, x) and not ((op.inplace or op.updates) and _same_array(out, x)):
+                return default
+    return op.forward_into
 
 
 class PhaseRunner:
@@ -36,7 +57,7 @@ class PhaseRunner:
         self.views = views
         self.feeds = {name: views[name] for name in phase.feeds}
         self.results = {name: views[name] for name in phase.results}
-        self.calls: list[tuple[Callable[..., Any], list[np.ndarray], dict[str, Any], list[np.ndarray], str]] = []
+        self.calls: list[tuple[Callable[..., None], list[np.ndarray], dict[str, Any], list[np.ndarray], str]] = []
         for step in phase.steps:
             op = get_op(step.op)
             ins = [views[i] for i in step.inputs]
@@ -48,18 +69,13 @@ class PhaseRunner:
                 outs = [views[step.inputs[i]] for i in op.updates if i < len(step.inputs)]
             else:
                 outs = [views[o] for o in step.outputs]
-            self.calls.append((op.forward, ins, dict(step.attrs), outs, step.name))
+            self.calls.append((_kernel(op, ins, outs), ins, dict(step.attrs), outs, step.name))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> None:
         for name, view in self.feeds.items():
             np.copyto(view, feeds[name], casting="same_kind")
-        for forward, ins, attrs, outs, name in self.calls:
-            result = forward(*ins, **attrs)
-            if isinstance(result, tuple):
-                for out, value in zip(outs, result):
-                    np.copyto(out, value, casting="same_kind")
-            else:
-                np.copyto(outs[0], result, casting="same_kind")
+        for kernel, ins, attrs, outs, name in self.calls:
+            kernel(outs, *ins, **attrs)
 
 
 class NumpyDevice:

@@ -1,7 +1,9 @@
-"""Build a program's firmware: generated program.c + the kernel library + the board's firmware entry.
+"""Build a program's firmware: generated program.c + the kernel library + a HAL + the board's firmware entry.
 
 Boards are a data table. ``rv32-qemu`` cross-compiles for QEMU virt (rv32imf, picolibc, semihosting) with a
-memory map sized to the program; ``host`` compiles the same sources with the host gcc (tests, debugging).
+memory map sized to the program; ``host`` compiles the same sources with the host gcc (tests, debugging); both
+link the generic HAL (hal/generic). ``siracusa`` links the pulp HAL (hal/pulp) and is built by the PULP SDK's make
+rules (``build_siracusa``), which must be installed and sourced.
 A build directory holds program.c, the executable and firmware.json (board, memory map, fingerprint, the
 content key); ``build_elf`` reuses it when the key matches.
 """
@@ -15,6 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from compiler.ir import CompileError
 from compiler.program import Program
@@ -24,6 +27,9 @@ CODEGEN_DIR = Path(__file__).resolve().parent
 KERNEL_DIR = CODEGEN_DIR / "kernels"
 BOARD_DIR = CODEGEN_DIR / "boards"
 FIRMWARE_MAIN = BOARD_DIR / "main.c"
+HAL_DIR = CODEGEN_DIR / "hal"
+HAL_GEMM = HAL_DIR / "ef_hal_gemm.c"
+GENERIC_L1_BYTES = 64 * 1024   # the generic HAL's static L1 pool (hal/generic: EF_HAL_L1_BYTES)
 BUILD_TIMEOUT_S = 300.0
 MANIFEST = "firmware.json"
 COMMON_CFLAGS = ("-std=gnu11", "-Wall")
@@ -31,6 +37,7 @@ COMMON_CFLAGS = ("-std=gnu11", "-Wall")
 MIB = 1 << 20
 KIB = 1 << 10
 RISCV_PACKAGES = "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf"
+PULP_GCC = "riscv32-unknown-elf-gcc"
 PICOLIBC_SPECS = Path("/usr/lib/picolibc/riscv64-unknown-elf/picolibc.specs")
 
 
@@ -69,6 +76,23 @@ class Board:
     stack_bytes: int = 64 * KIB
     heap_bytes: int = 64 * KIB  # libc I/O; the kernels never allocate
     max_ram_bytes: int = 1024 * MIB
+    hal: str = "generic"        # hal/<hal>/: the HAL implementation linked in
+    main: str = "main.c"        # the firmware entry, relative to boards/
+    builder: str = "gcc"        # "gcc": one compiler call here; "pulp-sdk": the PULP SDK's make rules
+
+    @property
+    def include_dirs(self) -> tuple[Path, ...]:
+        return KERNEL_DIR, BOARD_DIR / self.folder, HAL_DIR, HAL_DIR / self.hal
+
+    @property
+    def sources(self) -> list[Path]:
+        """Everything compiled besides program.c: kernels, the HAL (its tiled GEMM and implementation), main."""
+        return kernel_sources() + [HAL_GEMM, *sorted((HAL_DIR / self.hal).glob("*.c")), BOARD_DIR / self.main]
+
+    @property
+    def headers(self) -> list[Path]:
+        return (sorted(KERNEL_DIR.glob("*.h")) + sorted(HAL_DIR.glob("*.h")) + sorted((HAL_DIR / self.hal).glob("*.h"))
+                + sorted((BOARD_DIR / self.folder).glob("*.h")))
 
 
 BOARDS: dict[str, Board] = {
@@ -77,14 +101,25 @@ BOARDS: dict[str, Board] = {
                         "--crt0=semihost"),
                        "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True),
     "host": Board("host", "gcc", ("-O2",), "host", "firmware", "gcc", False),
+    # Built by the PULP SDK (pulp-platform/pulp-sdk): its rules add -march for the chip and the link script.
+    "siracusa": Board("siracusa", PULP_GCC, ("-O3",), "siracusa", "firmware.elf",
+                      "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp",
+                      main="siracusa/main.c", builder="pulp-sdk"),
 }
+# `edgefleet compile --target NAME --build`: the board a built-in target builds for.
+TARGET_BOARDS = {"rv32-qemu": "rv32-qemu", "siracusa": "siracusa", "siracusa-small-l2": "siracusa"}
+
+
+def board_for_target(target: str) -> str:
+    return TARGET_BOARDS.get(target, target)
 
 
 def get_board(name: str) -> Board:
-    try:
-        return BOARDS[name]
-    except KeyError:
-        raise CompileError(f"unknown board {name!r}; boards: {', '.join(BOARDS)}") from None
+    """A board by name; a built-in target's name gives the board it builds for (siracusa-small-l2 → siracusa)."""
+    board = BOARDS.get(name) or BOARDS.get(board_for_target(name))
+    if board is None:
+        raise CompileError(f"unknown board {name!r}; boards: {', '.join(BOARDS)}")
+    return board
 
 
 def memory_map(program: Program, board: Board) -> MemoryMap | None:
@@ -92,7 +127,8 @@ def memory_map(program: Program, board: Board) -> MemoryMap | None:
     if not board.bare_metal:
         return None
     arena = max(program.train.arena_bytes, program.evaluate.arena_bytes)
-    need = program.params_bytes + arena + board.stack_bytes + board.heap_bytes + 64 * KIB
+    hal = GENERIC_L1_BYTES if board.hal == "generic" else 0
+    need = program.params_bytes + arena + hal + board.stack_bytes + board.heap_bytes + 64 * KIB
     ram = -(-need // MIB) * MIB
     if ram > board.max_ram_bytes:
         raise CompileError(f"program {program.model!r} needs {ram // MIB} MiB of RAM on {board.name} (parameters "
@@ -114,12 +150,11 @@ def _sources_digest(paths) -> str:
     return h.hexdigest()
 
 
-def firmware_key(source: str, board: Board, memory: MemoryMap | None) -> str:
+def firmware_key(source: str, board: Board, memory: MemoryMap | None, extra_cflags: Sequence[str] = ()) -> str:
     """Content hash of everything that goes into the executable."""
-    headers = sorted(KERNEL_DIR.glob("*.h")) + [BOARD_DIR / board.folder / "ef_board.h"]
     h = hashlib.sha256()
-    for part in (source, _sources_digest(kernel_sources() + headers + [FIRMWARE_MAIN]),
-                 json.dumps(asdict(board), sort_keys=True), json.dumps(memory and asdict(memory), sort_keys=True)):
+    for part in (source, _sources_digest(board.sources + board.headers), json.dumps(asdict(board), sort_keys=True),
+                 json.dumps(memory and asdict(memory), sort_keys=True), " ".join(extra_cflags)):
         h.update(part.encode())
     return h.hexdigest()
 
@@ -134,21 +169,25 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"edgefleet-firmware-{os.getuid()}"
 
 
-def _library_objects(cc: str, board: Board, timeout_s: float) -> list[Path]:
-    """The kernel library and the firmware entry compiled once per board and source content, then reused."""
-    sources = kernel_sources() + [FIRMWARE_MAIN]
-    headers = sorted(KERNEL_DIR.glob("*.h")) + [BOARD_DIR / board.folder / "ef_board.h"]
-    key = hashlib.sha256((_sources_digest(sources + headers) + cc + " ".join(board.cflags)).encode()).hexdigest()
+def _include_flags(board: Board) -> list[str]:
+    return [f"-I{d}" for d in board.include_dirs]
+
+
+def _library_objects(cc: str, board: Board, timeout_s: float, extra_cflags: Sequence[str] = ()) -> list[Path]:
+    """The kernel library, the HAL and the firmware entry compiled once per board and source content, then
+    reused."""
+    sources = board.sources
+    flags = [*board.cflags, *extra_cflags]
+    key = hashlib.sha256((_sources_digest(sources + board.headers) + cc + " ".join(flags)).encode()).hexdigest()
     cache = default_cache_dir() / "objects" / f"{board.name}-{key[:16]}"
-    objects = [cache / f"{src.stem}.o" for src in sources]
+    objects = [cache / f"{src.stem}.o" for src in sources]   # stems are unique across kernels, hal, boards
     if all(o.exists() for o in objects):
         return objects
     cache.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(cache, ignore_errors=True)  # incomplete (someone removed files): rebuild it whole
     work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=cache.parent))
     try:
-        cmd = [cc, *board.cflags, *COMMON_CFLAGS, f"-I{KERNEL_DIR}", f"-I{BOARD_DIR / board.folder}", "-c",
-               *map(str, sources)]
+        cmd = [cc, *flags, *COMMON_CFLAGS, *_include_flags(board), "-c", *map(str, sources)]
         _compile(cmd, work / "build.log", f"building the kernel library for {board.name}", timeout_s, cwd=work)
         try:
             os.replace(work, cache)
@@ -184,37 +223,50 @@ def _compile(cmd: list[str], log: Path, what: str, timeout_s: float, cwd: Path |
 
 
 def build_elf(program: Program, out_dir: str | os.PathLike, board: str = "rv32-qemu", *,
-              timeout_s: float = BUILD_TIMEOUT_S, reuse: bool = True) -> Path:
-    """Compile ``program`` for ``board`` into ``out_dir``; returns the executable (an ELF for rv32-qemu)."""
+              timeout_s: float = BUILD_TIMEOUT_S, reuse: bool = True, extra_cflags: Sequence[str] = ()) -> Path:
+    """Compile ``program`` for ``board`` into ``out_dir``; returns the executable (an ELF for rv32-qemu).
+
+    ``extra_cflags`` go to every compile (e.g. ``-DEF_NAIVE_GEMM`` for the benchmark's baseline); they are part of
+    the content key."""
     spec = get_board(board)
+    if spec.builder == "pulp-sdk":
+        from compiler.codegen.siracusa import build_siracusa
+        return build_siracusa(program, out_dir, spec, timeout_s=timeout_s, reuse=reuse, extra_cflags=extra_cflags)
     source, mark = generate(program)
     memory = memory_map(program, spec)
-    key = firmware_key(source, spec, memory)
+    key = firmware_key(source, spec, memory, extra_cflags)
     out = Path(out_dir)
     exe = out / spec.executable
-    manifest = out / MANIFEST
-    if reuse and exe.exists() and manifest.exists():
-        try:
-            if json.loads(manifest.read_text()).get("key") == key:
-                return exe
-        except json.JSONDecodeError:
-            pass
+    if reuse and reusable(out, spec.executable, key):
+        return exe
     cc = _require_toolchain(spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "program.c").write_text(source)
     tmp = out / f"{spec.executable}.tmp-{os.getpid()}"
-    objects = _library_objects(cc, spec, timeout_s)
-    cmd = [cc, *spec.cflags, *COMMON_CFLAGS, f"-I{KERNEL_DIR}", f"-I{BOARD_DIR / spec.folder}",
+    objects = _library_objects(cc, spec, timeout_s, extra_cflags)
+    cmd = [cc, *spec.cflags, *extra_cflags, *COMMON_CFLAGS, *_include_flags(spec),
            *(memory.linker_flags() if memory else []), str(out / "program.c"), *map(str, objects), "-lm",
            "-o", str(tmp)]
     _compile(cmd, out / "build.log", f"building {program.model!r} for {spec.name}", timeout_s)
     os.replace(tmp, exe)
     info = {"board": spec.name, "model": program.model, "fingerprint": mark, "key": key,
             "executable": spec.executable, "memory": memory and {**asdict(memory), "memory_mib": memory.memory_mib}}
+    write_manifest(out, info)
+    return exe
+
+
+def write_manifest(out: Path, info: dict) -> None:
     tmp_manifest = out / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp_manifest.write_text(json.dumps(info, indent=1))
-    os.replace(tmp_manifest, manifest)
-    return exe
+    os.replace(tmp_manifest, out / MANIFEST)
+
+
+def reusable(out: Path, executable: str, key: str) -> bool:
+    """``out`` holds an executable built from the same content key."""
+    try:
+        return (out / executable).exists() and json.loads((out / MANIFEST).read_text()).get("key") == key
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def read_manifest(exe: str | os.PathLike) -> dict:
@@ -233,5 +285,27 @@ def build_kernel_library(out_dir: str | os.PathLike, cc: str = "gcc", *, timeout
         cmd = [cc, "-O2", *COMMON_CFLAGS, "-fPIC", "-shared", f"-I{KERNEL_DIR}",
                *map(str, kernel_sources()), "-lm", "-o", str(tmp)]
         _compile(cmd, out / "kernels-build.log", "building the kernel library", timeout_s)
+        os.replace(tmp, lib)
+    return lib
+
+
+def build_hal_library(out_dir: str | os.PathLike, cc: str = "gcc", *, defines: Sequence[str] = (),
+                      timeout_s: float = BUILD_TIMEOUT_S) -> Path:
+    """The kernels + the generic HAL + its tiled GEMM as a host shared object (tests call them through ctypes).
+    ``defines`` (``NAME=VALUE``) configure the generic HAL, e.g. ``EF_HAL_L1_BYTES=4096`` to force small tiles."""
+    if shutil.which(cc) is None:
+        raise CompileError(f"{cc} not found: install the Debian package gcc")
+    generic = get_board("host")
+    sources = kernel_sources() + [HAL_GEMM, *sorted((HAL_DIR / "generic").glob("*.c"))]
+    flags = [f"-D{d}" for d in defines]
+    digest = hashlib.sha256((_sources_digest(sources + generic.headers) + " ".join(flags)).encode()).hexdigest()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lib = out / f"libef_hal-{digest[:12]}.so"
+    if not lib.exists():
+        tmp = out / f"{lib.name}.tmp-{os.getpid()}"
+        cmd = [cc, "-O2", *COMMON_CFLAGS, *flags, "-fPIC", "-shared", f"-I{KERNEL_DIR}", f"-I{HAL_DIR}",
+               f"-I{HAL_DIR / 'generic'}", *map(str, sources), "-lm", "-o", str(tmp)]
+        _compile(cmd, out / "hal-build.log", "building the generic HAL library", timeout_s)
         os.replace(tmp, lib)
     return lib

@@ -17,7 +17,7 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops import get_op
 from compiler.program import Phase, Program, TensorInfo
-from compiler.codegen.templates import Ref, Template, bind, site_of, template_for
+from compiler.codegen.templates import REDMULE_KERNELS, Ref, Template, bind, site_of, template_for
 
 C_TYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "uint8_t"}
 PHASES = (("train", "TR"), ("evaluate", "EV"))
@@ -117,7 +117,19 @@ def step_call(program: Program, step, symbols: Symbols) -> str | None:
     site = site_of(step.name, step.op, step.inputs, step.outputs, step.attrs,
                    {n: program.tensors[n].shape for n in names}, {n: program.tensors[n].dtype for n in names})
     args = bind(template, site)
-    return f"{template.kernel}({', '.join(render(v, symbols) for _, v in args)});"
+    return f"{kernel_name(step, template)}({', '.join(render(v, symbols) for _, v in args)});"
+
+
+def kernel_name(step, template: Template) -> str:
+    """The template's kernel, or the HAL's RedMulE path for a GEMM step lowered onto RedMulE."""
+    if step.unit == "redmule":
+        return REDMULE_KERNELS.get(template.kernel, template.kernel)
+    return template.kernel
+
+
+def uses_hal(program: Program) -> bool:
+    return any(s.unit == "redmule" and template_for(s.op, s.name).kernel in REDMULE_KERNELS
+               for phase in (program.train, program.evaluate) for s in phase.steps)
 
 
 def _check_overlap(step, op, symbols: Symbols) -> None:
@@ -231,6 +243,7 @@ def generate(program: Program) -> tuple[str, int]:
         "",
         '#include "ef_kernels.h"',
         '#include "ef_program.h"',
+        *(['#include "ef_hal.h" /* GEMM steps lowered onto RedMulE */'] if uses_hal(program) else []),
         "",
         f"#define EF_FINGERPRINT 0x{mark:08x}u",
     ]

@@ -538,6 +538,10 @@ def _grad_template(kernel: str) -> Template:
     return Template(f"{kernel}(${{dx}}, ${{v}}, ${{dy}}, ${{n}})", _pair_grad)
 
 
+# A step that target lowering put on RedMulE (Step.unit == "redmule") calls the HAL's tiled GEMM instead, with the
+# same arguments (compiler/codegen/hal/ef_hal.h); every board links a HAL, so the choice is the program's alone.
+REDMULE_KERNELS: dict[str, str] = {"ef_gemm": "ef_hal_gemm", "ef_mat_mul": "ef_hal_mat_mul"}
+
 TEMPLATES: dict[str, Template] = {
     # elementwise
     "Add": _binary_template("ef_add"),

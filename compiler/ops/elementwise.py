@@ -18,6 +18,9 @@ class Add(Op):
     def forward(self, a, b):
         return a + b
 
+    def forward_into(self, outs, a, b):
+        np.add(a, b, out=outs[0])
+
     def gradient(self, g, x, y, dy):
         return dy[0], dy[0]
 
@@ -29,6 +32,9 @@ class Sub(Op):
     def forward(self, a, b):
         return a - b
 
+    def forward_into(self, outs, a, b):
+        np.subtract(a, b, out=outs[0])
+
     def gradient(self, g, x, y, dy):
         return dy[0], (g.emit("Neg", [dy[0]]) if g.needs(x[1]) else None)
 
@@ -39,6 +45,9 @@ class Mul(Op):
 
     def forward(self, a, b):
         return a * b
+
+    def forward_into(self, outs, a, b):
+        np.multiply(a, b, out=outs[0])
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Mul", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -52,6 +61,9 @@ class Div(Op):
 
     def forward(self, a, b):
         return a / b
+
+    def forward_into(self, outs, a, b):
+        np.divide(a, b, out=outs[0])
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Div", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -68,6 +80,9 @@ class Neg(Op):
     def forward(self, a):
         return -a
 
+    def forward_into(self, outs, a):
+        np.negative(a, out=outs[0])
+
     def gradient(self, g, x, y, dy):
         return (g.emit("Neg", [dy[0]]),)
 
@@ -78,6 +93,9 @@ class Relu(Op):
 
     def forward(self, a):
         return np.maximum(a, 0).astype(a.dtype, copy=False)
+
+    def forward_into(self, outs, a):
+        np.maximum(a, 0, out=outs[0])
 
     def gradient(self, g, x, y, dy):
         return (g.emit("ReluGrad", [y[0], dy[0]]),)

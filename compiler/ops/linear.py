@@ -34,6 +34,9 @@ class MatMul(Op):
     def forward(self, a, b):
         return np.matmul(a, b)
 
+    def forward_into(self, outs, a, b):
+        np.matmul(a, b, out=outs[0])
+
     def gradient(self, g, x, y, dy):
         (a, b), d = x, dy[0]
         a_shape, b_shape, d_shape = g.shape(a), g.shape(b), g.shape(d)
@@ -78,6 +81,13 @@ class Gemm(Op):
         if c is not None:
             y += c if beta == 1.0 else c * c.dtype.type(beta)
         return y
+
+    def forward_into(self, outs, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+        y = np.matmul(a.T if transA else a, b.T if transB else b, out=outs[0])
+        if alpha != 1.0:
+            y *= y.dtype.type(alpha)
+        if c is not None:
+            y += c if beta == 1.0 else c * c.dtype.type(beta)
 
     def gradient(self, g, x, y, dy, *, alpha=1.0, beta=1.0, transA=0, transB=0):
         a, b = x[0], x[1]

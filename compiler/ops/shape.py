@@ -73,6 +73,9 @@ class Transpose(Op):
     def forward(self, x, *, perm=None):
         return np.ascontiguousarray(np.transpose(x, perm))
 
+    def forward_into(self, outs, x, *, perm=None):
+        np.copyto(outs[0], np.transpose(x, perm))
+
     def gradient(self, g, x, y, dy, *, perm=None):
         perm = perm if perm is not None else tuple(reversed(range(len(g.shape(x[0])))))
         return (g.emit("Transpose", [dy[0]], perm=tuple(int(i) for i in np.argsort(perm))),)

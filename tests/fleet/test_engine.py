@@ -159,3 +159,22 @@ def test_bad_scenario_key_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "trainng" in lines[0] and "did you mean" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("aggregation", ["hetlora", "flexlora"])
+def test_ranks_from_memory_budgets(tmp_path, ray_local, aggregation):
+    """Each group's LoRA rank is the largest whose compiled program fits its memory budget."""
+    from compiler.pipeline import compile_model
+    totals = {r: compile_model("cct-digits", {"strategy": "lora", "rank": r, "alpha": 4.0, "targets": ["*attn*"],
+                                              "train": ["classifier.*"]}, batch=8).report["memory"]["total_bytes"]
+              for r in (1, 2, 4)}
+    groups = [{"name": "small", "count": 3, "target": "siracusa", "memory_kib": (totals[1] + 1023) // 1024},
+              {"name": "large", "count": 3, "target": "siracusa", "memory_kib": (totals[4] + 1023) // 1024}]
+    s = scenario(**{"fleet.groups": groups, "tuning.rank": 4, "tuning.rank_from_memory": True,
+                    "aggregation.strategy": aggregation, "training.rounds": 2, "training.fraction": 1.0})
+    summary = run_scenario(s, tmp_path / "run", progress=False)
+    assert summary["cost"]["programs"] == ["siracusa-r1", "siracusa-r4"]
+    assert summary["failures"] == {}
+    arrays, _ = RunDir(tmp_path / "run").load_checkpoint(2)
+    assert all(v.shape[-1] == 4 or v.shape[0] == 4 for k, v in arrays.items() if ".lora_" in k)
+    assert np.isfinite(summary["personalization"]["personalized_accuracy_mean"])

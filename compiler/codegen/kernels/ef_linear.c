@@ -4,6 +4,23 @@
 
 #include "ef_kernels.h"
 
+#ifdef EF_NAIVE_GEMM
+/* Baseline for benchmarks/qemu_instructions.py only (-DEF_NAIVE_GEMM): the textbook i-j-k triple loop, no
+ * blocking, no loop-order care, the transposes resolved in the innermost loop and the sum kept in y. Every
+ * element is the same sequential sum as below. */
+static void gemm_core(float *y, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b) {
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < n; j++) {
+            y[(long)i * n + j] = 0.0f;
+            for (int p = 0; p < k; p++) {
+                const float av = trans_a ? a[(long)p * m + i] : a[(long)i * k + p];
+                const float bv = trans_b ? b[(long)j * k + p] : b[(long)p * n + j];
+                y[(long)i * n + j] += av * bv;
+            }
+        }
+    }
+}
+#else
 /* y (m, n) = A'·B' (overwrites y) */
 static void gemm_core(float *y, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b) {
     if (!trans_b) {
@@ -33,6 +50,7 @@ static void gemm_core(float *y, const float *a, const float *b, int m, int n, in
         }
     }
 }
+#endif
 
 void ef_gemm(float *y, const float *a, const float *b, const float *c, int m, int n, int k, int trans_a,
              int trans_b, float alpha, float beta, int c_rs, int c_cs) {

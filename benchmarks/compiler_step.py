@@ -13,10 +13,14 @@ both CCT configs) and ``DsCnn``. LoRA is ``LoraLinear``: the frozen Linear plus 
 
 Timing: the executor step is ``PhaseRunner.run`` (copy the feeds into the arena, run every kernel), the
 torch step is zero_grad → forward → loss → backward → optimizer step. After warm-up the two alternate in
-blocks, so drifting clock speed hits both alike; the figure is the median over the repeats.
+blocks, so drifting clock speed hits both alike; the figure is the median over the repeats. Both sides use
+``--threads`` threads (default: the core count): ``torch.set_num_threads`` and numpy's BLAS pool (threadpoolctl).
+Multi-threaded small GEMMs are very sensitive to other load on the machine (a BLAS or OpenMP worker that is
+not scheduled stalls the call): the JSON records the load average before and after; trust a quiet run.
 
     python benchmarks/compiler_step.py                 # cct-digits and deep-ae, batch 1/8/32, lora and full
     python benchmarks/compiler_step.py --all           # also cct-2-3x2 and ds-cnn
+    python benchmarks/compiler_step.py --threads 1     # single-threaded torch and BLAS
     python benchmarks/compiler_step.py --profile deep-ae:lora:32   # cProfile of executor steps, no JSON
 
 ratio = torch_ms / executor_ms: above 1 the executor is faster.
@@ -32,7 +36,7 @@ import pstats
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -335,7 +339,8 @@ def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
     for name, param in case.torch_side.params.items():
         ref = param.detach().numpy()
         ref = ref.T if case.torch_side.layouts[name] else ref
-        np.testing.assert_allclose(trained[name], ref, rtol=RTOL, atol=ATOL_SCALE * max(float(np.abs(ref).max()), 1e-3),
+        atol = ATOL_SCALE * max(float(np.abs(ref).max()), 1e-3)
+        np.testing.assert_allclose(trained[name], ref, rtol=RTOL, atol=atol,
                                    err_msg=f"{case.model}/{case.strategy}/{case.batch}: {name}")
 
 
@@ -347,8 +352,14 @@ def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def time_case(case: Case, repeats: int, budget_s: float) -> tuple[float, float, int]:
-    """(executor ms, torch ms, steps timed per side): medians over per-step times, the sides alternating."""
+@dataclass(frozen=True)
+class Timing:
+    executor_s: list[float]
+    torch_s: list[float]
+
+
+def time_case(case: Case, repeats: int, budget_s: float) -> Timing:
+    """Per-step wall times of both sides after warm-up, the sides alternating in blocks."""
     for _ in range(WARMUP_STEPS):
         case.step_executor()
         case.step_torch()
@@ -361,11 +372,12 @@ def time_case(case: Case, repeats: int, budget_s: float) -> tuple[float, float, 
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(executor_s), 1e3 * statistics.median(torch_s), len(executor_s)
+    return Timing(executor_s, torch_s)
 
 
 def machine() -> dict:
-    info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu_count": os.cpu_count(), "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "processor": _cpu_model()}
     try:
@@ -375,6 +387,15 @@ def machine() -> dict:
     except ImportError:
         info["numpy_blas"] = "threadpoolctl not installed"
     return info
+
+
+def _limit_blas_threads(threads: int) -> None:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("threadpoolctl is not installed: numpy keeps its BLAS thread count", file=sys.stderr)
+        return
+    threadpool_limits(threads, user_api="blas")
 
 
 def _cpu_model() -> str:
@@ -402,6 +423,23 @@ def profile(spec: str, steps: int, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
+def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: float) -> dict:
+    case = build_case(model, strategy, batch)
+    timing = time_case(case, repeats, budget_s)
+    executor_ms, torch_ms = (1e3 * statistics.median(t) for t in (timing.executor_s, timing.torch_s))
+    program = case.program
+    return {"model": model, "strategy": strategy, "batch": batch,
+            "executor_ms": round(executor_ms, 4), "torch_ms": round(torch_ms, 4),
+            "ratio": round(torch_ms / executor_ms, 3), "steps_timed": len(timing.executor_s),
+            "executor_min_ms": round(1e3 * min(timing.executor_s), 4),
+            "torch_min_ms": round(1e3 * min(timing.torch_s), 4),
+            "trainable_params": int(sum(program.values[n].size for n in program.trainable)),
+            "tuning": dict(program.tuning),
+            "torch_baseline": f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
+            "verified": f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
+                        f"parameters equal (rtol {RTOL})"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -410,30 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="time limit per side and case")
     parser.add_argument("--profile", metavar="MODEL:STRATEGY:BATCH", help="cProfile executor steps instead")
     parser.add_argument("--profile-steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads and numpy BLAS threads (default: the machine's core count)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
+    _limit_blas_threads(args.threads)
     if args.profile:
         profile(args.profile, args.profile_steps, top=25)
         return 0
     models = REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ())
-    rows = []
+    machine_before = machine()
     print(f"{'model':<11} {'strategy':<8} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6}")
+    rows = []
     for model in models:
         for strategy in STRATEGIES:
             for batch in BATCHES:
-                case = build_case(model, strategy, batch)
-                executor_ms, torch_ms, steps = time_case(case, args.repeats, args.budget_s)
-                row = {"model": model, "strategy": strategy, "batch": batch,
-                       "executor_ms": round(executor_ms, 4), "torch_ms": round(torch_ms, 4),
-                       "ratio": round(torch_ms / executor_ms, 3), "steps_timed": steps,
-                       "torch_baseline": f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
-                       "verified": f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
-                                   f"parameters equal (rtol {RTOL})"}
-                rows.append(row)
-                print(f"{model:<11} {strategy:<8} {batch:>5} {executor_ms:>12.3f} {torch_ms:>9.3f} {row['ratio']:>6.2f}",
-                      flush=True)
+                rows.append(run_case(model, strategy, batch, args.repeats, args.budget_s))
+                row = rows[-1]
+                print(f"{model:<11} {strategy:<8} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
+                      f"{row['ratio']:>6.2f}", flush=True)
     result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager",
-              "machine": machine(),
+              "machine": machine_before,
+              "load_average_after": [round(v, 2) for v in os.getloadavg()],
               "settings": {"lr": LR, "momentum": MOMENTUM, "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
                            "budget_s_per_side": args.budget_s, "statistic": "median per-step wall time",
                            "executor_step": "PhaseRunner.run (feeds copied into the arena + every kernel)",

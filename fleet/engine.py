@@ -21,8 +21,9 @@ from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
 from fleet.programs import DEFAULT_CLOCK_MHZ, ProgramBuilder, cycles_per_step, pretrain_base
 from fleet.runs import RunDir, RunError
-from fleet.scenario import Dropout, Periodic, Scenario, load_scenario, parse_scenario
+from fleet.scenario import DeviceGroup, Dropout, Periodic, Scenario, load_scenario, parse_scenario
 
+FLEET_RUNTIMES = ("numpy", "qemu")  # gvsoc and serial boards plug in through device_runtime in later work
 STATEFUL_ATTRS = ("m_t", "v_t", "momentum_vector")  # Flower FedOpt / FedAvgM server state
 
 
@@ -33,30 +34,32 @@ class Fleet:
     devices: list[DeviceInfo]
     batched: dict[str, Any] = field(default_factory=dict)  # key → device-axis program
     ranks: dict[int, int] = field(default_factory=dict)    # node id → LoRA rank
+    runtimes: dict[str, str] = field(default_factory=dict)  # key → device runtime
 
 
 class HostPool:
     """A bounded pool of device hosts (Ray actors, or in-process for ``actors=0``)."""
 
     def __init__(self, scenario: Scenario, programs: Mapping[str, Any], actors: int,
-                 batched: Mapping[str, Any] | None = None):
+                 batched: Mapping[str, Any] | None = None, runtimes: Mapping[str, str] | None = None):
         self.scenario = scenario
         self.per_call = scenario.ray.devices_per_call
         data_spec = _dataclass_dict(scenario.data)
-        payloads = [(k, False, *p.to_bytes()) for k, p in programs.items()]
-        payloads += [(k, True, *p.to_bytes()) for k, p in (batched or {}).items()]
+        runtimes = dict(runtimes or {})
+        payloads = [(k, False, runtimes.get(k, "numpy"), *p.to_bytes()) for k, p in programs.items()]
+        payloads += [(k, True, "numpy", *p.to_bytes()) for k, p in (batched or {}).items()]
         if actors <= 0:
             self.local = DeviceHostCore(data_spec, scenario.seed)
             self.actors = []
             self.nodes = ["local"]
-            for key, is_batched, manifest, params in payloads:
-                self.local.install(key, manifest, params, is_batched)
+            for key, is_batched, runtime, manifest, params in payloads:
+                self.local.install(key, manifest, params, is_batched, runtime)
             return
         import ray
         self.local = None
         self.actors = [DeviceHost.remote(data_spec, scenario.seed) for _ in range(actors)]
-        refs = [(k, b, ray.put(m), ray.put(p)) for k, b, m, p in payloads]
-        ray.get([a.install.remote(k, m, p, b) for a in self.actors for k, b, m, p in refs])
+        refs = [(k, b, r, ray.put(m), ray.put(p)) for k, b, r, m, p in payloads]
+        ray.get([a.install.remote(k, m, p, b, r) for a in self.actors for k, b, r, m, p in refs])
         self.nodes = ray.get([a.node.remote() for a in self.actors])
 
     def dispatch(self, key: str, kind: str, jobs: Sequence[dict[str, Any]],
@@ -80,16 +83,15 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
     batched_programs: dict[str, Any] = {}
     devices: list[DeviceInfo] = []
     ranks: dict[int, int] = {}
+    runtimes: dict[str, str] = {}
     rng = np.random.default_rng([scenario.seed, 7])
     for group, indices in scenario.fleet.group_ranges():
-        rank = builder.rank_for(group)
-        program = builder.program(group.target, rank)
-        key = f"{group.target}-r{rank}" if rank else group.target
+        key, rank, program = group_program(builder, group)
         programs[key] = program
-        if key not in batched_programs:
+        runtimes[key] = group.runtime
+        if key not in batched_programs and group.runtime == "numpy":
             chunk = min(scenario.ray.devices_per_call, group.count)
             batched_programs[key] = builder.batched(group.target, rank, chunk)
-        clock_mhz = group.clock_mhz or program.target.get("clock_mhz") or DEFAULT_CLOCK_MHZ
         availability = group.availability
         for index in indices:
             periodic = None
@@ -99,14 +101,31 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
                 periodic = (availability.on_rounds, availability.off_rounds, phase)
             fault = getattr(group, "faults", None)
             devices.append(DeviceInfo(
-                index=index, group=group.name, program=key, clock_hz=clock_mhz * 1e6,
+                index=index, group=group.name, program=key, clock_hz=clock_hz(group, program),
                 link_bps=group.link_kbps * 1e3, deadline_s=group.deadline_s,
                 cycles_per_step=cycles_per_step(program),
                 dropout_p=availability.p if isinstance(availability, Dropout) else 0.0, periodic=periodic,
                 fault=fault.kind if fault else "", fault_p=fault.p if fault else 0.0))
             if rank:
                 ranks[NODE_BASE + index] = rank
-    return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks)
+    return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks, runtimes)
+
+
+def group_program(builder: ProgramBuilder, group: DeviceGroup) -> tuple[str, int | None, Any]:
+    """A group's program, its key (target and LoRA rank) and its rank."""
+    rank = builder.rank_for(group)
+    if group.runtime not in FLEET_RUNTIMES:
+        raise RunError(f"fleet group {group.name!r}: runtime {group.runtime!r} is not available in fleet runs yet "
+                       f"(available: {', '.join(FLEET_RUNTIMES)})")
+    key = f"{group.target}-r{rank}" if rank else group.target
+    if group.runtime != "numpy":
+        key += f"-{group.runtime}"
+    return key, rank, builder.program(group.target, rank)
+
+
+def clock_hz(group: DeviceGroup, program: Any) -> float:
+    """The devices' clock: the group's, else the target's, else a default."""
+    return (group.clock_mhz or program.target.get("clock_mhz") or DEFAULT_CLOCK_MHZ) * 1e6
 
 
 def make_fleet_strategy(scenario: Scenario, fleet: Fleet):
@@ -212,7 +231,7 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     fleet = build_fleet(scenario, builder)
     actors = scenario.ray.actors if actors is None else actors
     _ray_init(scenario, actors)
-    pool = HostPool(scenario, fleet.programs, actors, fleet.batched)
+    pool = HostPool(scenario, fleet.programs, actors, fleet.batched, fleet.runtimes)
     first = fleet.programs[fleet.devices[0].program]
     steps = local_steps(scenario.training.local_steps, scenario.training.local_epochs,
                         scenario.data.samples_per_device or 32, scenario.training.batch_size)

@@ -6,20 +6,19 @@ messages at once, groups them by program, and hands each Ray host actor many dev
 """
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord,
-                      RecordDict)
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-NODE_BASE = 100  # node id = NODE_BASE + device index (Flower reserves small ids for the SuperLink)
+from fleet.messages import (ERROR_DEVICE, ERROR_DROPOUT, ERROR_STRAGGLER, METRICS_KEY, device_reply, error_reply,
+                            instruction_arrays, instruction_record, job_kind, modelled_seconds)
 
-ERROR_DROPOUT, ERROR_STRAGGLER, ERROR_DEVICE = 1, 2, 3
+NODE_BASE = 100  # node id = NODE_BASE + device index (Flower reserves small ids for the SuperLink)
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class FleetGrid(Grid):
     def _execute(self, messages: list[Message]) -> list[Message]:
         if not messages:
             return []
-        kind = "train" if messages[0].metadata.message_type == MessageType.TRAIN else "evaluate"
+        kind = job_kind(messages[0])
         log = self._log()
         rng = self._rng(kind)
         tables: dict[int, str] = {}
@@ -114,13 +113,11 @@ class FleetGrid(Grid):
         draws = rng.random((len(messages), 2))
         for (drop_u, fault_u), message in zip(draws, messages):
             info = self.devices[message.metadata.dst_node_id]
-            content = message.content
-            record = content.array_records["arrays"] if "arrays" in content.array_records else None
-            config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
+            record = instruction_record(message)
             if record is not None and id(record) not in tables:
                 key = f"a{len(tables)}"
                 tables[id(record)] = key
-                arrays[key] = {k: v.numpy() for k, v in record.items()}
+                arrays[key] = instruction_arrays(message)
             if not self.online(info):
                 replies.append(self._error(message, ERROR_DROPOUT, "offline"))
                 log.failures["offline"] = log.failures.get("offline", 0) + 1
@@ -131,8 +128,8 @@ class FleetGrid(Grid):
                 continue
             steps = int(self.training["local_steps"])
             down_bytes = sum(a.nbytes for a in arrays[tables[id(record)]].values()) if record is not None else 0
-            modelled_s = (info.cycles_per_step * steps / info.clock_hz if kind == "train" else 0.0) + \
-                8 * down_bytes * (2 if kind == "train" else 1) / info.link_bps
+            modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=steps,
+                                          clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down_bytes)
             if kind == "train" and info.deadline_s is not None and modelled_s > info.deadline_s:
                 replies.append(self._error(message, ERROR_STRAGGLER, f"straggler: {modelled_s:.2f} s > deadline"))
                 log.failures["straggler"] = log.failures.get("straggler", 0) + 1
@@ -153,38 +150,25 @@ class FleetGrid(Grid):
                log: RoundLog) -> Message:
         info = self.devices[message.metadata.dst_node_id]
         record = {"round": self.round, "kind": kind, "device": info.index, "group": info.group}
-        if "error" in result:
+        reply = device_reply(message, kind, result, job["_modelled_s"])
+        if reply.has_error():
             log.failures["error"] = log.failures.get("error", 0) + 1
             log.devices.append({**record, "error": result["error"]})
-            return self._error(message, ERROR_DEVICE, result["error"])
-        metrics = {"num-examples": int(result["num_examples"]), "loss-before": float(result["loss_before"]),
-                   "metric-before": _finite(result["metric_before"])}
-        content = RecordDict()
-        up_bytes = 0
-        if kind == "train":
-            params = result["arrays"]
-            up_bytes = sum(np.asarray(a).nbytes for a in params.values())
-            content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in params.items()})
-            metrics.update({"train-loss": float(result["loss"]), "loss-after": float(result["loss_after"]),
-                            "metric-after": _finite(result["metric_after"]),
-                            "modelled-s": float(job["_modelled_s"])})
-        content["metrics"] = MetricRecord(metrics)
+            return reply
+        metrics = dict(reply.content.metric_records[METRICS_KEY])
+        up_bytes = sum(np.asarray(a).nbytes for a in result["arrays"].values()) if kind == "train" else 0
         log.devices.append({**record, **{k.replace("-", "_"): v for k, v in metrics.items()},
                             "bytes_down": int(job["_down"]), "bytes_up": up_bytes,
                             "wall_s": float(result.get("wall_s", 0.0)),
                             "cycles": int(info.cycles_per_step * job["steps"]) if kind == "train" else 0})
         if self.on_device is not None:
             self.on_device(log.devices[-1])
-        return Message(content, reply_to=message)
+        return reply
 
     def _error(self, message: Message, code: int, reason: str) -> Message:
-        return Message(Error(code=code, reason=reason), reply_to=message)
+        return error_reply(message, code, reason)
 
     def _log(self) -> RoundLog:
         if not self.logs or self.logs[-1].round != self.round:
             self.logs.append(RoundLog(self.round))
         return self.logs[-1]
-
-
-def _finite(value: float) -> float:
-    return float(value) if math.isfinite(value) else -1.0

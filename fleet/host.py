@@ -20,6 +20,13 @@ from device_runtime.batched import BatchedDevices
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec
 
+def _qemu_device(program: Program, name: str):
+    from device_runtime.qemu import QemuDevice  # builds with the RISC-V toolchain on first use
+    return QemuDevice(program, name=name)
+
+
+RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device}
+
 # fault injection (scenario fleet.groups[].faults): the kinds a device can be told to simulate
 FAULT_KINDS = ("raise", "nan", "shape")
 
@@ -57,14 +64,16 @@ class DeviceHostCore:
         self._data: dict[int, DeviceData] = {}
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False) -> str:
-        """Install a program under ``key``; ``batched``: its device-axis form, used for many devices at once."""
+    def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False,
+                runtime: str = "numpy") -> str:
+        """Install a program under ``key``; ``batched``: its device-axis form, used for many devices at once;
+        ``runtime``: "numpy" (the executor) or "qemu" (the RISC-V ELF on qemu-system-riscv32)."""
         program = Program.from_bytes(manifest, params, where=f"program {key}")
         if batched:
             self.batched[key] = BatchedDevices(program)
         elif key not in self.devices:
             self.programs[key] = program
-            self.devices[key] = NumpyDevice(program, name=key)
+            self.devices[key] = RUNTIMES[runtime](program, name=key)
         return key
 
     def data(self, device: int) -> DeviceData:
@@ -107,7 +116,7 @@ class DeviceHostCore:
             results.append(result)
         return results
 
-    def _one(self, device: NumpyDevice, kind: str, job: Job, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def _one(self, device: Any, kind: str, job: Job, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         program = device.program
         data = self.data(job.device)
         device.set_params(arrays)

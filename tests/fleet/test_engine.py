@@ -178,3 +178,18 @@ def test_ranks_from_memory_budgets(tmp_path, ray_local, aggregation):
     arrays, _ = RunDir(tmp_path / "run").load_checkpoint(2)
     assert all(v.shape[-1] == 4 or v.shape[0] == 4 for k, v in arrays.items() if ".lora_" in k)
     assert np.isfinite(summary["personalization"]["personalized_accuracy_mean"])
+
+
+def test_a_qemu_group_runs_in_the_fleet(tmp_path, ray_local):
+    """One group runs the RISC-V ELF on QEMU, the other the numpy executor, in the same Flower round (QEMU
+    against numpy number for number is tests/codegen/test_qemu.py)."""
+    groups = [{"name": "sim", "count": 2, "target": "siracusa"},
+              {"name": "emu", "count": 2, "target": "siracusa", "runtime": "qemu"}]
+    s = scenario(**{"fleet.groups": groups, "training.rounds": 1, "training.fraction": 1.0,
+                    "training.local_steps": 2, "data.samples_per_device": 8, "data.test_samples_per_device": 8})
+    summary = run_scenario(s, tmp_path / "run", progress=False)
+    assert summary["failures"] == {} and summary["rounds_completed"] == 1
+    assert summary["cost"]["programs"] == ["siracusa-r2", "siracusa-r2-qemu"]
+    trained = [r for r in device_records(tmp_path / "run") if r["kind"] == "train"]
+    assert {r["group"] for r in trained} == {"sim", "emu"}
+    assert all(np.isfinite(r["loss_after"]) for r in trained)

@@ -15,6 +15,10 @@ from compiler.report import format_table
 from compiler.tuning import LoraConfig, TuningSpec
 
 
+# boards that are build targets but have no cost model of their own: the program is built unlowered
+UNLOWERED_BOARDS = ("rv32-qemu", "host")
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("compile", help="compile an ONNX model (or zoo name) into a training program",
                               description="Compile MODEL (an .onnx path or a zoo name) into an on-device "
@@ -67,7 +71,7 @@ def build_program(args: argparse.Namespace) -> Program:
     options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
                              SGDConfig(args.lr, args.momentum, args.weight_decay))
     program = compile_graph(import_onnx(source, options.batch), options, name, task)
-    if args.target:
+    if args.target and args.target not in UNLOWERED_BOARDS:
         from compiler.targets import load_target, lower_to_target  # optional stage
         program = lower_to_target(program, load_target(args.target))
     return program
@@ -81,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         program.save(args.output)
         if args.build:
             from compiler.codegen import build_elf
-            build_elf(program, args.output, board="rv32-qemu" if args.target == "rv32-qemu" else args.target)
+            from compiler.codegen.build import board_for_target
+            elf = build_elf(program, args.output, board=board_for_target(args.target))
+            print(f"built {elf}", file=sys.stderr)
     if args.json:
         json.dump(program.report, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -84,7 +84,7 @@ class LoadedScenario:
 
     def _compile(self, group: DeviceGroup) -> NodeDevice:
         key, rank, program = group_program(self.builder, group)
-        self.host.install(key, *program.to_bytes())
+        self.host.install(key, *program.to_bytes(), batched=False, runtime=group.runtime)
         kind = NodeDevice(group, key, rank, cycles_per_step(program), clock_hz(group, program))
         self.kinds[group.name] = kind
         return kind

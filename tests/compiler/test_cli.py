@@ -120,3 +120,12 @@ def test_debug_shows_the_traceback():
                                   ["--strategy", "full", "--lora-rank", "4"]])
 def test_bad_options(args):
     one_line_error(edgefleet("compile", "deep-ae", *args))
+
+
+def test_build_rv32_qemu_elf(tmp_path):
+    out = edgefleet("compile", "deep-ae", "--strategy", "lora", "--target", "rv32-qemu", "--build",
+                    "-o", str(tmp_path / "fw"))
+    assert out.returncode == 0, out.stderr
+    elf = (tmp_path / "fw" / "firmware.elf").read_bytes()
+    assert elf[:4] == b"\x7fELF" and elf[4] == 1  # ELF32
+    assert int.from_bytes(elf[18:20], "little") == 0xF3  # EM_RISCV

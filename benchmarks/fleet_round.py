@@ -1,0 +1,449 @@
+"""Seconds per federated round: edgefleet against a stock Flower simulation, same fleet, same machine.
+
+The fleet: Deep-AE (640-128-128-128-128-8-128-128-128-128-640) with rank-4 LoRA adapters on all ten Linear
+layers, N devices of "machine-sound" data (32 training + 32 test clips each, from ``fleet.data.device_data``),
+fraction 1.0, one local SGD step at batch 32 (every device trains on its 32 samples once), then every device
+evaluates the new global adapters. A round is train + aggregate + evaluate on all N devices, on both sides.
+
+edgefleet
+    ``fleet.engine.run_scenario`` on a scenario built with ``parse_scenario`` (fedit aggregation, 2 Ray
+    device-host actors, 250 devices per call). Seconds per round: the summary's ``timing.seconds_per_round``,
+    and independently the spacing of the per-round checkpoint files (checkpoint k is written at the end of
+    round k; checkpoint 0 just before round 1). An edgefleet train job also evaluates each device before
+    and after its step (loss, AUC), which the stock client does not: the comparison favours stock.
+stock Flower
+    ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the stock ``FedAvg`` (fraction_train =
+    fraction_evaluate = 1.0) and a ``ClientApp`` doing the same local work in PyTorch: the hand-written
+    ``DeepAE`` of ``benchmarks/compiler_step.py`` (BatchNorm in eval mode) with ``LoraLinear`` adapters
+    (only A/B trainable, A/B exchanged as the ArrayRecord), MSE loss, one ``torch.optim.SGD`` step on the 32
+    training clips; evaluate returns the reconstruction loss of the 32 test clips. One CPU per client
+    (``client_resources = {num_cpus: 1}``, ``torch.set_num_threads(1)``): two clients run at once. Each
+    client process keeps its model and (like an edgefleet host) a bounded cache of device data, so the
+    baseline pays neither twice. Seconds per round: timestamps taken in ``evaluate_fn``, which the strategy
+    calls once before round 1 and once after each round — the same mark edgefleet's engine uses.
+
+Every measurement runs in its own process (its own Ray instance), one after the other.
+device_samples_per_host_second = devices × 32 training samples / seconds_per_round;
+speedup = stock seconds per round / edgefleet seconds per round at the same device count. A stock figure
+for a device count that was not run is a straight line through the stock runs, labelled ``extrapolated``.
+
+    python benchmarks/fleet_round.py                         # edgefleet 1,000 and 10,000; stock 1,000 and 2,000
+    python benchmarks/fleet_round.py --quick                 # 200 devices each, a smoke check
+    python benchmarks/fleet_round.py --devices 1000 --stock-devices 1000 --out /tmp/r.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fleet_round.json"
+EDGEFLEET_DEVICES = (1000, 10000)
+STOCK_DEVICES = (1000, 2000)
+QUICK_DEVICES = 200
+ROUNDS = 2
+SAMPLES_PER_DEVICE = 32
+RANK, ALPHA, LR, BATCH = 4, 8.0, 0.01, 32
+HOST_ACTORS, DEVICES_PER_CALL = 2, 250
+PRETRAIN_STEPS = 50                   # pretraining is not what is measured
+CLIENT_CPUS = 1                       # stock: one CPU per ClientApp → two in parallel on two cores
+DATA_CACHE_DEVICES = 4096             # stock client's data cache, the same bound as an edgefleet host's
+RUN_TIMEOUT_S = 1800                  # deadline per measurement process
+AIM_SPEEDUP = 10.0
+AIM_ROUND_S, AIM_ROUND_DEVICES = 60.0, 10000
+LOG = logging.getLogger("fleet_round")
+
+
+def scenario_dict(devices: int, rounds: int = ROUNDS) -> dict[str, Any]:
+    return {"name": "bench", "seed": 0,
+            "model": {"name": "deep-ae", "pretrain_steps": PRETRAIN_STEPS},
+            "tuning": {"strategy": "lora", "rank": RANK, "alpha": ALPHA},
+            "training": {"rounds": rounds, "fraction": 1.0, "local_steps": 1, "batch_size": BATCH, "lr": LR},
+            "aggregation": {"strategy": "fedit"},
+            "data": {"kind": "machine-sound", "samples_per_device": SAMPLES_PER_DEVICE,
+                     "test_samples_per_device": SAMPLES_PER_DEVICE, "anomaly_fraction": 0.25},
+            "fleet": {"groups": [{"name": "g", "count": devices, "target": "siracusa"}]},
+            "ray": {"actors": HOST_ACTORS, "devices_per_call": DEVICES_PER_CALL}}
+
+
+def _quiet() -> None:
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    warnings.filterwarnings("ignore")
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---- edgefleet -------------------------------------------------------------------------------------------
+def run_edgefleet(devices: int, rounds: int) -> dict[str, Any]:
+    from fleet.engine import run_scenario
+    from fleet.runs import CHECKPOINTS, RunDir
+    from fleet.scenario import parse_scenario
+
+    scenario = parse_scenario(scenario_dict(devices, rounds), source="fleet_round.py")
+    with tempfile.TemporaryDirectory(prefix="edgefleet-run-") as run_dir:
+        start = time.perf_counter()
+        summary = run_scenario(scenario, run_dir, progress=False, log=lambda text: None)
+        wall_s = time.perf_counter() - start
+        run = RunDir(run_dir)
+        marks = [run.checkpoint_path(r).stat().st_mtime for r in range(rounds + 1)]
+        host = _host_seconds(run.metrics(), rounds)
+        assert (Path(run_dir) / CHECKPOINTS).is_dir()
+    round_s = [b - a for a, b in zip(marks, marks[1:])]
+    return {"seconds_per_round": summary["timing"]["seconds_per_round"],
+            "round_seconds_checkpoints": round_s, "seconds_per_round_checkpoints": float(np.mean(round_s)),
+            "devices_trained": [r["devices_trained"] for r in summary["rounds"]],
+            "train_loss": [r["train_loss"] for r in summary["rounds"]],
+            "host_compute_seconds": host, "run_scenario_wall_seconds": wall_s,
+            "summary_wall_seconds": summary["timing"]["wall_seconds"], "hosts": summary["hosts"]}
+
+
+def _host_seconds(records: Sequence[dict[str, Any]], rounds: int) -> dict[str, list[float]]:
+    """Per round and kind: device-host time summed over devices (each device's share of its call), ÷ actors."""
+    out: dict[str, list[float]] = {"train": [0.0] * rounds, "evaluate": [0.0] * rounds}
+    for r in records:
+        if r.get("type") == "device" and 1 <= r["round"] <= rounds:
+            out[r["kind"]][r["round"] - 1] += r.get("wall_s", 0.0) / HOST_ACTORS
+    return out
+
+
+# ---- stock Flower: the ClientApp (pickled by reference, so each client process keeps its module state) ----
+try:
+    from flwr.clientapp import ClientApp
+
+    client_app = ClientApp()
+except ImportError:  # pragma: no cover - flwr is a dependency
+    client_app = None
+
+
+@functools.cache
+def _torch_model() -> tuple[Any, dict[str, Any]]:
+    """Deep-AE with LoRA on every Linear, BatchNorm in eval mode; built once per client process."""
+    import torch
+    from benchmarks.compiler_step import DeepAE, LoraLinear, _replace_module
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    module = DeepAE().eval().requires_grad_(False)
+    adapters: dict[str, Any] = {}
+    for layer, m in list(module.named.items()):
+        if isinstance(m, torch.nn.Linear):
+            lora = LoraLinear(m, np.zeros((m.in_features, RANK), np.float32),
+                              np.zeros((RANK, m.out_features), np.float32), ALPHA)
+            _replace_module(module, m, lora)
+            adapters[f"{layer}.lora_a"], adapters[f"{layer}.lora_b"] = lora.lora_a, lora.lora_b
+    return module, adapters
+
+
+@functools.cache
+def _data_spec() -> Any:
+    from fleet.scenario import parse_scenario
+    return parse_scenario(scenario_dict(1)).data
+
+
+@functools.lru_cache(maxsize=DATA_CACHE_DEVICES)
+def _device_tensors(index: int) -> tuple[Any, Any]:
+    import torch
+    from fleet.data import device_data
+    data = device_data(_data_spec(), 0, index)
+    return torch.from_numpy(np.array(data.x_train)), torch.from_numpy(np.array(data.x_test))
+
+
+def _load_adapters(msg: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
+    module, adapters = _torch_model()
+    record = msg.content["arrays"]
+    with torch.no_grad():
+        for name, param in adapters.items():
+            param.copy_(torch.from_numpy(record[name].numpy()))
+    return module, adapters
+
+
+def _reply(msg: Any, arrays: dict[str, Any] | None, metrics: dict[str, Any]) -> Any:
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in arrays.items()})
+    return Message(content=content, reply_to=msg)
+
+
+if client_app is not None:
+    @client_app.train()
+    def stock_train(msg: Any, context: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+        start = time.perf_counter()
+        x_train, _ = _device_tensors(int(context.node_config["partition-id"]))
+        data_s = time.perf_counter() - start
+        module, adapters = _load_adapters(msg)
+        optimizer = torch.optim.SGD(list(adapters.values()), lr=LR)
+        for p in adapters.values():
+            p.requires_grad_(True)
+        optimizer.zero_grad()
+        loss = F.mse_loss(module(x_train), x_train)
+        loss.backward()
+        optimizer.step()
+        for p in adapters.values():
+            p.requires_grad_(False)
+        return _reply(msg, adapters, {"train-loss": float(loss), "num-examples": len(x_train),
+                                      "data-s": data_s, "work-s": time.perf_counter() - start - data_s})
+
+    @client_app.evaluate()
+    def stock_evaluate(msg: Any, context: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+        start = time.perf_counter()
+        _, x_test = _device_tensors(int(context.node_config["partition-id"]))
+        data_s = time.perf_counter() - start
+        module, _ = _load_adapters(msg)
+        with torch.no_grad():
+            loss = F.mse_loss(module(x_test), x_test)
+        return _reply(msg, None, {"eval-loss": float(loss), "num-examples": len(x_test),
+                                  "data-s": data_s, "work-s": time.perf_counter() - start - data_s})
+
+
+def initial_adapters(seed: int = 0) -> dict[str, np.ndarray]:
+    """zero_b LoRA: A ~ N(0, 1/fan_in), B = 0, for every Linear of Deep-AE."""
+    from compiler.zoo.deep_ae import DECODER_DIMS, ENCODER_DIMS
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for part, dims in (("encoder", ENCODER_DIMS), ("decoder", DECODER_DIMS)):
+        for i, (fan_in, fan_out) in enumerate(zip(dims, dims[1:])):
+            out[f"{part}.{i}.lora_a"] = (rng.standard_normal((fan_in, RANK)) / np.sqrt(fan_in)).astype(np.float32)
+            out[f"{part}.{i}.lora_b"] = np.zeros((RANK, fan_out), np.float32)
+    return out
+
+
+def run_stock(devices: int, rounds: int) -> dict[str, Any]:
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    import benchmarks.fleet_round as module  # by its importable name: Ray ships the ClientApp by reference
+
+    marks: list[float] = []
+    results: list[Any] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Any, context: Any) -> None:
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=devices,
+                          min_evaluate_nodes=devices, min_available_nodes=devices)
+        initial = ArrayRecord({k: Array(v) for k, v in initial_adapters().items()})
+        results.append(strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
+                                      evaluate_fn=lambda server_round, arrays: marks.append(time.perf_counter())))
+
+    backend = {"client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False, "logging_level": "ERROR"}}
+    start = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=module.client_app, num_supernodes=devices,
+                   backend_config=backend)
+    wall_s = time.perf_counter() - start
+    if len(marks) != rounds + 1 or not results:
+        raise RuntimeError(f"stock simulation did not finish {rounds} rounds ({len(marks) - 1} marks)")
+    result = results[0]
+    round_s = [b - a for a, b in zip(marks, marks[1:])]
+    train = [dict(result.train_metrics_clientapp.get(r, {})) for r in range(1, rounds + 1)]
+    evaluate = [dict(result.evaluate_metrics_clientapp.get(r, {})) for r in range(1, rounds + 1)]
+    workers = max(1, (os.cpu_count() or 1) // CLIENT_CPUS)
+    return {"seconds_per_round": float(np.mean(round_s)), "round_seconds": round_s,
+            "startup_seconds": marks[0] - start, "run_simulation_wall_seconds": wall_s,
+            "train_loss": [m.get("train-loss") for m in train],
+            "eval_loss": [m.get("eval-loss") for m in evaluate],
+            # mean per-client seconds × devices ÷ parallel clients: the share of the round spent in client code
+            "client_compute_seconds": {
+                "train": [m.get("work-s", 0.0) * devices / workers for m in train],
+                "evaluate": [m.get("work-s", 0.0) * devices / workers for m in evaluate],
+                "data": [(t.get("data-s", 0.0) + e.get("data-s", 0.0)) * devices / workers
+                         for t, e in zip(train, evaluate)]}}
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+def child(system: str, devices: int, rounds: int, result_path: Path) -> int:
+    _quiet()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    result = (run_edgefleet if system == "edgefleet" else run_stock)(devices, rounds)
+    result_path.write_text(json.dumps(result))
+    return 0
+
+
+def measure(system: str, devices: int, rounds: int, timeout_s: float) -> dict[str, Any]:
+    """One measurement in a fresh process (its own Ray instance); killed with its children at the deadline."""
+    with tempfile.TemporaryDirectory(prefix="fleet-round-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        ray_tmp = Path(tmp) / "ray"
+        ray_tmp.mkdir()
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               "PYTHONWARNINGS": "ignore", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, str(devices),
+               "--rounds", str(rounds), "--result", str(result_path)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        output: list[bytes] = []
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        finally:
+            reader.join(timeout=5)
+        process_s = time.perf_counter() - start
+        if proc.returncode != 0 or not result_path.exists():
+            tail = b"".join(output).decode(errors="replace").strip().splitlines()[-15:]
+            return {"error": f"exit code {proc.returncode}", "output_tail": tail}
+        return {**json.loads(result_path.read_text()), "process_seconds": process_s}
+
+
+def per_second(devices: int, seconds_per_round: float) -> float:
+    return devices * SAMPLES_PER_DEVICE / seconds_per_round
+
+
+def stock_line(measured: dict[int, float]) -> tuple[float, float] | None:
+    """Least-squares seconds_per_round = intercept + slope × devices through the stock runs (one run: through 0)."""
+    if not measured:
+        return None
+    n = np.array(sorted(measured), float)
+    s = np.array([measured[int(k)] for k in n])
+    if len(n) == 1:
+        return 0.0, float(s[0] / n[0])
+    slope, intercept = np.polyfit(n, s, 1)
+    return float(intercept), float(slope)
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import ray
+    import torch
+    from benchmarks.compiler_step import _cpu_model
+    return {"cpu_count": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version(),
+            "platform": platform.platform(), "numpy": np.__version__, "torch": torch.__version__,
+            "flwr": flwr.__version__, "ray": ray.__version__,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[str, Any]:
+    stock_s = {n: r["seconds_per_round"] for n, r in stock.items() if "error" not in r}
+    line = stock_line(stock_s)
+    configurations = []
+    for n in sorted(set(edge) | set(stock)):
+        row: dict[str, Any] = {"devices": n, "samples_per_device": SAMPLES_PER_DEVICE}
+        e = edge.get(n)
+        if e and "error" not in e:
+            row["edgefleet"] = {"seconds_per_round": e["seconds_per_round"],
+                                "device_samples_per_host_second": per_second(n, e["seconds_per_round"]),
+                                "measured": True, "details": e}
+        elif e:
+            row["edgefleet"] = {"error": e["error"], "details": e}
+        if n in stock_s:
+            row["stock_flower"] = {"seconds_per_round": stock_s[n],
+                                   "device_samples_per_host_second": per_second(n, stock_s[n]),
+                                   "measured": True, "details": stock[n]}
+        elif line is not None:
+            s = line[0] + line[1] * n
+            row["stock_flower"] = {"seconds_per_round": s, "device_samples_per_host_second": per_second(n, s),
+                                   "measured": False, "extrapolated": True,
+                                   "from": f"line through stock runs at {sorted(stock_s)} devices: "
+                                           f"{line[0]:.2f} s + {line[1] * 1000:.2f} s per 1,000 devices"}
+            if n in stock:
+                row["stock_flower"]["failed_run"] = stock[n]
+        if "seconds_per_round" in row.get("edgefleet", {}) and "seconds_per_round" in row.get("stock_flower", {}):
+            row["speedup"] = row["stock_flower"]["seconds_per_round"] / row["edgefleet"]["seconds_per_round"]
+            row["speedup_extrapolated"] = not row["stock_flower"]["measured"]
+        configurations.append(row)
+    speedups = [r["speedup"] for r in configurations if "speedup" in r and not r["speedup_extrapolated"]]
+    at_aim = next((r for r in configurations if r["devices"] == AIM_ROUND_DEVICES and
+                   "seconds_per_round" in r.get("edgefleet", {})), None)
+    return {
+        "benchmark": "fleet_round", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+        "setup": {"scenario": scenario_dict(0, rounds) | {"fleet": "groups[0].count = devices"},
+                  "round": "train (1 SGD step, batch 32, on 32 samples) + aggregate + evaluate (32 test "
+                           "samples), every device, both systems",
+                  "stock": {"strategy": "flwr.serverapp.strategy.FedAvg(fraction_train=1.0, fraction_evaluate=1.0)",
+                            "client_resources": {"num_cpus": CLIENT_CPUS}, "torch_threads": 1,
+                            "timing": "evaluate_fn timestamps (before round 1, after each round)"},
+                  "edgefleet": {"timing": "summary.timing.seconds_per_round; cross-checked with checkpoint "
+                                          "file times", "actors": HOST_ACTORS, "devices_per_call": DEVICES_PER_CALL},
+                  "device_samples_per_host_second": "devices × 32 training samples / seconds_per_round "
+                                                    "(the round also evaluates 32 test samples per device)"},
+        "configurations": configurations,
+        "aims": {"speedup_at_least": AIM_SPEEDUP,
+                 "speedup_measured_min": min(speedups) if speedups else None,
+                 "speedup_met": bool(speedups) and min(speedups) >= AIM_SPEEDUP,
+                 "round_seconds_at_most": AIM_ROUND_S, "round_devices": AIM_ROUND_DEVICES,
+                 "round_seconds_measured": at_aim["edgefleet"]["seconds_per_round"] if at_aim else None,
+                 "round_met": (at_aim["edgefleet"]["seconds_per_round"] <= AIM_ROUND_S) if at_aim else None},
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'devices':>8} {'edgefleet s/round':>18} {'samples/s':>10} {'stock s/round':>14} {'samples/s':>10} "
+          f"{'speedup':>8}")
+    for row in result["configurations"]:
+        e, s = row.get("edgefleet", {}), row.get("stock_flower", {})
+        mark = "*" if s and not s.get("measured", True) else " "
+        print(f"{row['devices']:>8} {e.get('seconds_per_round', float('nan')):>18.2f} "
+              f"{e.get('device_samples_per_host_second', float('nan')):>10.0f} "
+              f"{s.get('seconds_per_round', float('nan')):>13.2f}{mark} "
+              f"{s.get('device_samples_per_host_second', float('nan')):>10.0f} "
+              f"{row.get('speedup', float('nan')):>7.1f}{mark}")
+    print("* extrapolated")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=list(EDGEFLEET_DEVICES),
+                        help="edgefleet device counts")
+    parser.add_argument("--stock-devices", type=int, nargs="*", default=list(STOCK_DEVICES),
+                        help="stock Flower device counts actually run (others are extrapolated)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_DEVICES} devices each, a smoke check")
+    parser.add_argument("--timeout-s", type=float, default=RUN_TIMEOUT_S, help="deadline per measurement")
+    parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "DEVICES"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child[0], int(args.child[1]), args.rounds, args.result)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        args.devices, args.stock_devices = [QUICK_DEVICES], [QUICK_DEVICES]
+    edge: dict[int, dict] = {}
+    stock: dict[int, dict] = {}
+    for system, counts, table in (("edgefleet", args.devices, edge), ("stock", args.stock_devices, stock)):
+        for n in counts:
+            LOG.info("%s, %d devices, %d rounds ...", system, n, args.rounds)
+            table[n] = measure(system, n, args.rounds, args.timeout_s)
+            LOG.info("  %s", table[n].get("error") or f"{table[n]['seconds_per_round']:.2f} s per round "
+                     f"({table[n]['process_seconds']:.0f} s in all)")
+    result = report(edge, stock, args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+    return 0 if not any("error" in r for r in (*edge.values(), *stock.values())) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

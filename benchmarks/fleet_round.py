@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fleet_round.json"
 EDGEFLEET_DEVICES = (1000, 10000)
 STOCK_DEVICES = (1000, 2000)
 QUICK_DEVICES = 200
-ROUNDS = 2
+ROUNDS = 3                            # the first round carries warm-up; later rounds are the figure
 SAMPLES_PER_DEVICE = 32
 RANK, ALPHA, LR, BATCH = 4, 8.0, 0.01, 32
 HOST_ACTORS, DEVICES_PER_CALL = 2, 250
@@ -66,6 +67,8 @@ PRETRAIN_STEPS = 50                   # pretraining is not what is measured
 CLIENT_CPUS = 1                       # stock: one CPU per ClientApp → two in parallel on two cores
 DATA_CACHE_DEVICES = 4096             # stock client's data cache, the same bound as an edgefleet host's
 RUN_TIMEOUT_S = 1800                  # deadline per measurement process
+QUIET_CORES = 0.3                     # before a measurement: wait until other processes use fewer cores
+QUIET_WAIT_S = 60.0                   # ... but no longer than this
 AIM_SPEEDUP = 10.0
 AIM_ROUND_S, AIM_ROUND_DEVICES = 60.0, 10000
 LOG = logging.getLogger("fleet_round")
@@ -106,12 +109,20 @@ def run_edgefleet(devices: int, rounds: int) -> dict[str, Any]:
         host = _host_seconds(run.metrics(), rounds)
         assert (Path(run_dir) / CHECKPOINTS).is_dir()
     round_s = [b - a for a, b in zip(marks, marks[1:])]
-    return {"seconds_per_round": summary["timing"]["seconds_per_round"],
-            "round_seconds_checkpoints": round_s, "seconds_per_round_checkpoints": float(np.mean(round_s)),
+    return {**round_figures(round_s),
+            "summary_seconds_per_round": summary["timing"]["seconds_per_round"],
             "devices_trained": [r["devices_trained"] for r in summary["rounds"]],
             "train_loss": [r["train_loss"] for r in summary["rounds"]],
             "host_compute_seconds": host, "run_scenario_wall_seconds": wall_s,
             "summary_wall_seconds": summary["timing"]["wall_seconds"], "hosts": summary["hosts"]}
+
+
+def round_figures(round_s: Sequence[float]) -> dict[str, Any]:
+    """seconds_per_round: the mean over rounds after the first (the first pays warm-up: on the stock side
+    Ray starts the client processes and they import torch in round 1; edgefleet starts its hosts before)."""
+    steady = round_s[1:] or round_s
+    return {"seconds_per_round": float(np.mean(steady)), "first_round_seconds": round_s[0],
+            "mean_seconds_all_rounds": float(np.mean(round_s)), "round_seconds": list(round_s)}
 
 
 def _host_seconds(records: Sequence[dict[str, Any]], rounds: int) -> dict[str, list[float]]:
@@ -243,7 +254,7 @@ def run_stock(devices: int, rounds: int) -> dict[str, Any]:
     server_app = ServerApp()
 
     @server_app.main()
-    def main(grid: Any, context: Any) -> None:
+    def server_main(grid: Any, context: Any) -> None:
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=devices,
                           min_evaluate_nodes=devices, min_available_nodes=devices)
         initial = ArrayRecord({k: Array(v) for k, v in initial_adapters().items()})
@@ -263,8 +274,7 @@ def run_stock(devices: int, rounds: int) -> dict[str, Any]:
     train = [dict(result.train_metrics_clientapp.get(r, {})) for r in range(1, rounds + 1)]
     evaluate = [dict(result.evaluate_metrics_clientapp.get(r, {})) for r in range(1, rounds + 1)]
     workers = max(1, (os.cpu_count() or 1) // CLIENT_CPUS)
-    return {"seconds_per_round": float(np.mean(round_s)), "round_seconds": round_s,
-            "startup_seconds": marks[0] - start, "run_simulation_wall_seconds": wall_s,
+    return {**round_figures(round_s), "startup_seconds": marks[0] - start, "run_simulation_wall_seconds": wall_s,
             "train_loss": [m.get("train-loss") for m in train],
             "eval_loss": [m.get("eval-loss") for m in evaluate],
             # mean per-client seconds × devices ÷ parallel clients: the share of the round spent in client code
@@ -284,6 +294,69 @@ def child(system: str, devices: int, rounds: int, result_path: Path) -> int:
     return 0
 
 
+class Background:
+    """CPU seconds used by processes outside the measured process's session (other users of the machine),
+    sampled from /proc every ``interval_s``; a process that exits between samples loses at most one interval."""
+
+    def __init__(self, exclude_session: int | None = None, interval_s: float = 1.0):
+        self.exclude = {exclude_session, os.getsid(0)} - {None}
+        self.interval_s = interval_s
+        self.cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._start = time.perf_counter()
+        self._elapsed = 0.0
+
+    def __enter__(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5 * self.interval_s)
+        self._elapsed = time.perf_counter() - self._start
+
+    @property
+    def cores(self) -> float:
+        """Average cores the other processes kept busy."""
+        return self.cpu_s / max(self._elapsed or (time.perf_counter() - self._start), 1e-9)
+
+    def _loop(self) -> None:
+        last = _cpu_by_pid(self.exclude)
+        while not self._stop.wait(self.interval_s):
+            now = _cpu_by_pid(self.exclude)
+            self.cpu_s += sum(max(0.0, t - last.get(pid, 0.0)) for pid, t in now.items())  # new pid: born since
+            last = now
+
+
+def _cpu_by_pid(exclude_sessions: set[int]) -> dict[int, float]:
+    """utime + stime (seconds) of every process not in ``exclude_sessions``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) in exclude_sessions:  # field 6 of stat: session id
+            continue
+        out[int(entry)] = (int(fields[11]) + int(fields[12])) / tick  # fields 14, 15: utime, stime
+    return out
+
+
+def wait_for_quiet(max_wait_s: float, busy_cores: float = QUIET_CORES, sample_s: float = 5.0) -> float:
+    """Wait (at most ``max_wait_s``) until other processes use under ``busy_cores``; returns what they used."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        with Background() as bg:
+            time.sleep(sample_s)
+        if bg.cores < busy_cores or time.monotonic() >= deadline:
+            return bg.cores
+        LOG.info("  machine busy (%.1f cores used by other processes); waiting", bg.cores)
+
+
 def measure(system: str, devices: int, rounds: int, timeout_s: float) -> dict[str, Any]:
     """One measurement in a fresh process (its own Ray instance); killed with its children at the deadline."""
     with tempfile.TemporaryDirectory(prefix="fleet-round-") as tmp:
@@ -301,19 +374,21 @@ def measure(system: str, devices: int, rounds: int, timeout_s: float) -> dict[st
         output: list[bytes] = []
         reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
         reader.start()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            return {"error": f"timed out after {timeout_s:.0f} s"}
-        finally:
-            reader.join(timeout=5)
+        with Background(exclude_session=proc.pid) as background:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"error": f"timed out after {timeout_s:.0f} s"}
+            finally:
+                reader.join(timeout=5)
         process_s = time.perf_counter() - start
         if proc.returncode != 0 or not result_path.exists():
             tail = b"".join(output).decode(errors="replace").strip().splitlines()[-15:]
             return {"error": f"exit code {proc.returncode}", "output_tail": tail}
-        return {**json.loads(result_path.read_text()), "process_seconds": process_s}
+        return {**json.loads(result_path.read_text()), "process_seconds": process_s,
+                "background_cores": background.cores}
 
 
 def per_second(devices: int, seconds_per_round: float) -> float:
@@ -343,50 +418,74 @@ def machine() -> dict[str, Any]:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
+def compute_share(system: str, r: dict[str, Any]) -> dict[str, float]:
+    """Mean over the steady rounds: seconds of device compute (hosts or ClientApps, per parallel worker) and
+    the rest of the round (messages, serialization, scheduling, aggregation, bookkeeping)."""
+    if system == "edgefleet":
+        parts = r["host_compute_seconds"]
+    else:
+        parts = {k: r["client_compute_seconds"][k] for k in ("train", "evaluate", "data")}
+    steady = slice(1, None) if len(r["round_seconds"]) > 1 else slice(None)
+    out = {f"{k}_s": float(np.mean(v[steady])) for k, v in parts.items()}
+    out["other_s"] = r["seconds_per_round"] - sum(out.values())
+    return out
+
+
+def entry(system: str, devices: int, r: dict[str, Any]) -> dict[str, Any]:
+    if "error" in r:
+        return {"error": r["error"], "details": r}
+    return {"seconds_per_round": r["seconds_per_round"],
+            "device_samples_per_host_second": per_second(devices, r["seconds_per_round"]),
+            "first_round_seconds": r["first_round_seconds"], "mean_seconds_all_rounds": r["mean_seconds_all_rounds"],
+            "measured": True, "background_cores": r["background_cores"],
+            "round_breakdown": compute_share(system, r), "details": r}
+
+
 def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[str, Any]:
     stock_s = {n: r["seconds_per_round"] for n, r in stock.items() if "error" not in r}
     line = stock_line(stock_s)
     configurations = []
     for n in sorted(set(edge) | set(stock)):
         row: dict[str, Any] = {"devices": n, "samples_per_device": SAMPLES_PER_DEVICE}
-        e = edge.get(n)
-        if e and "error" not in e:
-            row["edgefleet"] = {"seconds_per_round": e["seconds_per_round"],
-                                "device_samples_per_host_second": per_second(n, e["seconds_per_round"]),
-                                "measured": True, "details": e}
-        elif e:
-            row["edgefleet"] = {"error": e["error"], "details": e}
+        if n in edge:
+            row["edgefleet"] = entry("edgefleet", n, edge[n])
         if n in stock_s:
-            row["stock_flower"] = {"seconds_per_round": stock_s[n],
-                                   "device_samples_per_host_second": per_second(n, stock_s[n]),
-                                   "measured": True, "details": stock[n]}
+            row["stock_flower"] = entry("stock", n, stock[n])
         elif line is not None:
-            s = line[0] + line[1] * n
-            row["stock_flower"] = {"seconds_per_round": s, "device_samples_per_host_second": per_second(n, s),
+            sec = line[0] + line[1] * n
+            row["stock_flower"] = {"seconds_per_round": sec, "device_samples_per_host_second": per_second(n, sec),
                                    "measured": False, "extrapolated": True,
-                                   "from": f"line through stock runs at {sorted(stock_s)} devices: "
+                                   "from": f"straight line through the stock runs at {sorted(stock_s)} devices: "
                                            f"{line[0]:.2f} s + {line[1] * 1000:.2f} s per 1,000 devices"}
             if n in stock:
                 row["stock_flower"]["failed_run"] = stock[n]
-        if "seconds_per_round" in row.get("edgefleet", {}) and "seconds_per_round" in row.get("stock_flower", {}):
-            row["speedup"] = row["stock_flower"]["seconds_per_round"] / row["edgefleet"]["seconds_per_round"]
-            row["speedup_extrapolated"] = not row["stock_flower"]["measured"]
+        e, st = row.get("edgefleet", {}), row.get("stock_flower", {})
+        if "seconds_per_round" in e and "seconds_per_round" in st:
+            row["speedup"] = st["seconds_per_round"] / e["seconds_per_round"]
+            row["speedup_extrapolated"] = not st["measured"]
+            if st["measured"]:
+                row["speedup_all_rounds"] = st["mean_seconds_all_rounds"] / e["mean_seconds_all_rounds"]
         configurations.append(row)
     speedups = [r["speedup"] for r in configurations if "speedup" in r and not r["speedup_extrapolated"]]
     at_aim = next((r for r in configurations if r["devices"] == AIM_ROUND_DEVICES and
                    "seconds_per_round" in r.get("edgefleet", {})), None)
     return {
         "benchmark": "fleet_round", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+        "source": source_state(),
         "setup": {"scenario": scenario_dict(0, rounds) | {"fleet": "groups[0].count = devices"},
                   "round": "train (1 SGD step, batch 32, on 32 samples) + aggregate + evaluate (32 test "
                            "samples), every device, both systems",
+                  "seconds_per_round": f"mean over rounds 2..{rounds} (round 1 is reported apart as "
+                                       "first_round_seconds; mean_seconds_all_rounds includes it)",
                   "stock": {"strategy": "flwr.serverapp.strategy.FedAvg(fraction_train=1.0, fraction_evaluate=1.0)",
                             "client_resources": {"num_cpus": CLIENT_CPUS}, "torch_threads": 1,
                             "timing": "evaluate_fn timestamps (before round 1, after each round)"},
-                  "edgefleet": {"timing": "summary.timing.seconds_per_round; cross-checked with checkpoint "
-                                          "file times", "actors": HOST_ACTORS, "devices_per_call": DEVICES_PER_CALL},
+                  "edgefleet": {"timing": "checkpoint file times (checkpoint k closes round k); "
+                                          "details.summary_seconds_per_round is the engine's own mean over all rounds",
+                                "actors": HOST_ACTORS, "devices_per_call": DEVICES_PER_CALL},
                   "device_samples_per_host_second": "devices × 32 training samples / seconds_per_round "
-                                                    "(the round also evaluates 32 test samples per device)"},
+                                                    "(the round also evaluates 32 test samples per device)",
+                  "background_cores": "average cores other processes on the machine used during the measurement"},
         "configurations": configurations,
         "aims": {"speedup_at_least": AIM_SPEEDUP,
                  "speedup_measured_min": min(speedups) if speedups else None,
@@ -397,18 +496,32 @@ def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[s
     }
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured and the files that differed from it (the working tree is what ran)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain").splitlines()}
+
+
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'devices':>8} {'edgefleet s/round':>18} {'samples/s':>10} {'stock s/round':>14} {'samples/s':>10} "
-          f"{'speedup':>8}")
+    nan = float("nan")
+    print(f"{'devices':>8} | {'edgefleet s/round':>17} {'samples/s':>9} {'1st round':>9} | "
+          f"{'stock s/round':>13} {'samples/s':>9} {'1st round':>9} | {'speedup':>7}")
     for row in result["configurations"]:
         e, s = row.get("edgefleet", {}), row.get("stock_flower", {})
         mark = "*" if s and not s.get("measured", True) else " "
-        print(f"{row['devices']:>8} {e.get('seconds_per_round', float('nan')):>18.2f} "
-              f"{e.get('device_samples_per_host_second', float('nan')):>10.0f} "
-              f"{s.get('seconds_per_round', float('nan')):>13.2f}{mark} "
-              f"{s.get('device_samples_per_host_second', float('nan')):>10.0f} "
-              f"{row.get('speedup', float('nan')):>7.1f}{mark}")
-    print("* extrapolated")
+        print(f"{row['devices']:>8} | {e.get('seconds_per_round', nan):>17.2f} "
+              f"{e.get('device_samples_per_host_second', nan):>9.0f} {e.get('first_round_seconds', nan):>9.2f} | "
+              f"{s.get('seconds_per_round', nan):>12.2f}{mark} {s.get('device_samples_per_host_second', nan):>9.0f} "
+              f"{s.get('first_round_seconds', nan):>9.2f} | {row.get('speedup', nan):>6.1f}{mark}")
+    print("s/round: mean of rounds after the first; * extrapolated from the stock runs")
+    aims = result["aims"]
+    print(f"aims: speedup >= {aims['speedup_at_least']:g} (measured min {aims['speedup_measured_min']}); "
+          f"{aims['round_devices']} devices <= {aims['round_seconds_at_most']:g} s/round "
+          f"(measured {aims['round_seconds_measured']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_DEVICES} devices each, a smoke check")
     parser.add_argument("--timeout-s", type=float, default=RUN_TIMEOUT_S, help="deadline per measurement")
+    parser.add_argument("--quiet-wait-s", type=float, default=QUIET_WAIT_S,
+                        help="before each measurement, wait up to this long for other processes to go idle")
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "DEVICES"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -434,9 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     for system, counts, table in (("edgefleet", args.devices, edge), ("stock", args.stock_devices, stock)):
         for n in counts:
             LOG.info("%s, %d devices, %d rounds ...", system, n, args.rounds)
-            table[n] = measure(system, n, args.rounds, args.timeout_s)
-            LOG.info("  %s", table[n].get("error") or f"{table[n]['seconds_per_round']:.2f} s per round "
-                     f"({table[n]['process_seconds']:.0f} s in all)")
+            before = wait_for_quiet(args.quiet_wait_s)
+            table[n] = {**measure(system, n, args.rounds, args.timeout_s), "background_cores_before": before}
+            r = table[n]
+            LOG.info("  %s", r.get("error") or f"{r['seconds_per_round']:.2f} s per round, first round "
+                     f"{r['first_round_seconds']:.2f} s ({r['process_seconds']:.0f} s in all; other processes "
+                     f"used {r['background_cores']:.2f} cores meanwhile)")
     result = report(edge, stock, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -103,12 +103,20 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
             devices.append(DeviceInfo(
                 index=index, group=group.name, program=key, clock_hz=clock_hz(group, program),
                 link_bps=group.link_kbps * 1e3, deadline_s=group.deadline_s,
-                cycles_per_step=cycles_per_step(program),
+                cycles_per_step=cycles_per_step(program), peak_bytes_by_level=peak_memory(program),
                 dropout_p=availability.p if isinstance(availability, Dropout) else 0.0, periodic=periodic,
                 fault=fault.kind if fault else "", fault_p=fault.p if fault else 0.0))
             if rank:
                 ranks[NODE_BASE + index] = rank
     return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks, runtimes)
+
+
+def peak_memory(program: Any) -> tuple[tuple[str, int], ...]:
+    """Bytes resident per memory level on the target (or the total, for an unlowered program)."""
+    levels = program.report.get("memory_by_level")
+    if levels:
+        return tuple((k, int(v)) for k, v in levels.items())
+    return (("total", int(program.report["memory"]["total_bytes"])),)
 
 
 def group_program(builder: ProgramBuilder, group: DeviceGroup) -> tuple[str, int | None, Any]:

@@ -30,6 +30,7 @@ class DeviceInfo:
     link_bps: float
     deadline_s: float | None
     cycles_per_step: int         # modelled on the device's target
+    peak_bytes_by_level: tuple[tuple[str, int], ...] = ()  # from the program's memory plan on its target
     dropout_p: float = 0.0
     periodic: tuple[int, int, int] | None = None  # (on_rounds, off_rounds, phase)
     fault: str = ""              # injected fault kind
@@ -160,7 +161,8 @@ class FleetGrid(Grid):
         log.devices.append({**record, **{k.replace("-", "_"): v for k, v in metrics.items()},
                             "bytes_down": int(job["_down"]), "bytes_up": up_bytes,
                             "wall_s": float(result.get("wall_s", 0.0)),
-                            "cycles": int(info.cycles_per_step * job["steps"]) if kind == "train" else 0})
+                            "cycles": int(info.cycles_per_step * job["steps"]) if kind == "train" else 0,
+                            "peak_bytes_by_level": dict(info.peak_bytes_by_level)})
         if self.on_device is not None:
             self.on_device(log.devices[-1])
         return reply

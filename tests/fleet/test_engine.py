@@ -55,9 +55,10 @@ def test_run_writes_the_run_directory(tmp_path, ray_local):
     assert {r["round"] for r in trained} == {1, 2, 3}
     for record in trained:  # per device per round: loss and accuracy before/after, time, traffic
         for key in ("loss_before", "loss_after", "metric_before", "metric_after", "modelled_s", "bytes_up",
-                    "bytes_down", "cycles"):
+                    "bytes_down", "cycles", "peak_bytes_by_level", "num_examples"):
             assert key in record
         assert record["bytes_up"] > 0 and record["modelled_s"] > 0
+        assert set(record["peak_bytes_by_level"]) >= {"L1", "L2"}
     for r in range(4):
         assert run.checkpoint_path(r).exists()
     with pytest.raises(RunError, match="already holds a run"):

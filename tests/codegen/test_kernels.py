@@ -48,11 +48,20 @@ def test_kernel_matches_numpy_forward(kernel_lib, op_name, case):
         assert_close(g, w, f"{op_name} output {j}")
 
 
+def _aliasable(name, case) -> bool:
+    """The plan aliases output and input 0 only when their sizes and dtypes agree (broadcasting cases don't)."""
+    inputs = [make(np.random.default_rng(SEED)) for make in case.inputs]
+    (shape, dtype), = REGISTRY[name].output_specs([a.shape for a in inputs], [str(a.dtype) for a in inputs],
+                                                  REGISTRY[name].resolve_attrs(dict(case.attrs)))[:1]
+    return inputs[0].shape == shape and str(inputs[0].dtype) == dtype
+
+
 def _inplace_params():
     for name in sorted(REGISTRY):
         if REGISTRY[name].inplace:
             for i, c in enumerate(CASES[name]):
-                yield pytest.param(name, c, id=f"{name}-{c.id or i}")
+                if _aliasable(name, c):
+                    yield pytest.param(name, c, id=f"{name}-{c.id or i}")
 
 
 @pytest.mark.parametrize("op_name, case", _inplace_params())
@@ -61,7 +70,6 @@ def test_inplace_kernel_may_overwrite_input_0(kernel_lib, op_name, case):
     rng = np.random.default_rng(SEED)
     inputs = [make(rng) for make in case.inputs]
     want = expected_outputs(op_name, inputs, case.attrs)[0]
-    if inputs[0].nbytes != want.nbytes or inputs[0].dtype != want.dtype:
-        pytest.skip("sizes differ: the plan never aliases this case")
+    assert inputs[0].nbytes == want.nbytes and inputs[0].dtype == want.dtype
     got = call_kernel(kernel_lib, op_name, inputs, case.attrs, [(want.shape, want.dtype)], alias=True)[0]
     assert_close(got, want, f"{op_name} in place")

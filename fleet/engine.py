@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from fleet.arrays import from_record, to_record
 from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
 from fleet.programs import DEFAULT_CLOCK_MHZ, ProgramBuilder, cycles_per_step, pretrain_base
@@ -262,7 +263,7 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     def after_round(server_round: int, record) -> None:
         actual = done + server_round
         if server_round > 0:
-            _finish_round(run, grid, strategy, actual, {k: v.numpy() for k, v in record.items()}, bar)
+            _finish_round(run, grid, strategy, actual, from_record(record), bar)
             round_times.append(time.perf_counter() - t_round[0])
             if stop_after_round is not None and actual >= stop_after_round:
                 raise _Stop()
@@ -273,10 +274,9 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
         return None
 
     _set_task_identity()
-    from flwr.app import Array, ArrayRecord
     try:
         if remaining > 0:
-            strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            strategy.start(grid=grid, initial_arrays=to_record(arrays),
                            num_rounds=remaining, evaluate_fn=after_round)
     except _Stop:
         return {"stopped_after_round": stop_after_round}

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from compiler.program import Program
-from device_runtime import DeviceError, NumpyDevice
+from device_runtime import NumpyDevice
 from device_runtime.batched import BatchedDevices
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec

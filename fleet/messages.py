@@ -14,7 +14,9 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fleet.arrays import from_record, to_record
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
 
@@ -35,7 +37,7 @@ def instruction_record(message: Message) -> ArrayRecord | None:
 def instruction_arrays(message: Message) -> dict[str, np.ndarray]:
     """The adapters an instruction carries, as numpy arrays ({} when it carries none)."""
     record = instruction_record(message)
-    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+    return {} if record is None else from_record(record)
 
 
 def instruction_config(message: Message) -> ConfigRecord:
@@ -58,7 +60,7 @@ def reply_content(kind: str, result: Mapping[str, Any], modelled_s: float) -> Re
                                        "metric-before": _finite(result["metric_before"])}
     content = RecordDict()
     if kind == "train":
-        content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v)) for k, v in result["arrays"].items()})
+        content[ARRAYS_KEY] = to_record(result["arrays"])
         metrics.update({"train-loss": float(result["loss"]), "loss-after": float(result["loss_after"]),
                         "metric-after": _finite(result["metric_after"]), "modelled-s": float(modelled_s)})
     content[METRICS_KEY] = MetricRecord(metrics)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -46,6 +46,34 @@ class Device(Protocol):
     def train(self, x: np.ndarray, y: np.ndarray | None, steps: int, lr: float | None = None) -> TrainResult: ...
 
     def evaluate(self, x: np.ndarray, y: np.ndarray | None) -> EvalResult: ...
+
+
+SETTABLE_ROLES = ("trainable", "frozen", "optimizer_state")
+
+
+class ParameterAccess:
+    """Parameter get/set for devices that keep the program's parameter region on the host as
+    ``self.param_views`` (name → view) beside ``self.program``."""
+
+    program: Any
+    param_views: dict[str, np.ndarray]
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        for name, value in params.items():
+            view = self.param_views.get(name)
+            if view is None or self.program.tensors[name].role not in SETTABLE_ROLES:
+                raise DeviceError(f"{name!r} is not a parameter of program {self.program.model!r}")
+            if np.shape(value) != view.shape:
+                raise DeviceError(f"parameter {name!r}: shape {np.shape(value)} does not match {view.shape}")
+            np.copyto(view, value, casting="same_kind")
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {n: self.param_views[n].copy() for n in self.program.trainable}
+
+    def reset_optimizer(self) -> None:
+        for name, t in self.program.tensors.items():
+            if t.role == "optimizer_state":
+                self.param_views[name][...] = 0
 
 
 def batches(x: np.ndarray, y: np.ndarray | None, batch: int, steps: int):

@@ -15,10 +15,7 @@ import numpy as np
 from compiler.ir import Role
 from compiler.ops import Op, get_op
 from compiler.program import Phase, Program, TensorInfo
-from device_runtime.device import DeviceError, EvalResult, Telemetry, TrainResult, batches
-
-
-SETTABLE_ROLES = (Role.TRAINABLE.value, Role.FROZEN.value, Role.OPT_STATE.value)
+from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches
 
 
 def _view(buffer: np.ndarray, offset: int, info: TensorInfo) -> np.ndarray:
@@ -78,7 +75,7 @@ class PhaseRunner:
             kernel(outs, *ins, **attrs)
 
 
-class NumpyDevice:
+class NumpyDevice(ParameterAccess):
     """A simulated device running a Program with numpy. Default backend: fast and exact to the plan."""
 
     kind = "numpy"
@@ -95,24 +92,6 @@ class NumpyDevice:
         self.trainer = PhaseRunner(program, program.train, self.params, self.param_views)
         self.evaluator = PhaseRunner(program, program.evaluate, self.params, self.param_views)
         self.lr_tensors = [n for n, t in program.tensors.items() if t.role == Role.HYPER.value]
-
-    # ---- parameters -----------------------------------------------------------------------------------
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        for name, value in params.items():
-            view = self.param_views.get(name)
-            if view is None or self.program.tensors[name].role not in SETTABLE_ROLES:
-                raise DeviceError(f"{name!r} is not a parameter of program {self.program.model!r}")
-            if np.shape(value) != view.shape:
-                raise DeviceError(f"parameter {name!r}: shape {np.shape(value)} does not match {view.shape}")
-            np.copyto(view, value, casting="same_kind")
-
-    def get_params(self) -> dict[str, np.ndarray]:
-        return {n: self.param_views[n].copy() for n in self.program.trainable}
-
-    def reset_optimizer(self) -> None:
-        for name, t in self.program.tensors.items():
-            if t.role == Role.OPT_STATE.value:
-                self.param_views[name][...] = 0
 
     # ---- running --------------------------------------------------------------------------------------
     def _feeds(self, xb: np.ndarray, yb: np.ndarray | None) -> dict[str, np.ndarray]:

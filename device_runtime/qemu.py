@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -26,8 +26,8 @@ from compiler.codegen.build import default_cache_dir, firmware_key, get_board, m
 from compiler.codegen.emit import generate
 from compiler.ir import CompileError, Role
 from compiler.program import Program
-from device_runtime.device import DeviceError, EvalResult, Telemetry, TrainResult, batches
-from device_runtime.numpy_executor import SETTABLE_ROLES, per_sample_loss
+from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches
+from device_runtime.numpy_executor import per_sample_loss
 
 IO_VERSION = 1
 MODE_TRAIN, MODE_EVALUATE = 0, 1
@@ -103,7 +103,7 @@ def _view(buffer: np.ndarray, offset: int, info) -> np.ndarray:
     return buffer[offset: offset + info.nbytes].view(info.dtype).reshape(info.shape)
 
 
-class QemuDevice:
+class QemuDevice(ParameterAccess):
     """Runs ``program`` on QEMU (rv32-qemu) or natively (host); same interface as NumpyDevice.
 
     ``workdir``: where builds and run files go (kept for inspection); default: builds in a shared cache
@@ -137,24 +137,6 @@ class QemuDevice:
         self.last_run_s = 0.0                                   # wall time of the last QEMU run
         self.last_step_cycles = np.zeros(0, np.uint64)          # per-step counters of the last train()
         self.last_step_instructions = np.zeros(0, np.uint64)
-
-    # ---- parameters (as NumpyDevice) ----------------------------------------------------------------------
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        for name, value in params.items():
-            view = self.param_views.get(name)
-            if view is None or self.program.tensors[name].role not in SETTABLE_ROLES:
-                raise DeviceError(f"{name!r} is not a parameter of program {self.program.model!r}")
-            if np.shape(value) != view.shape:
-                raise DeviceError(f"parameter {name!r}: shape {np.shape(value)} does not match {view.shape}")
-            np.copyto(view, value, casting="same_kind")
-
-    def get_params(self) -> dict[str, np.ndarray]:
-        return {n: self.param_views[n].copy() for n in self.program.trainable}
-
-    def reset_optimizer(self) -> None:
-        for name, t in self.program.tensors.items():
-            if t.role == Role.OPT_STATE.value:
-                self.param_views[name][...] = 0
 
     # ---- running --------------------------------------------------------------------------------------------
     def _batches(self, x: np.ndarray, y: np.ndarray | None, steps: int) -> list[tuple[np.ndarray, np.ndarray | None]]:

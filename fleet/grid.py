@@ -15,7 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fleet.messages import (ERROR_DEVICE, ERROR_DROPOUT, ERROR_STRAGGLER, METRICS_KEY, device_reply, error_reply,
+from fleet.messages import (ERROR_DROPOUT, ERROR_STRAGGLER, METRICS_KEY, device_reply, error_reply,
                             instruction_arrays, instruction_record, job_kind, modelled_seconds)
 
 NODE_BASE = 100  # node id = NODE_BASE + device index (Flower reserves small ids for the SuperLink)

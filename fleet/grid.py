@@ -141,6 +141,7 @@ class FleetGrid(Grid):
             groups.setdefault(info.program, []).append((message, {**job, "_modelled_s": modelled_s,
                                                                   "_down": down_bytes}))
         for program, items in groups.items():
+            items.sort(key=lambda item: item[1]["device"])  # stable device → host chunks across rounds
             jobs = [{k: v for k, v in job.items() if not k.startswith("_")} for _, job in items]
             results = self.dispatch(program, kind, jobs, arrays)
             for (message, job), result in zip(items, results):

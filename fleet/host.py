@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -54,6 +55,13 @@ def task_metric(task: str, outputs: np.ndarray, x: np.ndarray, y: np.ndarray | N
     return float(greater / (len(positives) * len(negatives)))
 
 
+DATA_CACHE_BYTES = 1 << 30  # per host
+
+
+def _nbytes(data: DeviceData) -> int:
+    return sum(a.nbytes for a in (data.x_train, data.y_train, data.x_test, data.y_test))
+
+
 class DeviceHostCore:
     def __init__(self, data_spec: Mapping[str, Any], seed: int):
         self.data_spec = DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data_spec.items()})
@@ -61,7 +69,8 @@ class DeviceHostCore:
         self.devices: dict[str, NumpyDevice] = {}
         self.batched: dict[str, BatchedDevices] = {}  # key → the same program with a device axis
         self.programs: dict[str, Program] = {}
-        self._data: dict[int, DeviceData] = {}
+        self._data: OrderedDict[int, DeviceData] = OrderedDict()  # least recently used first
+        self._data_bytes = 0
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False,
@@ -77,11 +86,16 @@ class DeviceHostCore:
         return key
 
     def data(self, device: int) -> DeviceData:
-        if device not in self._data:
-            if len(self._data) > 4096:  # bound the cache: data is cheap to regenerate
-                self._data.clear()
-            self._data[device] = device_data(self.data_spec, self.seed, device)
-        return self._data[device]
+        if device in self._data:
+            self._data.move_to_end(device)
+            return self._data[device]
+        data = device_data(self.data_spec, self.seed, device)
+        self._data[device] = data
+        self._data_bytes += _nbytes(data)
+        while self._data_bytes > DATA_CACHE_BYTES and len(self._data) > 1:  # regenerating is cheap, memory is not
+            _, evicted = self._data.popitem(last=False)
+            self._data_bytes -= _nbytes(evicted)
+        return data
 
     def node(self) -> str:
         """The Ray node this host runs on ("local" outside Ray)."""

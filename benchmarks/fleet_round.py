@@ -7,10 +7,11 @@ evaluates the new global adapters. A round is train + aggregate + evaluate on al
 
 edgefleet
     ``fleet.engine.run_scenario`` on a scenario built with ``parse_scenario`` (fedit aggregation, 2 Ray
-    device-host actors, 250 devices per call). Seconds per round: the summary's ``timing.seconds_per_round``,
-    and independently the spacing of the per-round checkpoint files (checkpoint k is written at the end of
-    round k; checkpoint 0 just before round 1). An edgefleet train job also evaluates each device before
-    and after its step (loss, AUC), which the stock client does not: the comparison favours stock.
+    device-host actors, 250 devices per call). Round times: the spacing of the per-round checkpoint files
+    (checkpoint 0 is written just before round 1, checkpoint k at the end of round k, after aggregation and
+    the round's metrics); the summary's own ``timing.seconds_per_round`` is kept beside them. An edgefleet
+    train job also evaluates each device before and after its step (loss, AUC), which the stock client does
+    not: the comparison favours stock.
 stock Flower
     ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the stock ``FedAvg`` (fraction_train =
     fraction_evaluate = 1.0) and a ``ClientApp`` doing the same local work in PyTorch: the hand-written
@@ -19,15 +20,24 @@ stock Flower
     training clips; evaluate returns the reconstruction loss of the 32 test clips. One CPU per client
     (``client_resources = {num_cpus: 1}``, ``torch.set_num_threads(1)``): two clients run at once. Each
     client process keeps its model and (like an edgefleet host) a bounded cache of device data, so the
-    baseline pays neither twice. Seconds per round: timestamps taken in ``evaluate_fn``, which the strategy
-    calls once before round 1 and once after each round — the same mark edgefleet's engine uses.
+    baseline pays neither twice. Round times: timestamps taken in ``evaluate_fn``, which the strategy calls
+    once before round 1 and once after each round — the same mark edgefleet's engine uses.
 
-Every measurement runs in its own process (its own Ray instance), one after the other.
+seconds_per_round is the mean over the rounds after the first, on both sides: the first round carries
+warm-up (stock Flower starts its client processes, which import torch, inside round 1; edgefleet starts its
+hosts before the loop). The first round is reported apart, and the mean over all rounds too.
+Every measurement runs in its own process (its own Ray instance), one after the other, after waiting (up
+to ``--quiet-wait-s``) for other processes to leave the cores idle; the cores other processes used during
+each measurement are recorded (``background_cores``): on a shared machine, read the figures with them.
+``round_breakdown`` splits a round into device compute (edgefleet hosts / stock ClientApp code, per
+parallel worker) and everything else (messages, serialization, scheduling, aggregation, bookkeeping).
 device_samples_per_host_second = devices × 32 training samples / seconds_per_round;
 speedup = stock seconds per round / edgefleet seconds per round at the same device count. A stock figure
-for a device count that was not run is a straight line through the stock runs, labelled ``extrapolated``.
+for a device count that was not run is a straight line through the stock runs, labelled ``extrapolated``;
+it is likely a lower bound (``STOCK_LINE_CAVEAT``: stock Flower's cost per round grows faster than N).
 
     python benchmarks/fleet_round.py                         # edgefleet 1,000 and 10,000; stock 1,000 and 2,000
+    python benchmarks/fleet_round.py --stock-devices 1000 2000 10000   # stock 10,000 measured: ~25 min more
     python benchmarks/fleet_round.py --quick                 # 200 devices each, a smoke check
     python benchmarks/fleet_round.py --devices 1000 --stock-devices 1000 --out /tmp/r.json
 """
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -71,6 +82,11 @@ QUIET_CORES = 0.3                     # before a measurement: wait until other p
 QUIET_WAIT_S = 60.0                   # ... but no longer than this
 AIM_SPEEDUP = 10.0
 AIM_ROUND_S, AIM_ROUND_DEVICES = 60.0, 10000
+STOCK_LINE_CAVEAT = ("likely a lower bound: Flower's simulation engine hands out messages by asking its in-memory "
+                     "LinkState, node by node, for that node's messages, and each ask scans every stored message "
+                     "(vce_api.add_messages_to_queue → InMemoryLinkState.get_message_ins), so its cost per round "
+                     "grows faster than the device count")
+ROUND_MARK = "fleet_round: round mark"  # a stock child prints one line per evaluate_fn call
 LOG = logging.getLogger("fleet_round")
 
 
@@ -96,7 +112,7 @@ def _quiet() -> None:
 # ---- edgefleet -------------------------------------------------------------------------------------------
 def run_edgefleet(devices: int, rounds: int) -> dict[str, Any]:
     from fleet.engine import run_scenario
-    from fleet.runs import CHECKPOINTS, RunDir
+    from fleet.runs import RunDir
     from fleet.scenario import parse_scenario
 
     scenario = parse_scenario(scenario_dict(devices, rounds), source="fleet_round.py")
@@ -107,7 +123,6 @@ def run_edgefleet(devices: int, rounds: int) -> dict[str, Any]:
         run = RunDir(run_dir)
         marks = [run.checkpoint_path(r).stat().st_mtime for r in range(rounds + 1)]
         host = _host_seconds(run.metrics(), rounds)
-        assert (Path(run_dir) / CHECKPOINTS).is_dir()
     round_s = [b - a for a, b in zip(marks, marks[1:])]
     return {**round_figures(round_s),
             "summary_seconds_per_round": summary["timing"]["seconds_per_round"],
@@ -253,13 +268,17 @@ def run_stock(devices: int, rounds: int) -> dict[str, Any]:
     results: list[Any] = []
     server_app = ServerApp()
 
+    def mark(server_round: int, arrays: Any) -> None:
+        marks.append(time.perf_counter())
+        print(f"{ROUND_MARK} {server_round} {marks[-1] - start:.3f}", flush=True)  # the parent reads these
+
     @server_app.main()
     def server_main(grid: Any, context: Any) -> None:
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=devices,
                           min_evaluate_nodes=devices, min_available_nodes=devices)
         initial = ArrayRecord({k: Array(v) for k, v in initial_adapters().items()})
         results.append(strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                                      evaluate_fn=lambda server_round, arrays: marks.append(time.perf_counter())))
+                                      evaluate_fn=mark))
 
     backend = {"client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False, "logging_level": "ERROR"}}
@@ -288,7 +307,6 @@ def run_stock(devices: int, rounds: int) -> dict[str, Any]:
 # ---- driver ----------------------------------------------------------------------------------------------
 def child(system: str, devices: int, rounds: int, result_path: Path) -> int:
     _quiet()
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     result = (run_edgefleet if system == "edgefleet" else run_stock)(devices, rounds)
     result_path.write_text(json.dumps(result))
     return 0
@@ -380,7 +398,8 @@ def measure(system: str, devices: int, rounds: int, timeout_s: float) -> dict[st
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return {"error": f"timed out after {timeout_s:.0f} s"}
+                reader.join(timeout=5)
+                return {"error": f"timed out after {timeout_s:.0f} s", **partial_rounds(output, timeout_s)}
             finally:
                 reader.join(timeout=5)
         process_s = time.perf_counter() - start
@@ -389,6 +408,18 @@ def measure(system: str, devices: int, rounds: int, timeout_s: float) -> dict[st
             return {"error": f"exit code {proc.returncode}", "output_tail": tail}
         return {**json.loads(result_path.read_text()), "process_seconds": process_s,
                 "background_cores": background.cores}
+
+
+def partial_rounds(output: Sequence[bytes], timeout_s: float) -> dict[str, Any]:
+    """What a stock run that hit its deadline had finished: its round marks (seconds since start)."""
+    marks = [float(line.split()[-1]) for line in b"".join(output).decode(errors="replace").splitlines()
+             if line.startswith(ROUND_MARK)]
+    if not marks:
+        return {"rounds_completed": 0}
+    round_s = [b - a for a, b in zip(marks, marks[1:])]
+    return {"rounds_completed": len(round_s), "startup_seconds": marks[0], "round_seconds": round_s,
+            # the round under way when the deadline came had already lasted this long
+            "unfinished_round_seconds_at_least": timeout_s - marks[-1]}
 
 
 def per_second(devices: int, seconds_per_round: float) -> float:
@@ -441,7 +472,7 @@ def entry(system: str, devices: int, r: dict[str, Any]) -> dict[str, Any]:
             "round_breakdown": compute_share(system, r), "details": r}
 
 
-def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[str, Any]:
+def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int, source: dict[str, Any]) -> dict[str, Any]:
     stock_s = {n: r["seconds_per_round"] for n, r in stock.items() if "error" not in r}
     line = stock_line(stock_s)
     configurations = []
@@ -449,14 +480,15 @@ def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[s
         row: dict[str, Any] = {"devices": n, "samples_per_device": SAMPLES_PER_DEVICE}
         if n in edge:
             row["edgefleet"] = entry("edgefleet", n, edge[n])
-        if n in stock_s:
+        if n in stock:
             row["stock_flower"] = entry("stock", n, stock[n])
-        elif line is not None:
+        if n not in stock_s and line is not None:
             sec = line[0] + line[1] * n
             row["stock_flower"] = {"seconds_per_round": sec, "device_samples_per_host_second": per_second(n, sec),
                                    "measured": False, "extrapolated": True,
                                    "from": f"straight line through the stock runs at {sorted(stock_s)} devices: "
-                                           f"{line[0]:.2f} s + {line[1] * 1000:.2f} s per 1,000 devices"}
+                                           f"{line[0]:.2f} s + {line[1] * 1000:.2f} s per 1,000 devices",
+                                   "caveat": STOCK_LINE_CAVEAT}
             if n in stock:
                 row["stock_flower"]["failed_run"] = stock[n]
         e, st = row.get("edgefleet", {}), row.get("stock_flower", {})
@@ -470,8 +502,9 @@ def report(edge: dict[int, dict], stock: dict[int, dict], rounds: int) -> dict[s
     at_aim = next((r for r in configurations if r["devices"] == AIM_ROUND_DEVICES and
                    "seconds_per_round" in r.get("edgefleet", {})), None)
     return {
-        "benchmark": "fleet_round", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-        "source": source_state(),
+        "benchmark": "fleet_round", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+        "machine": machine(),
+        "source": source,
         "setup": {"scenario": scenario_dict(0, rounds) | {"fleet": "groups[0].count = devices"},
                   "round": "train (1 SGD step, batch 32, on 32 samples) + aggregate + evaluate (32 test "
                            "samples), every device, both systems",
@@ -500,10 +533,12 @@ def source_state() -> dict[str, Any]:
     """The commit measured and the files that differed from it (the working tree is what ran)."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+            return done.stdout.rstrip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
-    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain").splitlines()}
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain").splitlines(),
+            "diff_sha256": hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -544,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
         args.devices, args.stock_devices = [QUICK_DEVICES], [QUICK_DEVICES]
+    source = {"at_start": source_state()}  # the working tree may change under a long run (shared checkouts)
     edge: dict[int, dict] = {}
     stock: dict[int, dict] = {}
     for system, counts, table in (("edgefleet", args.devices, edge), ("stock", args.stock_devices, stock)):
@@ -555,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
             LOG.info("  %s", r.get("error") or f"{r['seconds_per_round']:.2f} s per round, first round "
                      f"{r['first_round_seconds']:.2f} s ({r['process_seconds']:.0f} s in all; other processes "
                      f"used {r['background_cores']:.2f} cores meanwhile)")
-    result = report(edge, stock, args.rounds)
+    source["at_end"] = source_state()
+    source["changed_during_run"] = source["at_end"] != source["at_start"]
+    result = report(edge, stock, args.rounds, source)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result)

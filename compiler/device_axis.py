@@ -111,7 +111,11 @@ class _Rewriter:
             target = y if c is None else self.tensor(f"{y}.noc", self.tensors[y].shape)
             self.nodes.append(dataclasses.replace(node, inputs=(x, w), outputs=(target,)))
         if c is not None:
-            self.elementwise(Node(f"{node.name}/bias", "Add", (target, c), (y,), {}, node.phase, node.layer))
+            bias = Node(f"{node.name}/bias", "Add", (target, c), (y,), {}, node.phase, node.layer)
+            if c in self.per_device:
+                self.elementwise(bias)
+            else:  # a shared bias, or an activation accumulated onto the product (LoRA's B)
+                self.nodes.append(bias)
 
     def device_view(self, base: Node, p: str, rank: int) -> str:
         """Per-device parameter P (D, *p) as (D, 1, …, *p) against an activation of rank ``rank`` + 1."""

@@ -257,17 +257,32 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         tensors[scale] = TensorSpec(scale, (), "float32", Role.CONSTANT)
         y = node.outputs[0]
         y_shape = tensors[y].shape
-        # the α/r scale is applied to the rank-r intermediate: same result, r/out of the work and bytes
-        h, s, u, out = (names(f"{layer}.lora_{k}") for k in ("h", "s", "u", "out"))
-        tensors[h] = TensorSpec(h, tuple(y_shape[:-1]) + (cfg.rank,))
-        tensors[s] = TensorSpec(s, tuple(y_shape[:-1]) + (cfg.rank,))
-        tensors[u] = TensorSpec(u, y_shape)
+        # the α/r scale is applied to the rank-r intermediate (r/out of the work and bytes), and B's product
+        # accumulates onto the frozen output in one GEMM, Z = X·B + Y (RedMulE's own form): no extra
+        # activation-sized tensor for the branch
+        h, s, out = (names(f"{layer}.lora_{k}") for k in ("h", "s", "out"))
+        rank_shape = tuple(y_shape[:-1]) + (cfg.rank,)
+        tensors[h] = TensorSpec(h, rank_shape)
+        tensors[s] = TensorSpec(s, rank_shape)
         tensors[out] = TensorSpec(out, y_shape)
         lora_layer = node.layer or layer
         nodes += [Node(f"{layer}.lora/A", "MatMul", (x, a), (h,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/scale", "Mul", (h, scale), (s,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/B", "MatMul", (s, b), (u,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/Add", "Add", (y, u), (out,), {}, "forward", lora_layer)]
+                  Node(f"{layer}.lora/scale", "Mul", (h, scale), (s,), {}, "forward", lora_layer)]
+        if len(y_shape) == 2:
+            nodes.append(Node(f"{layer}.lora/B", "Gemm", (s, b, y), (out,), {}, "forward", lora_layer))
+        else:  # fold the leading axes into rows (views, no copies)
+            rows = int(np.prod(y_shape[:-1]))
+            s2, y2, out2 = (names(f"{layer}.lora_{k}2d") for k in ("s", "y", "out"))
+            tensors[s2] = TensorSpec(s2, (rows, cfg.rank))
+            tensors[y2] = TensorSpec(y2, (rows, d_out))
+            tensors[out2] = TensorSpec(out2, (rows, d_out))
+            nodes += [Node(f"{layer}.lora/rows_s", "Reshape", (s,), (s2,), {"shape": (rows, cfg.rank)}, "forward",
+                           lora_layer),
+                      Node(f"{layer}.lora/rows_y", "Reshape", (y,), (y2,), {"shape": (rows, d_out)}, "forward",
+                           lora_layer),
+                      Node(f"{layer}.lora/B", "Gemm", (s2, b, y2), (out2,), {}, "forward", lora_layer),
+                      Node(f"{layer}.lora/unrows", "Reshape", (out2,), (out,), {"shape": tuple(y_shape)},
+                           "forward", lora_layer)]
         renamed[y] = out
     outputs = tuple(renamed.get(o, o) for o in graph.outputs)
     return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes), outputs=outputs)

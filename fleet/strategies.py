@@ -531,35 +531,30 @@ class FFALoRA(FastAverage):
         return arrays, metrics
 
 
-class FlexLoRA(FedAvg):
-    """FlexLoRA (Bai et al., 2024): clients of different ranks, ΔW averaged, SVD per client.
-
-    The global ArrayRecord holds factors at the rank of ``initial_arrays``
-    (the largest rank any node may use), split from the SVD of the
-    num-examples weighted mean of ΔW_i = A_i @ B_i (see ``svd_factors`` for
-    ``split``). Since singular values are sorted, each node is sent the first
-    r_i columns of A and rows of B: the best rank-r_i approximation of the mean
-    ΔW. A node's rank comes from ``node_ranks`` (node id → rank) and is updated
-    from the shapes of its last reply; unknown nodes get the global rank.
-    """
+class PerNodeRank(FedAvg):
+    """What FlexLoRA and HetLoRA share: global factors at the rank of ``initial_arrays``; each node is sent
+    the first r_i columns of A and rows of B; a node's rank comes from ``node_ranks`` (node id → rank) and
+    is updated from the shapes of its last reply (unknown nodes get the global rank). Subclasses give
+    ``aggregate_states`` and may add to the train config."""
 
     rank_flexible = True
 
-    def __init__(
-        self, *, node_ranks: Mapping[int, int] | None = None, split: str = "sqrt", **fedavg_options
-    ) -> None:
+    def __init__(self, *, node_ranks: Mapping[int, int] | None = None, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
-        if split not in SVD_SPLITS:
-            raise ValueError(f"unknown split {split!r}; known: {sorted(SVD_SPLITS)}")
         self.node_ranks = _check_node_ranks(node_ranks)
-        self.split = split
         self.global_ranks: dict[str, int] = {}
+
+    def train_config(self, config: ConfigRecord) -> ConfigRecord:
+        return config
+
+    def aggregate_states(self, states: list[State], weights: list[float]) -> State:
+        raise NotImplementedError
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_ranks = shape_ranks(shapes_of(arrays))
-        messages = super().configure_train(server_round, arrays, _copy_config(config), grid)
+        messages = super().configure_train(server_round, arrays, self.train_config(_copy_config(config)), grid)
         return _at_node_ranks(self, messages, self.node_ranks)
 
     def configure_evaluate(
@@ -571,26 +566,39 @@ class FlexLoRA(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        def aggregate(states: list[State], weights: list[float]) -> State:
-            return flexlora_aggregate(states, weights, self.global_ranks, self.split)
-
-        arrays, metrics, reply_ranks = _aggregate_states(self, replies, aggregate)
+        arrays, metrics, reply_ranks = _aggregate_states(self, replies, self.aggregate_states)
         self.node_ranks.update(reply_ranks)
         return arrays, metrics
 
 
-class HetLoRA(FedAvg):
-    """HetLoRA (Cho et al., 2024): zero-pad factors to the global rank, average, truncate.
+class FlexLoRA(PerNodeRank):
+    """FlexLoRA (Bai et al., 2024): clients of different ranks, ΔW averaged, SVD per client.
 
-    Global factors keep the rank of ``initial_arrays``; node i is sent the first
-    r_i columns of A and rows of B. Ranks come from ``node_ranks`` and each
-    node's last reply, as in FlexLoRA. Options: ``sparsity_weighted`` (weights
-    ‖A_i B_i‖_F instead of num-examples) and ``prune_gamma`` (sent as
-    "lora-prune-gamma" for client-side self-pruning; a client then replies at
-    its lower rank).
+    The global ArrayRecord holds factors at the rank of ``initial_arrays``
+    (the largest rank any node may use), split from the SVD of the
+    num-examples weighted mean of ΔW_i = A_i @ B_i (see ``svd_factors`` for
+    ``split``). Since singular values are sorted, each node's first r_i
+    columns of A and rows of B are the best rank-r_i approximation of the mean ΔW.
     """
 
-    rank_flexible = True
+    def __init__(
+        self, *, node_ranks: Mapping[int, int] | None = None, split: str = "sqrt", **fedavg_options
+    ) -> None:
+        super().__init__(node_ranks=node_ranks, **fedavg_options)
+        if split not in SVD_SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {sorted(SVD_SPLITS)}")
+        self.split = split
+
+    def aggregate_states(self, states: list[State], weights: list[float]) -> State:
+        return flexlora_aggregate(states, weights, self.global_ranks, self.split)
+
+
+class HetLoRA(PerNodeRank):
+    """HetLoRA (Cho et al., 2024): zero-pad factors to the global rank, average, truncate.
+
+    Options: ``sparsity_weighted`` (weights ‖A_i B_i‖_F instead of num-examples) and ``prune_gamma`` (sent
+    as "lora-prune-gamma" for client-side self-pruning; a client then replies at its lower rank).
+    """
 
     def __init__(
         self,
@@ -600,37 +608,17 @@ class HetLoRA(FedAvg):
         prune_gamma: float | None = None,
         **fedavg_options,
     ) -> None:
-        super().__init__(**fedavg_options)
-        self.node_ranks = _check_node_ranks(node_ranks)
+        super().__init__(node_ranks=node_ranks, **fedavg_options)
         self.sparsity_weighted = sparsity_weighted
         self.prune_gamma = prune_gamma
-        self.global_ranks: dict[str, int] = {}
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.global_ranks = shape_ranks(shapes_of(arrays))
-        config = _copy_config(config)
+    def train_config(self, config: ConfigRecord) -> ConfigRecord:
         if self.prune_gamma is not None:
             config[PRUNE_GAMMA_KEY] = self.prune_gamma
-        messages = super().configure_train(server_round, arrays, config, grid)
-        return _at_node_ranks(self, messages, self.node_ranks)
+        return config
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = super().configure_evaluate(server_round, arrays, _copy_config(config), grid)
-        return _at_node_ranks(self, messages, self.node_ranks)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        def aggregate(states: list[State], weights: list[float]) -> State:
-            return hetlora_aggregate(states, weights, self.global_ranks, self.sparsity_weighted)
-
-        arrays, metrics, reply_ranks = _aggregate_states(self, replies, aggregate)
-        self.node_ranks.update(reply_ranks)
-        return arrays, metrics
+    def aggregate_states(self, states: list[State], weights: list[float]) -> State:
+        return hetlora_aggregate(states, weights, self.global_ranks, self.sparsity_weighted)
 
 
 # --- factory --------------------------------------------------------------------------

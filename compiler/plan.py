@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from compiler.ir import CompileError, Graph, Role
+from compiler.ir import CompileError, Graph
 from compiler.ops import get_op
 
 ALIGN_BYTES = 16

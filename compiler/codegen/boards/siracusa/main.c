@@ -18,43 +18,10 @@
 
 #include "ef_board.h"
 #include "ef_hal.h"
+#include "ef_io.h"
 #include "ef_program.h"
 
-#define EF_IO_VERSION 1u
-#define EXIT_PARAMS 10
-#define EXIT_BATCHES 11
-#define EXIT_OUT 12
-#define EXIT_MISMATCH 13
 #define EXIT_CLUSTER 14
-#define MODE_TRAIN 0u
-#define MODE_EVALUATE 1u
-
-/* the file layouts of boards/main.c */
-typedef struct {
-    char magic[4];
-    uint32_t version, fingerprint, params_bytes;
-} params_header_t;
-
-typedef struct {
-    char magic[4];
-    uint32_t version, fingerprint, mode, steps, input_bytes, label_bytes, reserved;
-} batches_header_t;
-
-typedef struct {
-    char magic[4];
-    uint32_t version, fingerprint, mode, steps, params_bytes, output_bytes, record_bytes;
-} out_header_t;
-
-typedef struct {
-    float loss;
-    uint32_t reserved;
-    uint64_t cycles, instructions;
-} step_record_t;
-
-typedef struct {
-    char magic[4];
-    uint32_t steps;
-} trailer_t;
 
 typedef struct {
     const ef_phase_t *phase;

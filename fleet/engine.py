@@ -383,14 +383,14 @@ def _summary(scenario: Scenario, run: RunDir, fleet: Fleet, program: Any, person
         for cause, count in r["failures"].items():
             failures[cause] = failures.get(cause, 0) + count
     improved = [p - b for p, b in zip(personal["personalized"], personal["base"]) if np.isfinite(p - b)]
+    # the *_accuracy_mean keys hold the task's metric ("metric" says which); AUC runs also get *_auc_mean
+    means = {f"{stage}_{name}_mean": _mean(personal[stage]) for stage in ("base", "global", "personalized")
+             for name in {"accuracy", metric}}
     return {
         "scenario": scenario.name, "rounds_completed": rounds_completed, "devices": len(fleet.devices),
         "metric": metric, "task": program.task,
         "personalization": {
-            f"base_{'accuracy' if metric == 'accuracy' else 'auc'}_mean": _mean(personal["base"]),
-            "base_accuracy_mean": _mean(personal["base"]),
-            "global_accuracy_mean": _mean(personal["global"]),
-            "personalized_accuracy_mean": _mean(personal["personalized"]),
+            **means,
             "improvement_mean": _mean(improved),
             "share_of_devices_improved": float(np.mean(np.asarray(improved) > 0)) if improved else float("nan"),
             "distributions": {k: _distribution(personal[k]) for k in ("base", "global", "personalized")},

@@ -8,6 +8,7 @@ only the nodes that read one are rewritten, with reshapes that expose the device
     Gemm(x, P, C)       the same via MatMul (transB handled by a Transpose of P)
     Add/Sub/Mul/Div     x (D·B, …) → (D, B, …) against P reshaped to (D, 1…, p)
     LayerNormalization  normalise with unit scale/zero bias, then the Mul/Add rules
+    LoraLinear(x, W, A, B)  unchanged: A (D, in, r) and B (D, r, out) split x's rows into D slices itself
 
 The loss is scaled by D (the sum of the devices' mean losses), so each device's gradient is its own. An op
 that reads a per-device parameter in any other way is an error: such programs run one device at a time.
@@ -76,6 +77,8 @@ class _Rewriter:
                 self.matmul(node, node.inputs[0], node.inputs[1], node.outputs[0])
             elif node.op == "Gemm":
                 self.gemm(node)
+            elif node.op == "LoraLinear" and node.inputs[1] not in self.per_device:
+                self.lora(node)
             elif node.op in ELEMENTWISE and len(touched) == 1:
                 self.elementwise(node)
             elif node.op == "LayerNormalization":
@@ -116,6 +119,19 @@ class _Rewriter:
                 self.elementwise(bias)
             else:  # a shared bias, or an activation accumulated onto the product (LoRA's B)
                 self.nodes.append(bias)
+
+    def lora(self, node: Node) -> None:
+        """LoraLinear batches devices itself: A and B with a leading D split x's rows into D slices."""
+        c = node.inputs[4] if len(node.inputs) > 4 else None
+        if c is None or c not in self.per_device:
+            self.nodes.append(node)
+            return
+        if node.attrs.get("beta", 1.0) != 1.0:
+            raise CompileError(f"device axis: LoraLinear {node.name!r} with a trained C and beta != 1 is not supported")
+        y = node.outputs[0]
+        product = self.tensor(f"{y}.noc", self.tensors[y].shape)
+        self.nodes.append(dataclasses.replace(node, inputs=node.inputs[:4], outputs=(product,)))
+        self.elementwise(Node(f"{node.name}/bias", "Add", (product, c), (y,), {}, node.phase, node.layer))
 
     def device_view(self, base: Node, p: str, rank: int) -> str:
         """Per-device parameter P (D, *p) as (D, 1, …, *p) against an activation of rank ``rank`` + 1."""

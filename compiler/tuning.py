@@ -209,7 +209,8 @@ AUTO_TARGETS = ("*attn.*", "*mlp.*")
 
 
 def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) -> Graph:
-    """y = W·x (+ b) becomes y' = y + (α/r)·(x·A)·B for every targeted layer; A, B are new trainables.
+    """y = W·x (+ b) becomes y = W·x (+ b) + (α/r)·(x·A)·B, one LoraLinear step, for every targeted layer; A, B
+    are new trainables.
     ``exclude``: patterns of layers trained fully, which "auto" leaves without adapters."""
     layers = lora_layers(graph)
     targets: dict[str, Node] = {}
@@ -229,10 +230,8 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
     rng = np.random.default_rng(cfg.seed)
     tensors, values = dict(graph.tensors), dict(graph.values)
     names = NameGen(tensors)
-    renamed: dict[str, str] = {}  # old output → LoRA-adjusted output
     nodes: list[Node] = []
     for node in graph.nodes:
-        node = dataclasses.replace(node, inputs=tuple(renamed.get(i, i) for i in node.inputs))
         nodes.append(node)
         layer = node.layer or node.name
         if targets.get(layer) is None or targets[layer].name != node.name:
@@ -252,40 +251,15 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         values[a], values[b] = _lora_init(rng, cfg, d_in, d_out)
         tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.FROZEN if cfg.freeze_a else Role.TRAINABLE)
         tensors[b] = TensorSpec(b, (cfg.rank, d_out), "float32", Role.TRAINABLE)
-        scale = names(f"{layer}.lora_scale")
-        values[scale] = np.asarray(cfg.alpha / cfg.rank, np.float32)
-        tensors[scale] = TensorSpec(scale, (), "float32", Role.CONSTANT)
-        y = node.outputs[0]
-        y_shape = tensors[y].shape
-        # the α/r scale is applied to the rank-r intermediate (r/out of the work and bytes), and B's product
-        # accumulates onto the frozen output in one GEMM, Z = X·B + Y (RedMulE's own form): no extra
-        # activation-sized tensor for the branch
-        h, s, out = (names(f"{layer}.lora_{k}") for k in ("h", "s", "out"))
-        rank_shape = tuple(y_shape[:-1]) + (cfg.rank,)
-        tensors[h] = TensorSpec(h, rank_shape)
-        tensors[s] = TensorSpec(s, rank_shape)
-        tensors[out] = TensorSpec(out, y_shape)
-        lora_layer = node.layer or layer
-        nodes += [Node(f"{layer}.lora/A", "MatMul", (x, a), (h,), {}, "forward", lora_layer),
-                  Node(f"{layer}.lora/scale", "Mul", (h, scale), (s,), {}, "forward", lora_layer)]
-        if len(y_shape) == 2:
-            nodes.append(Node(f"{layer}.lora/B", "Gemm", (s, b, y), (out,), {}, "forward", lora_layer))
-        else:  # fold the leading axes into rows (views, no copies)
-            rows = int(np.prod(y_shape[:-1]))
-            s2, y2, out2 = (names(f"{layer}.lora_{k}2d") for k in ("s", "y", "out"))
-            tensors[s2] = TensorSpec(s2, (rows, cfg.rank))
-            tensors[y2] = TensorSpec(y2, (rows, d_out))
-            tensors[out2] = TensorSpec(out2, (rows, d_out))
-            nodes += [Node(f"{layer}.lora/rows_s", "Reshape", (s,), (s2,), {"shape": (rows, cfg.rank)}, "forward",
-                           lora_layer),
-                      Node(f"{layer}.lora/rows_y", "Reshape", (y,), (y2,), {"shape": (rows, d_out)}, "forward",
-                           lora_layer),
-                      Node(f"{layer}.lora/B", "Gemm", (s2, b, y2), (out2,), {}, "forward", lora_layer),
-                      Node(f"{layer}.lora/unrows", "Reshape", (out2,), (out,), {"shape": tuple(y_shape)},
-                           "forward", lora_layer)]
-        renamed[y] = out
-    outputs = tuple(renamed.get(o, o) for o in graph.outputs)
-    return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes), outputs=outputs)
+        # one fused step replaces the layer's GEMM (compiler/ops/linear.py, LoraLinear): a single pass over x
+        # feeds W and A, B's product accumulates onto W's (Z = X·W + Y), the α/r scale sits on the rank-r
+        # intermediate, and nothing activation-sized is added for the branch
+        attrs = {"scale": cfg.alpha / cfg.rank}
+        if node.op == "Gemm":
+            attrs.update(transB=int(node.attrs.get("transB", 0)), alpha=float(node.attrs.get("alpha", 1.0)),
+                         beta=float(node.attrs.get("beta", 1.0)))
+        nodes[-1] = dataclasses.replace(node, op="LoraLinear", inputs=(x, w, a, b, *node.inputs[2:]), attrs=attrs)
+    return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes))
 
 
 def _lora_init(rng: np.random.Generator, cfg: LoraConfig, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:

@@ -112,3 +112,146 @@ class Gemm(Op):
     def flops(self, out_shapes, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
         m, n, k = gemm_dims(a, b, transA, transB)
         return 2 * m * n * k + (m * n if c is not None else 0)
+
+
+# ---- LoRA: the adapted layer as one fused GEMM step, forward and backward ------------------------------------
+def _lora_dims(x, w, a, b, trans_b):
+    """(M, N, K, r, D) of a LoRA layer: x (..., K) folded into M rows, W (K, N) or (N, K) with transB, A (K, r)
+    or per device (D, K, r), B (r, N) or (D, r, N); device d owns rows [d·M/D, (d+1)·M/D)."""
+    if len(x) < 2 or len(w) != 2:
+        raise CompileError(f"LoraLinear: x must have rank >= 2 and W rank 2 ({x}, {w})")
+    k = x[-1]
+    n, k2 = w if trans_b else w[::-1]
+    if k2 != k:
+        raise CompileError(f"LoraLinear: inner dimensions differ (x {x}, W {w}, transB={trans_b})")
+    if len(a) != len(b) or len(a) not in (2, 3):
+        raise CompileError(f"LoraLinear: A {a} and B {b} must both be 2-D, or both 3-D (per device)")
+    devices = a[0] if len(a) == 3 else 1
+    r = a[-1]
+    if a[-2] != k or tuple(b[-2:]) != (r, n) or (len(b) == 3 and b[0] != devices):
+        raise CompileError(f"LoraLinear: A {a} / B {b} do not fit x {x} and W {w}")
+    m = size(x[:-1])
+    if m % devices:
+        raise CompileError(f"LoraLinear: {m} rows do not split over {devices} devices")
+    return m, n, k, r, devices
+
+
+def _per_device(t, devices):
+    """A row-folded (M, c) operand as (D, M/D, c) (a view)."""
+    return t.reshape(devices, t.shape[0] // devices, t.shape[1])
+
+
+class LoraLinear(Op):
+    """A layer with a LoRA adapter in one step (PEFT's LoRA Linear, as one kernel):
+
+        y = alpha·x·W' (+ beta·C) + (scale·x·A)·B          W' = Wᵀ if transB, scale = α/r
+
+    x (..., K) is folded into M rows. One pass over x feeds both products, and B's product accumulates onto the
+    frozen one (RedMulE's Z = X·W + Y): the adapter adds no activation-sized traffic. The rank-r intermediate
+    x·A stays inside the step; the backward step recomputes it from x, which it reads for dA anyway.
+    A and B may carry a leading device axis (D, ·, ·): then device d's rows are the d-th of D equal slices."""
+    name = "LoraLinear"
+    kind = "gemm"
+
+    def infer(self, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
+        m, n, _, _, _ = _lora_dims(x, w, a, b, transB)
+        if c is not None:
+            if len(x) != 2:
+                raise CompileError(f"LoraLinear: a C input needs 2-D x (got {x})")
+            np.broadcast_shapes(c, (m, n))
+        return (*x[:-1], n)
+
+    def forward(self, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
+        m, n, _, _, _ = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        y = np.empty((*x.shape[:-1], n), x.dtype)
+        self.forward_into((y,), x, w, a, b, c, scale=scale, transB=transB, alpha=alpha, beta=beta)
+        return y
+
+    def forward_into(self, outs, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
+        m, n, k, _, devices = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        x2, y = x.reshape(m, k), outs[0].reshape(m, n)
+        np.matmul(x2, w.T if transB else w, out=y)
+        if alpha != 1.0:
+            y *= y.dtype.type(alpha)
+        if c is not None:
+            y += c if beta == 1.0 else c * c.dtype.type(beta)
+        s = np.matmul(_per_device(x2, devices), a.reshape(devices, k, -1))
+        s *= s.dtype.type(scale)
+        _per_device(y, devices)[...] += s @ b.reshape(devices, -1, n)
+
+    def gradient(self, g, x, y, dy, *, scale, transB=0, alpha=1.0, beta=1.0):
+        xs, w, a, b = x[:4]
+        d = dy[0]
+        grads = "".join(letter for letter, name in zip("xab", (xs, a, b)) if g.needs(name))
+        found = dict(zip(grads, g.emit_n("LoraLinearGrad", [d, xs, w, a, b], grads=grads, scale=scale,
+                                         transB=transB, alpha=alpha))) if grads else {}
+        dw = dc = None
+        if g.needs(w):  # the frozen weight trained as well (LoRA on a fully trained layer)
+            k, n = g.shape(xs)[-1], g.shape(d)[-1]
+            x2, d2 = g.reshape(xs, (size(g.shape(xs)) // k, k)), g.reshape(d, (size(g.shape(d)) // n, n))
+            dw = g.emit("Gemm", [d2, x2], transA=1, alpha=alpha) if transB else \
+                g.emit("Gemm", [x2, d2], transA=1, alpha=alpha)
+        if len(x) > 4 and g.needs(x[4]):
+            dc = g.sum_to(d, g.shape(x[4]))
+            if beta != 1.0:
+                dc = g.emit("Mul", [dc, g.const(beta, "beta")])
+        out = (found.get("x"), dw, found.get("a"), found.get("b"))
+        return out if len(x) == 4 else out + (dc,)
+
+    def flops(self, out_shapes, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
+        m, n, k, r, _ = _lora_dims(x, w, a, b, transB)
+        return 2 * m * n * k + 2 * m * k * r + m * r + 2 * m * r * n + (m * n if c is not None else 0)
+
+
+class LoraLinearGrad(Op):
+    """The backward pass of LoraLinear in one step; ``grads`` names the outputs, in this order:
+
+           S  = scale·X·A,  dS = scale·dY·Bᵀ      (rank-r, never leave the step; S is recomputed from X)
+        x  dX = alpha·dY·W'ᵀ + dS·Aᵀ
+        a  dA = Xᵀ·dS
+        b  dB = Sᵀ·dY
+    per device when A and B carry a device axis. One pass over the rows of dY and X feeds all of them."""
+    name = "LoraLinearGrad"
+    kind = "gemm"
+    num_outputs = -1
+    backward_only = True
+
+    def infer(self, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
+        m, n, _, _, _ = _lora_dims(x, w, a, b, transB)
+        if size(dy) != m * n:
+            raise CompileError(f"LoraLinearGrad: dY {dy} does not fit x {x}")
+        if not grads or "".join(sorted(set(grads), key="xab".index)) != grads or set(grads) - set("xab"):
+            raise CompileError(f"LoraLinearGrad: grads must be a non-empty ordered subset of 'xab', got {grads!r}")
+        return tuple({"x": x, "a": a, "b": b}[c] for c in grads)
+
+    def forward(self, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
+        outs = tuple(np.empty(t.shape, x.dtype) for t, c in zip((x, a, b), "xab") if c in grads)
+        self.forward_into(outs, dy, x, w, a, b, grads=grads, scale=scale, transB=transB, alpha=alpha)
+        return outs
+
+    def forward_into(self, outs, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
+        m, n, k, r, devices = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        got = dict(zip(grads, outs))
+        s = dy.dtype.type(scale)
+        d2, x2 = dy.reshape(m, n), x.reshape(m, k)
+        dd, xd = _per_device(d2, devices), _per_device(x2, devices)
+        a3, b3 = a.reshape(devices, k, r), b.reshape(devices, r, n)
+        ds = np.matmul(dd, b3.transpose(0, 2, 1))
+        ds *= s
+        if "x" in got:
+            dx = got["x"].reshape(m, k)
+            np.matmul(d2, w if transB else w.T, out=dx)
+            if alpha != 1.0:
+                dx *= dx.dtype.type(alpha)
+            _per_device(dx, devices)[...] += ds @ a3.transpose(0, 2, 1)
+        if "a" in got:
+            np.matmul(xd.transpose(0, 2, 1), ds, out=got["a"].reshape(devices, k, r))
+        if "b" in got:
+            sx = np.matmul(xd, a3)
+            sx *= s
+            np.matmul(sx.transpose(0, 2, 1), dd, out=got["b"].reshape(devices, r, n))
+
+    def flops(self, out_shapes, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
+        m, n, k, r, _ = _lora_dims(x, w, a, b, transB)
+        per = {"x": 2 * m * n * k + 2 * m * r * k, "a": 2 * m * k * r, "b": 2 * m * k * r + m * r + 2 * m * r * n}
+        return 2 * m * n * r + m * r + sum(per[c] for c in grads)

@@ -15,6 +15,7 @@ from compiler.ops import get_op
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, cluster_elementwise_cycles, cluster_gemm_cycles, dma_cycles,
                                    pipeline_cycles, redmule_job_cycles, split)
+from compiler.targets.fused import FUSED_OPS, cost_fused
 from compiler.targets.spec import Target
 from compiler.targets.views import GEMM_OPS, GemmView, Operand, gemm_view
 
@@ -47,6 +48,8 @@ def cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str
     op = get_op(step.op)
     if op.view:
         return StepCost(step.name, step.op, op.kind, "none", 0)
+    if step.op in FUSED_OPS:
+        return cost_fused(step, tensors, levels, target)
     if step.op in GEMM_OPS:
         view = gemm_view(step, tensors, levels)
         if cache is None:

@@ -99,6 +99,12 @@ CASES: dict[str, list[Case]] = {
                case((2, 3, 4), (2, 4, 5), id="batched")],
     "Gemm": [case((3, 4), (4, 5), (5,)), case((3, 4), (5, 4), transB=1, id="transB"),
              case((4, 3), (5, 4), (3, 5), transA=1, transB=1, alpha=0.5, beta=2.0, id="both transposed")],
+    "LoraLinear": [case((6, 4), (4, 5), (4, 2), (2, 5), scale=0.5, onnx=False, id="W trained too"),
+                   case((2, 3, 4), frozen(4, 5), (4, 2), (2, 5), scale=2.0, onnx=False, id="3-D x"),
+                   case((4, 4), frozen(5, 4), (4, 2), (2, 5), (5,), scale=0.5, transB=1, alpha=0.5, beta=2.0,
+                        onnx=False, id="gemm form"),
+                   case((2, 3, 4), frozen(4, 5), (2, 4, 2), (2, 2, 5), scale=1.0, onnx=False, id="per device"),
+                   case(frozen(6, 4), frozen(4, 5), frozen(4, 2), (2, 5), scale=0.5, onnx=False, id="B only")],
     # shape
     "Reshape": [case((2, 3, 4), shape=(6, -1)), case((2, 3, 4), shape=(0, 12), id="copy dim")],
     "Identity": [case((3, 4))],
@@ -257,6 +263,18 @@ def t_gemm(a, b, c=None, *, alpha, beta, transA, transB):
     return y if c is None else y + beta * c
 
 
+def t_lora_linear(x, w, a, b, c=None, *, scale, transB, alpha, beta):
+    """PEFT's LoRA Linear: the frozen product plus scale·(x·A)·B, per device when A, B have a device axis."""
+    k, n = x.shape[-1], b.shape[-1]
+    x2 = x.reshape(-1, k)
+    y = alpha * (x2 @ (w.T if transB else w))
+    if c is not None:
+        y = y + beta * c
+    devices = a.shape[0] if a.dim() == 3 else 1
+    branch = (x2.reshape(devices, -1, k) @ a.reshape(devices, k, -1)) * scale @ b.reshape(devices, -1, n)
+    return (y + branch.reshape(-1, n)).reshape(*x.shape[:-1], n)
+
+
 TORCH = {
     "Add": lambda a, b: a + b,
     "Sub": lambda a, b: a - b,
@@ -273,6 +291,7 @@ TORCH = {
     "Pow": torch.pow,
     "MatMul": torch.matmul,
     "Gemm": t_gemm,
+    "LoraLinear": t_lora_linear,
     "Reshape": lambda x, *, shape, allowzero: x.reshape(
         [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(shape)]),
     "Identity": lambda x: x,

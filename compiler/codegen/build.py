@@ -28,7 +28,6 @@ KERNEL_DIR = CODEGEN_DIR / "kernels"
 BOARD_DIR = CODEGEN_DIR / "boards"
 FIRMWARE_MAIN = BOARD_DIR / "main.c"
 HAL_DIR = CODEGEN_DIR / "hal"
-HAL_GEMM = HAL_DIR / "ef_hal_gemm.c"
 GENERIC_L1_BYTES = 64 * 1024   # the generic HAL's static L1 pool (hal/generic: EF_HAL_L1_BYTES)
 BUILD_TIMEOUT_S = 300.0
 MANIFEST = "firmware.json"
@@ -86,8 +85,9 @@ class Board:
 
     @property
     def sources(self) -> list[Path]:
-        """Everything compiled besides program.c: kernels, the HAL (its tiled GEMM and implementation), main."""
-        return kernel_sources() + [HAL_GEMM, *sorted((HAL_DIR / self.hal).glob("*.c")), BOARD_DIR / self.main]
+        """Everything compiled besides program.c: kernels, the HAL (the kernels written against it and its
+        implementation), main."""
+        return kernel_sources() + hal_sources() + [*sorted((HAL_DIR / self.hal).glob("*.c")), BOARD_DIR / self.main]
 
     @property
     def headers(self) -> list[Path]:
@@ -140,6 +140,11 @@ def memory_map(program: Program, board: Board) -> MemoryMap | None:
 
 def kernel_sources() -> list[Path]:
     return sorted(KERNEL_DIR.glob("*.c"))
+
+
+def hal_sources() -> list[Path]:
+    """The kernels written once against ef_hal.h (hal/*.c: the tiled GEMM, the LoRA layer), for every HAL."""
+    return sorted(HAL_DIR.glob("*.c"))
 
 
 def _sources_digest(paths) -> str:
@@ -291,12 +296,12 @@ def build_kernel_library(out_dir: str | os.PathLike, cc: str = "gcc", *, timeout
 
 def build_hal_library(out_dir: str | os.PathLike, cc: str = "gcc", *, defines: Sequence[str] = (),
                       timeout_s: float = BUILD_TIMEOUT_S) -> Path:
-    """The kernels + the generic HAL + its tiled GEMM as a host shared object (tests call them through ctypes).
+    """The kernels + the generic HAL + the HAL kernels as a host shared object (tests call them through ctypes).
     ``defines`` (``NAME=VALUE``) configure the generic HAL, e.g. ``EF_HAL_L1_BYTES=4096`` to force small tiles."""
     if shutil.which(cc) is None:
         raise CompileError(f"{cc} not found: install the Debian package gcc")
     generic = get_board("host")
-    sources = kernel_sources() + [HAL_GEMM, *sorted((HAL_DIR / "generic").glob("*.c"))]
+    sources = kernel_sources() + hal_sources() + sorted((HAL_DIR / "generic").glob("*.c"))
     flags = [f"-D{d}" for d in defines]
     digest = hashlib.sha256((_sources_digest(sources + generic.headers) + " ".join(flags)).encode()).hexdigest()
     out = Path(out_dir)

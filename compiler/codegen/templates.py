@@ -17,7 +17,7 @@ from compiler.ir import DTYPE_BYTES, CompileError
 from compiler.ops import get_op
 from compiler.ops._util import norm_axis
 from compiler.ops.conv import Window
-from compiler.ops.linear import gemm_dims
+from compiler.ops.linear import _lora_dims, gemm_dims
 from compiler.ops.shape import _axes, slice_index
 from compiler.codegen.layout import (broadcast_strides, coalesce, contiguous_strides, size, split_at)
 
@@ -180,6 +180,41 @@ def _gemm(site: Site) -> dict[str, Any]:
             raise site.error(str(exc)) from None
     return dict(y=Ref(y), a=Ref(a), b=Ref(b), c=Ref(c) if c else None, m=m, n=n, k=k, trans_a=ta, trans_b=tb,
                 alpha=float(site.attr("alpha")), beta=float(site.attr("beta")), c_rs=c_rs, c_cs=c_cs)
+
+
+def _lora_common(site: Site, x: str, w: str, a: str, b: str) -> dict[str, Any]:
+    """The shape and attribute arguments both LoRA kernels share."""
+    trans_b = int(site.attr("transB"))
+    try:
+        m, n, k, r, devices = _lora_dims(site.shape(x), site.shape(w), site.shape(a), site.shape(b), trans_b)
+    except CompileError as exc:
+        raise site.error(str(exc)) from None
+    return dict(x=Ref(x), w=Ref(w), a=Ref(a), b=Ref(b), m=m, n=n, k=k, r=r, devices=devices, trans_b=trans_b,
+                alpha=float(site.attr("alpha")), scale=float(site.attr("scale")))
+
+
+def _lora_linear(site: Site) -> dict[str, Any]:
+    (x, w, a, b), c, y = (site.input(i) for i in range(4)), site.optional(4), site.outputs[0]
+    site.require("float32", x, w, a, b, c, y)
+    args = _lora_common(site, x, w, a, b)
+    c_rs = c_cs = 0
+    if c is not None:
+        try:
+            c_rs, c_cs = broadcast_strides(site.shape(c), (args["m"], args["n"]))
+        except ValueError as exc:
+            raise site.error(str(exc)) from None
+    return dict(args, y=Ref(y), c=Ref(c) if c else None, beta=float(site.attr("beta")), c_rs=c_rs, c_cs=c_cs)
+
+
+def _lora_linear_grad(site: Site) -> dict[str, Any]:
+    dy, x, w, a, b = (site.input(i) for i in range(5))
+    grads = site.attr("grads")
+    if len(grads) != len(site.outputs):
+        raise site.error(f"grads={grads!r} names {len(grads)} outputs, the step has {len(site.outputs)}")
+    outs = dict(zip(grads, site.outputs))
+    site.require("float32", dy, x, w, a, b, *site.outputs)
+    return dict(_lora_common(site, x, w, a, b), dy=Ref(dy),
+                **{f"d{g}": Ref(outs[g]) if g in outs else None for g in "xab"})
 
 
 def _matmul(site: Site) -> dict[str, Any]:
@@ -538,9 +573,12 @@ def _grad_template(kernel: str) -> Template:
     return Template(f"{kernel}(${{dx}}, ${{v}}, ${{dy}}, ${{n}})", _pair_grad)
 
 
-# A step that target lowering put on RedMulE (Step.unit == "redmule") calls the HAL's tiled GEMM instead, with the
-# same arguments (compiler/codegen/hal/ef_hal.h); every board links a HAL, so the choice is the program's alone.
-REDMULE_KERNELS: dict[str, str] = {"ef_gemm": "ef_hal_gemm", "ef_mat_mul": "ef_hal_mat_mul"}
+# A step that target lowering put on RedMulE (Step.unit == "redmule") calls the HAL's kernel instead (tiled GEMM,
+# fused LoRA layer), with the same arguments (compiler/codegen/hal/ef_hal.h); every board links a HAL, so the choice
+# is the program's alone.
+REDMULE_KERNELS: dict[str, str] = {"ef_gemm": "ef_hal_gemm", "ef_mat_mul": "ef_hal_mat_mul",
+                                   "ef_lora_linear": "ef_hal_lora_linear",
+                                   "ef_lora_linear_grad": "ef_hal_lora_linear_grad"}
 
 TEMPLATES: dict[str, Template] = {
     # elementwise
@@ -566,6 +604,10 @@ TEMPLATES: dict[str, Template] = {
     "Gemm": Template("ef_gemm(${y}, ${a}, ${b}, ${c}, ${m}, ${n}, ${k}, ${trans_a}, ${trans_b}, ${alpha}, ${beta}, "
                      "${c_rs}, ${c_cs})", _gemm),
     "MatMul": Template("ef_mat_mul(${y}, ${a}, ${b}, ${m}, ${n}, ${k}, ${brank}, ${bshape}, ${sa}, ${sb})", _matmul),
+    "LoraLinear": Template("ef_lora_linear(${y}, ${x}, ${w}, ${a}, ${b}, ${c}, ${m}, ${n}, ${k}, ${r}, ${devices}, "
+                           "${trans_b}, ${alpha}, ${beta}, ${c_rs}, ${c_cs}, ${scale})", _lora_linear),
+    "LoraLinearGrad": Template("ef_lora_linear_grad(${dx}, ${da}, ${db}, ${dy}, ${x}, ${w}, ${a}, ${b}, ${m}, ${n}, "
+                               "${k}, ${r}, ${devices}, ${trans_b}, ${alpha}, ${scale})", _lora_linear_grad),
     # data movement
     "Reshape": VIEW,
     "Identity": VIEW,

@@ -40,10 +40,12 @@ def _ctype(value: Any, buffers: dict[str, np.ndarray]):
 
 
 def call_kernel(lib: ctypes.CDLL, op_name: str, inputs: Sequence[np.ndarray], attrs: dict[str, Any],
-                out_specs: Sequence[tuple[tuple[int, ...], np.dtype]], alias: bool = False) -> list[np.ndarray]:
+                out_specs: Sequence[tuple[tuple[int, ...], np.dtype]], alias: bool = False,
+                kernel: str | None = None) -> list[np.ndarray]:
     """Run the kernel of ``op_name``; returns the outputs (for SGD: the updated param and velocity).
 
-    ``alias``: the first output is written into input 0's buffer (the memory plan's in-place case)."""
+    ``alias``: the first output is written into input 0's buffer (the memory plan's in-place case).
+    ``kernel``: another function with the template's arguments (a HAL kernel of ``REDMULE_KERNELS``)."""
     template = TEMPLATES[op_name]
     in_names = [f"in{i}" for i in range(len(inputs))]
     out_names = [f"out{j}" for j in range(len(out_specs))]
@@ -58,7 +60,7 @@ def call_kernel(lib: ctypes.CDLL, op_name: str, inputs: Sequence[np.ndarray], at
     dtypes = {n: str(b.dtype) for n, b in buffers.items()}
     site = site_of("kernel-test", op_name, in_names, out_names, attrs, shapes, dtypes)
     args = [_ctype(v, buffers) for _, v in bind(template, site)]
-    fn = getattr(lib, template.kernel)
+    fn = getattr(lib, kernel or template.kernel)
     fn.restype = None
     fn(*args)
     op = REGISTRY[op_name]

@@ -122,6 +122,33 @@ LAYER_NORMS = [  # (x, scale, with bias, attrs, id)
 ]
 
 
+LORAS = [  # (x, W, A, B, C or None, attrs, id): a LoRA layer, forward and backward; device axis on A and B
+    ((6, 5), (5, 4), (5, 3), (3, 4), None, dict(scale=0.5), "2-D"),
+    ((2, 3, 5), (5, 4), (5, 2), (2, 4), None, dict(scale=2.0), "3-D x"),
+    ((8, 5), (5, 4), (2, 5, 3), (2, 3, 4), None, dict(scale=0.25), "2 devices"),
+    ((6, 5), (4, 5), (5, 3), (3, 4), None, dict(scale=0.5, transB=1), "transB"),
+    ((6, 5), (5, 4), (5, 3), (3, 4), (4,), dict(scale=0.5, alpha=0.5, beta=2.0), "bias row alpha beta"),
+    ((2, 4, 6), (7, 6), (2, 6, 3), (2, 3, 7), None, dict(scale=1.5, transB=1, alpha=-0.75),
+     "3-D 2 devices transB alpha"),
+    ((3, 8), (8, 5), (8, 70), (70, 5), None, dict(scale=0.125), "rank above the stack chunk"),
+    ((16, 64), (64, 32), (4, 64, 8), (4, 8, 32), (16, 32), dict(scale=0.25), "4 devices full C"),
+]
+LORA_GRADS = ("xab", "ab", "b", "xb", "x", "a")   # every subset on the first four layers, two on the others
+
+
+def _lora_cases() -> dict[str, list[KCase]]:
+    fwd, grad = [], []
+    for i, (x, w, a, b, c, attrs, id_) in enumerate(LORAS):
+        fwd.append(KCase((normal(*x), normal(*w), normal(*a), normal(*b)) + ((normal(*c),) if c else ()), attrs,
+                         id_))
+        y = _out("LoraLinear", x, w, a, b, **attrs)
+        grad_attrs = {k_: v for k_, v in attrs.items() if k_ != "beta"}
+        for grads in (LORA_GRADS if i < 4 else ("xab", LORA_GRADS[i - 3])):
+            grad.append(KCase((normal(*y), normal(*x), normal(*w), normal(*a), normal(*b)),
+                              dict(grad_attrs, grads=grads), f"{id_} {grads}"))
+    return {"LoraLinear": fwd, "LoraLinearGrad": grad}
+
+
 def _window_attrs(attrs: dict) -> dict:
     return {k_: v for k_, v in attrs.items() if k_ != "kernel_shape"}
 
@@ -205,6 +232,7 @@ CASES: dict[str, list[KCase]] = {
     "MatMul": [k((3, 5), (5, 4)), k((2, 3, 5), (5, 4), id="shared right"), k((2, 3, 5), (2, 5, 4), id="batched"),
                k((2, 1, 3, 5), (4, 5, 2), id="broadcast batch"), k((3, 5), (2, 5, 4), id="shared left"),
                k((4, 2, 16, 16), (4, 2, 16, 16), id="attention")],
+    **_lora_cases(),
     # data movement
     "Reshape": [k((2, 3, 4), shape=(6, -1))],
     "Identity": [k((3, 4))],

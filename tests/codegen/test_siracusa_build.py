@@ -11,11 +11,10 @@
   --build`); with a stand-in SDK (a fake pmsis_rules.mk that type-checks every source against the pmsis
   declarations the sources use) the build writes a complete, self-contained SDK application.
 - A program lowered for siracusa, built for the host board (generic HAL), trains like NumpyDevice: its RedMulE
-  GEMM steps go through ef_hal_gemm.
+  steps go through the HAL kernels (ef_hal_gemm, ef_hal_lora_linear, ...). The LoRA kernels: test_hal_lora.py.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import stat
@@ -27,20 +26,20 @@ import numpy as np
 import pytest
 
 from compiler import compile_model
-from compiler.codegen import HAL_DIR, build_elf, build_hal_library, generate_c
+from compiler.codegen import HAL_DIR, KERNEL_DIR, build_elf, generate_c
+from compiler.codegen.build import hal_sources
 from compiler.codegen.siracusa import SDK_HINT, find_pulp_sdk
+from compiler.codegen.templates import REDMULE_KERNELS, TEMPLATES
 from compiler.ir import CompileError
 from compiler.targets import load_target, lower_to_target
 from device_runtime import NumpyDevice
 from device_runtime.qemu import QemuDevice
+from tests.codegen.hal_harness import HAL_L1_BYTES, HAL_RTOL, Tile, close, ptr, stats
 from tests.codegen.programs import AE_LORA, K_STEPS, data_for, rel_diff
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_GCC = shutil.which("gcc")
 RISCV_GCC = shutil.which("riscv64-unknown-elf-gcc")
-HAL_L1_BYTES = 8192          # small, so that realistic shapes need many tiles
-HAL_CORES = 3                # the generic HAL runs a team of 3 "cores" in turn: the work split is exercised
-HAL_RTOL = 1e-5
 SDK_VARS = ("PULP_SDK_HOME", "PULP_RISCV_GCC_TOOLCHAIN", "RULES_DIR", "TARGET_CHIP")
 
 needs_gcc = pytest.mark.skipif(HOST_GCC is None, reason="host gcc is not installed")
@@ -48,55 +47,7 @@ needs_riscv = pytest.mark.skipif(RISCV_GCC is None, reason="riscv64-unknown-elf-
                                                            "(Debian: gcc-riscv64-unknown-elf)")
 
 
-# ---- the generic HAL through ctypes ----------------------------------------------------------------------
-class Tile(ctypes.Structure):
-    _fields_ = [("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int)]
-
-
-class Stats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in
-                ("forks", "dma_transfers", "dma_bytes", "redmule_jobs", "redmule_macs", "l1_peak_bytes")]
-
-
-P, I, U, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
-SIGNATURES = {
-    "ef_hal_dma_in": ([P, P, U], U), "ef_hal_dma_out": ([P, P, U], U),
-    "ef_hal_dma_in_2d": ([P, P, U, U, U], U), "ef_hal_dma_out_2d": ([P, P, U, U, U], U),
-    "ef_hal_dma_wait": ([U], None),
-    "ef_hal_gemm": ([P, P, P, P, I, I, I, I, I, F, F, I, I], None),
-    "ef_gemm": ([P, P, P, P, I, I, I, I, I, F, F, I, I], None),
-    "ef_hal_gemm_tiled": ([P, P, P, P, I, I, I, I, I, F, F, I, I, Tile], I),
-    "ef_hal_gemm_tile": ([I, I, I, I, I, U], Tile),
-    "ef_hal_gemm_l1_bytes": ([Tile, I, I], U),
-    "ef_hal_mat_mul": ([P, P, P, I, I, I, I, P, P, P], None),
-    "ef_hal_l1_free_bytes": ([], U),
-    "ef_hal_generic_stats": ([ctypes.POINTER(Stats)], None), "ef_hal_generic_reset_stats": ([], None),
-}
-
-
-@pytest.fixture(scope="module")
-def hal(tmp_path_factory):
-    if HOST_GCC is None:
-        pytest.skip("host gcc is not installed")
-    lib = ctypes.CDLL(str(build_hal_library(tmp_path_factory.mktemp("hal"),
-                                            defines=(f"EF_HAL_L1_BYTES={HAL_L1_BYTES}",
-                                                     f"EF_HAL_GENERIC_CORES={HAL_CORES}"))))
-    for name, (args, res) in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
-
-
-def ptr(a: np.ndarray | None):
-    return None if a is None else a.ctypes.data
-
-
-def stats(hal) -> Stats:
-    s = Stats()
-    hal.ef_hal_generic_stats(ctypes.byref(s))
-    return s
-
-
+# ---- the generic HAL through ctypes (the `hal` fixture: tests/codegen/conftest.py) -------------------------
 def test_dma_1d_moves_exactly_the_bytes(hal):
     src = np.arange(37, dtype=np.uint8)
     l1 = np.full(40, 0xEE, np.uint8)
@@ -141,12 +92,6 @@ def _reference(a, b, c, ta, tb, alpha, beta, m, n):
     return y
 
 
-def _close(got, want, rtol=HAL_RTOL):
-    assert got.shape == want.shape
-    scale = float(np.max(np.abs(want))) or 1.0
-    assert float(np.max(np.abs(got - want))) <= rtol * scale
-
-
 GEMM_CASES = [  # m, n, k, trans_a, trans_b, bias, alpha, beta, tile (m, n, k)
     (13, 17, 11, 0, 0, None, 1.0, 1.0, (5, 7, 3)),
     (13, 17, 11, 1, 0, "full", 1.0, 1.0, (4, 16, 4)),
@@ -174,7 +119,7 @@ def test_tiled_gemm_matches_numpy_and_the_core_kernel(hal, m, n, k, ta, tb, bias
     assert status == 0
     got = y[:m * n].reshape(m, n)
     assert np.isnan(y[m * n:]).all()
-    _close(got, _reference(a, b, c, ta, tb, alpha, beta, m, n))
+    close(got, _reference(a, b, c, ta, tb, alpha, beta, m, n))
     core = np.full((m, n), np.nan, np.float32)
     hal.ef_gemm(ptr(core), ptr(a), ptr(b), ptr(c), m, n, k, ta, tb, alpha, beta, c_rs, c_cs)
     assert np.array_equal(got, core), "the HAL path must do ef_gemm's sums in ef_gemm's order"
@@ -197,7 +142,7 @@ def test_tile_choice_fits_l1_and_ef_hal_gemm_uses_it(hal):
     y = np.empty((m, n), np.float32)
     hal.ef_hal_generic_reset_stats()
     hal.ef_hal_gemm(ptr(y), ptr(a), ptr(b), ptr(c), m, n, k, 0, 1, 1.0, 1.0, c_rs, c_cs)
-    _close(y, _reference(a, b, c, 0, 1, 1.0, 1.0, m, n))
+    close(y, _reference(a, b, c, 0, 1, 1.0, 1.0, m, n))
     s = stats(hal)
     assert s.redmule_jobs == -(-m // tile.m) * -(-n // tile.n) * -(-k // tile.k)
     assert 0 < s.l1_peak_bytes <= HAL_L1_BYTES
@@ -215,7 +160,7 @@ def test_batched_mat_mul_with_a_broadcast_operand(hal):
     y = np.empty((3, 2, 9, 10), np.float32)
     bshape, sa, sb = (np.array(v, np.int32) for v in ((3, 2), (9 * 6, 0), (0, 6 * 10)))   # kept alive: ctypes
     hal.ef_hal_mat_mul(ptr(y), ptr(a), ptr(b), 9, 10, 6, 2, ptr(bshape), ptr(sa), ptr(sb))
-    _close(y, a.astype(np.float64) @ b.astype(np.float64))
+    close(y, a.astype(np.float64) @ b.astype(np.float64))
 
 
 # ---- the pulp HAL: type check only -----------------------------------------------------------------------
@@ -238,6 +183,19 @@ def test_pulp_hal_compiles_for_rv32_and_implements_the_whole_interface(tmp_path)
         assert proc.returncode == 0, proc.stderr
     generic = _defined_hal_symbols(objs["generic"]) - {"ef_hal_generic_stats", "ef_hal_generic_reset_stats"}
     assert _defined_hal_symbols(objs["pulp"]) == generic
+
+
+@needs_riscv
+def test_hal_kernels_compile_for_rv32_without_warnings(tmp_path):
+    """The kernels written against ef_hal.h (tiled GEMM, LoRA layer) go into every board's build, siracusa's too."""
+    sources = hal_sources()
+    assert {p.name for p in sources} >= {"ef_hal_gemm.c", "ef_hal_lora.c"}
+    for source in sources:
+        cmd = [RISCV_GCC, "-march=rv32imf", "-mabi=ilp32f", "--specs=picolibc.specs", "-O2", "-std=gnu11", "-Wall",
+               "-Wextra", "-Werror", f"-I{HAL_DIR}", f"-I{KERNEL_DIR}", "-c", str(source), "-o",
+               str(tmp_path / f"{source.stem}.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
 
 
 # ---- the siracusa build without (and with a stand-in for) the PULP SDK ---------------------------------------
@@ -384,11 +342,11 @@ def test_siracusa_build_with_a_stand_in_sdk_writes_a_complete_sdk_application(lo
     exe = build_elf(lowered[1], out, board="siracusa")
     assert exe == out / "firmware.elf" and exe.exists()
     makefile = (out / "Makefile").read_text()
-    for name in ("program.c", "src/ef_linear.c", "src/ef_hal_gemm.c", "src/ef_hal_pulp.c", "src/main.c",
-                 "include $(RULES_DIR)/pmsis_rules.mk"):
+    for name in ("program.c", "src/ef_linear.c", "src/ef_hal_gemm.c", "src/ef_hal_lora.c", "src/ef_hal_pulp.c",
+                 "src/main.c", "include $(RULES_DIR)/pmsis_rules.mk"):
         assert name in makefile
     assert "ef_hal_generic" not in makefile
-    assert "ef_hal_gemm(" in (out / "program.c").read_text()
+    assert any(f"{kernel}(" in (out / "program.c").read_text() for kernel in REDMULE_KERNELS.values())
     assert build_elf(lowered[1], out, board="siracusa") == exe   # same content: reused, make not run again
 
 
@@ -397,8 +355,8 @@ def test_siracusa_build_with_a_stand_in_sdk_writes_a_complete_sdk_application(lo
 def test_program_lowered_for_siracusa_trains_like_numpy_on_the_generic_hal(lowered, tmp_path):
     program, on_siracusa = lowered
     source = generate_c(on_siracusa)
-    redmule = [s for s in on_siracusa.train.steps if s.unit == "redmule" and s.op in ("Gemm", "MatMul")]
-    assert redmule and source.count("ef_hal_gemm(") + source.count("ef_hal_mat_mul(") >= len(redmule)
+    redmule = [s for s in on_siracusa.train.steps if s.unit == "redmule" and TEMPLATES[s.op].kernel in REDMULE_KERNELS]
+    assert redmule and sum(source.count(f"{kernel}(") for kernel in REDMULE_KERNELS.values()) >= len(redmule)
     assert "ef_hal" not in generate_c(program)          # not lowered: the core kernels, as before
     x, y = data_for(on_siracusa, 10)
     got = QemuDevice(on_siracusa, tmp_path / "hal", board="host").train(x, y, K_STEPS)
@@ -407,4 +365,4 @@ def test_program_lowered_for_siracusa_trains_like_numpy_on_the_generic_hal(lower
     for name in want.params:
         assert rel_diff(got.params[name], want.params[name]) <= HAL_RTOL, name
     core = QemuDevice(program, tmp_path / "core", board="host").train(x, y, K_STEPS)
-    assert np.array_equal(got.losses, core.losses)      # same sums in the same order as ef_gemm / ef_mat_mul
+    assert np.array_equal(got.losses, core.losses)      # the HAL kernels add in the core kernels' order

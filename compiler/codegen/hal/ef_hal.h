@@ -7,6 +7,8 @@
  *   L1        a stack-like allocator for tile buffers
  *   GEMM      ef_hal_gemm / ef_hal_mat_mul: the ef_gemm / ef_mat_mul ABI of kernels/ef_kernels.h, run as
  *             RedMulE jobs on L1 tiles moved by the DMA (ef_hal_gemm.c, written once against this header)
+ *   LoRA      ef_hal_lora_linear / ef_hal_lora_linear_grad: the ef_lora_linear(_grad) ABI, one pass over row
+ *             panels with the adapter fused into each output tile (ef_hal_lora.c, against this header too)
  *
  * Two implementations (docs/codegen.md, "The HAL and the siracusa board"):
  *   generic/  portable and single-threaded: memcpy DMA, a C loop standing in for RedMulE, a static L1 pool.
@@ -93,6 +95,29 @@ ef_hal_tile_t ef_hal_gemm_tile(int m, int n, int k, int trans_a, int trans_b, ui
 /* ef_hal_gemm with a given tile; returns 0, or -1 when the tile's buffers do not fit the free L1. */
 int ef_hal_gemm_tiled(float *y, const float *a, const float *b, const float *c, int m, int n, int k, int trans_a,
                       int trans_b, float alpha, float beta, int c_rs, int c_cs, ef_hal_tile_t tile);
+
+/* ---- LoRA layer on RedMulE (ef_hal_lora.c) -------------------------------------------------------------- */
+/* Same arguments and results as ef_lora_linear / ef_lora_linear_grad (kernels/ef_kernels.h): one pass over row
+ * panels of mt rows per device, the rank-r products fused into each output tile (docs/codegen.md). */
+void ef_hal_lora_linear(float *y, const float *x, const float *w, const float *a, const float *b, const float *c,
+                        int m, int n, int k, int r, int devices, int trans_b, float alpha, float beta, int c_rs,
+                        int c_cs, float scale);
+void ef_hal_lora_linear_grad(float *dx, float *da, float *db, const float *dy, const float *x, const float *w,
+                             const float *a, const float *b, int m, int n, int k, int r, int devices, int trans_b,
+                             float alpha, float scale);
+
+/* How a call uses L1. mt == 0: nothing fits (or a size exceeds RedMulE's 16 bits): the core kernel runs. */
+typedef struct {
+    int mt;                /* rows per panel (a device's rows are cut into panels) */
+    int nt;                /* columns per output tile: of Y (forward), of dX (backward) */
+    int w_resident;        /* W' (forward) / W'ᵀ (backward) stays in L1 for the whole call; else streamed per panel */
+    int in_buffers;        /* 2: the next panel loads while this one computes */
+    uint32_t l1_bytes;     /* the buffers' bytes (at least; a transposing load's scratch takes spare L1 too) */
+} ef_hal_lora_plan_t;
+ef_hal_lora_plan_t ef_hal_lora_linear_plan(int m, int n, int k, int r, int devices, int trans_b, uint32_t l1_bytes);
+/* dx, da, db: whether that gradient is wanted (non-NULL in the call) */
+ef_hal_lora_plan_t ef_hal_lora_linear_grad_plan(int m, int n, int k, int r, int devices, int trans_b, int dx, int da,
+                                                int db, uint32_t l1_bytes);
 
 #ifdef __cplusplus
 }

@@ -67,6 +67,23 @@ void ef_gemm(float *y, const float *a, const float *b, const float *c, int m, in
 void ef_mat_mul(float *y, const float *a, const float *b, int m, int n, int k, int brank, const int *bshape,
                 const int *sa, const int *sb);
 
+/* ---- LoRA: a frozen linear layer and its rank-r adapter in one pass over the rows (LoraLinear) ---------- */
+/* x (M, K); W (K, N), or (N, K) when trans_b; A (D, K, r) and B (D, r, N) with D = devices (1: one adapter);
+ * device d owns rows [d·M/D, (d+1)·M/D) (M % D == 0). C (optional) is read as in ef_gemm.
+ *   y = alpha·x·W' + beta·C + (scale·x·A_d)·B_d
+ * The rank-r vectors of a row live on the stack, EF_MAX_LORA_RANK floats at a time: a larger r runs in chunks
+ * of that many (correct for any r; the stack holds 2·EF_MAX_LORA_RANK floats). */
+#define EF_MAX_LORA_RANK 64
+void ef_lora_linear(float *y, const float *x, const float *w, const float *a, const float *b, const float *c,
+                    int m, int n, int k, int r, int devices, int trans_b, float alpha, float beta, int c_rs,
+                    int c_cs, float scale);
+/* The backward pass (LoraLinearGrad), with S = scale·x·A_d and dS = scale·dY·B_dᵀ per row:
+ *   dx = alpha·dY·W'ᵀ + dS·A_dᵀ (M, K),  da_d = x_dᵀ·dS (D, K, r),  db_d = S_dᵀ·dY_d (D, r, N);
+ * an output is NULL when not requested. */
+void ef_lora_linear_grad(float *dx, float *da, float *db, const float *dy, const float *x, const float *w,
+                         const float *a, const float *b, int m, int n, int k, int r, int devices, int trans_b,
+                         float alpha, float scale);
+
 /* ---- data movement (any dtype; esize bytes per element) --------------------------------------------- */
 /* y (contiguous, `shape`) = x read at strides sx (element units) from element offset `offset`. */
 void ef_transpose(void *y, const void *x, int esize, int rank, const int *shape, const int *sx);

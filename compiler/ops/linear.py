@@ -1,5 +1,7 @@
-"""MatMul and Gemm: the ops a GEMM accelerator runs."""
+"""MatMul, Gemm and the fused LoRA layer: the ops a GEMM accelerator runs."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -130,7 +132,7 @@ def _lora_dims(x, w, a, b, trans_b):
     r = a[-1]
     if a[-2] != k or tuple(b[-2:]) != (r, n) or (len(b) == 3 and b[0] != devices):
         raise CompileError(f"LoraLinear: A {a} / B {b} do not fit x {x} and W {w}")
-    m = size(x[:-1])
+    m = math.prod(x[:-1])  # not numpy's prod: this runs on every executor step
     if m % devices:
         raise CompileError(f"LoraLinear: {m} rows do not split over {devices} devices")
     return m, n, k, r, devices
@@ -175,9 +177,14 @@ class LoraLinear(Op):
             y *= y.dtype.type(alpha)
         if c is not None:
             y += c if beta == 1.0 else c * c.dtype.type(beta)
-        s = np.matmul(_per_device(x2, devices), a.reshape(devices, k, -1))
+        if devices == 1:  # plain 2-D products: numpy's batched matmul costs more on small shapes
+            s = np.matmul(x2, a.reshape(k, -1))
+            s *= s.dtype.type(scale)
+            y += s @ b.reshape(-1, n)
+            return
+        s = np.matmul(_per_device(x2, devices), a)
         s *= s.dtype.type(scale)
-        _per_device(y, devices)[...] += s @ b.reshape(devices, -1, n)
+        _per_device(y, devices)[...] += s @ b
 
     def gradient(self, g, x, y, dy, *, scale, transB=0, alpha=1.0, beta=1.0):
         xs, w, a, b = x[:4]
@@ -234,22 +241,31 @@ class LoraLinearGrad(Op):
         got = dict(zip(grads, outs))
         s = dy.dtype.type(scale)
         d2, x2 = dy.reshape(m, n), x.reshape(m, k)
-        dd, xd = _per_device(d2, devices), _per_device(x2, devices)
-        a3, b3 = a.reshape(devices, k, r), b.reshape(devices, r, n)
-        ds = np.matmul(dd, b3.transpose(0, 2, 1))
+        if devices == 1:  # 2-D views: numpy's batched matmul costs more on small shapes
+            dd, xd, a3, b3 = d2, x2, a.reshape(k, r), b.reshape(r, n)
+
+            def t(v):
+                return v.T
+        else:
+            dd, xd = _per_device(d2, devices), _per_device(x2, devices)
+            a3, b3 = a.reshape(devices, k, r), b.reshape(devices, r, n)
+
+            def t(v):
+                return v.transpose(0, 2, 1)
+        ds = np.matmul(dd, t(b3))
         ds *= s
         if "x" in got:
             dx = got["x"].reshape(m, k)
             np.matmul(d2, w if transB else w.T, out=dx)
             if alpha != 1.0:
                 dx *= dx.dtype.type(alpha)
-            _per_device(dx, devices)[...] += ds @ a3.transpose(0, 2, 1)
+            (dx if devices == 1 else _per_device(dx, devices))[...] += ds @ t(a3)
         if "a" in got:
-            np.matmul(xd.transpose(0, 2, 1), ds, out=got["a"].reshape(devices, k, r))
+            np.matmul(t(xd), ds, out=got["a"].reshape(a3.shape))
         if "b" in got:
             sx = np.matmul(xd, a3)
             sx *= s
-            np.matmul(sx.transpose(0, 2, 1), dd, out=got["b"].reshape(devices, r, n))
+            np.matmul(t(sx), dd, out=got["b"].reshape(b3.shape))
 
     def flops(self, out_shapes, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
         m, n, k, r, _ = _lora_dims(x, w, a, b, transB)

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
+
 from compiler.targets.spec import Link, RedMulE, Target
 
 
@@ -92,3 +94,29 @@ def pipeline_cycles(flow: Flow) -> int:
         return _ceil(first + c + last)
     steady = max(c, i + o, li + lo)
     return _ceil(first + max(c, i, li) + (t - 2) * steady + max(c, o, lo) + last)
+
+
+def candidates(d: int) -> list[int]:
+    """Tile sizes tried along a dimension of ``d``: independent of the target's L1, so more L1 only adds
+    feasible tilings (tiling.py, fused.py)."""
+    sizes = {d, 1} | {math.ceil(d / 2 ** i) for i in range(1, 9)}
+    sizes |= {a * 2 ** i for a in (8, 12, 16) for i in range(12) if a * 2 ** i < d}
+    return sorted(s for s in sizes if 1 <= s <= d)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    name: str
+    op: str
+    kind: str
+    unit: str                         # "redmule" | "cluster" | "none"
+    cycles: int
+    compute_cycles: int = 0
+    setup_cycles: int = 0             # RedMulE job setups, or the cluster's fork/barrier overheads
+    dma_cycles: int = 0               # busy cycles summed over the links
+    tiles: int = 0
+    tile: tuple[int, ...] = ()        # (Mt, Nt, Kt) for GEMMs, (elements,) otherwise
+    l1_bytes: int = 0                 # tile footprint, double buffers included
+    bytes_by_link: Mapping[str, int] = field(default_factory=dict)
+    macs: int = 0                     # useful multiply-accumulates (GEMM-like steps)
+    alternatives: Mapping[str, int] = field(default_factory=dict)  # unit -> cycles with the same tiles

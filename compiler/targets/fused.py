@@ -22,8 +22,8 @@ from typing import Mapping
 from compiler.ops import get_op
 from compiler.ops.linear import _lora_dims
 from compiler.program import Step, TensorInfo
-from compiler.targets.cost import (Flow, cluster_elementwise_cycles, cluster_gemm_cycles, dma_cycles,
-                                   pipeline_cycles, redmule_job_cycles, split)
+from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
+                                   dma_cycles, pipeline_cycles, redmule_job_cycles, split)
 from compiler.targets.spec import Target
 
 WORD = 4
@@ -63,8 +63,14 @@ def _shape(step: Step, tensors: Mapping[str, TensorInfo]) -> _Shape:
     return _Shape(m // d, n, k, r, d, bool(step.attrs.get("transB", 0)))
 
 
+def _adapter_floats(s: _Shape, forward: bool, grads: str) -> int:
+    """Adapter floats one device loads: A and B forward; backward B (for dS), A for Aᵀ (dX) and again for S (dB)."""
+    if forward:
+        return s.k * s.r + s.r * s.n
+    return (("x" in grads or "a" in grads) * s.r * s.n + ("x" in grads) * s.k * s.r + ("b" in grads) * s.k * s.r)
+
+
 def _configs(step: Step, s: _Shape, grads: str, c_bytes: tuple[int, str], space: int) -> list[_Config]:
-    from compiler.targets.tiling import candidates
     forward = step.op == "LoraLinear"
     cols = s.n if forward else s.k          # output columns tiled (y over N, dX over K)
     depth = s.k if forward else s.n         # the frozen product's depth
@@ -99,24 +105,27 @@ def _configs(step: Step, s: _Shape, grads: str, c_bytes: tuple[int, str], space:
             traffic = {"x": WORD * rows * s.k, "dy": 0 if forward else WORD * rows * s.n,
                        "w": w_bytes * (1 if resident else panels),
                        "c": c_total * (panels if c_axis == "n" else 1),
-                       "ab": WORD * s.devices * (s.k * s.r + s.r * s.n)}
+                       "ab": WORD * s.devices * _adapter_floats(s, forward, grads)}
             once_in = traffic["ab"]  # a resident W still arrives tile by tile with the first panel's columns
             out = WORD * rows * cols if need_x_out else 0
             once_out = 0 if forward else WORD * s.devices * (("a" in grads) * s.k * s.r + ("b" in grads) * s.r * s.n)
             t_in = panels * ((1 if forward else 2) + (0 if resident else col_tiles) + (1 if c_total else 0))
             t_in += col_tiles if resident else 0
-            found.append(_Config(mt, ct, resident, panels * max(col_tiles, 1), footprint, traffic, sum(traffic.values()) - once_in,
-                                 once_in, out, once_out, t_in, panels * col_tiles))
+            found.append(_Config(mt, ct, resident, panels * max(col_tiles, 1), footprint, traffic,
+                                 sum(traffic.values()) - once_in, once_in, out, once_out, t_in, panels * col_tiles))
     return found
 
 
 def _compute(step: Step, s: _Shape, grads: str, cfg: _Config, target: Target, unit: str,
              epilogue: bool) -> tuple[float, int]:
-    """(compute cycles, jobs) of the whole step on ``unit``."""
-    def job(m: int, n: int, k: int) -> int:
-        """One product with an m x n output; those r columns wide (S, dS, dA) always run on the cores, where a
-        narrow output wastes nothing (RedMulE's array is many columns wide)."""
-        if unit == "redmule" and n != s.r:
+    """(compute cycles, setup cycles) of the whole step on ``unit``."""
+    jobs = {"wide": 0, "narrow": 0}
+
+    def job(m: int, n: int, k: int, narrow: bool = False) -> int:
+        """One product with an m x n output. The narrow ones, r columns wide (S, dS, dA), always run on the
+        cores, where a narrow output wastes nothing (RedMulE's array is many columns wide)."""
+        jobs["narrow" if narrow else "wide"] += 1
+        if unit == "redmule" and not narrow:
             return redmule_job_cycles(target.redmule, m, n, k)
         return cluster_gemm_cycles(target, m, n, k)
 
@@ -132,34 +141,34 @@ def _compute(step: Step, s: _Shape, grads: str, cfg: _Config, target: Target, un
     forward = step.op == "LoraLinear"
     cols = s.n if forward else s.k
     depth = s.k if forward else s.n
-    total = jobs = 0
+    total = 0
     stage = s.trans_b if forward else not s.trans_b
     w_layout = layout(depth * cols) if stage else 0
     total += s.devices * (0 if forward else layout(s.r * s.k))  # Aᵀ per device (dS·Aᵀ on RedMulE)
     total += w_layout if cfg.resident_w else 0
     for rows, count in split(s.m, cfg.mt):
+        before = dict(jobs)
         per = 0
-        per += job(rows, s.r, s.k if forward else s.n) + cores(rows * s.r)        # S, or dS
-        jobs += 1
+        per += job(rows, s.r, s.k if forward else s.n, narrow=True) + cores(rows * s.r)        # S, or dS
         if forward or "x" in grads:
             for width, n_cols in split(cols, cfg.ct):
                 per += n_cols * (job(rows, width, depth) + job(rows, width, s.r))
-                jobs += 2 * n_cols
                 if not cfg.resident_w and stage:
                     per += n_cols * layout(depth * width)
             per += cores(rows * cols) if epilogue else 0
         if not forward and "a" in grads:
-            per += job(s.k, s.r, rows)
-            jobs += 1
+            per += job(s.k, s.r, rows, narrow=True)
         if not forward and "b" in grads:
-            per += job(rows, s.r, s.k) + cores(rows * s.r) + layout(s.r * rows) + job(s.r, s.n, rows)
-            jobs += 2
+            per += job(rows, s.r, s.k, narrow=True) + cores(rows * s.r) + layout(s.r * rows) + job(s.r, s.n, rows)
         total += per * count * s.devices
-    return total, jobs * s.devices
+        for key in jobs:  # this panel size's jobs, for every panel of that size
+            jobs[key] = before[key] + (jobs[key] - before[key]) * count * s.devices
+    setup = jobs["wide"] * (target.redmule.job_setup_cycles if unit == "redmule" else target.fork_cycles) + \
+        jobs["narrow"] * target.fork_cycles
+    return total, int(setup)
 
 
 def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target):
-    from compiler.targets.tiling import StepCost
     s = _shape(step, tensors)
     forward = step.op == "LoraLinear"
     grads = "" if forward else step.attrs["grads"]
@@ -188,7 +197,7 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
             continue
         far_in = sum(v for key, v in cf.traffic.items() if key in far)
         for unit in units:
-            compute, jobs = _compute(step, s, grads, cf, target, unit, epilogue)
+            compute, setup = _compute(step, s, grads, cf, target, unit, epilogue)
             flow = Flow(cf.tiles, compute,
                         dma_cycles(links["L2->L1"], cf.streamed_in, cf.transfers_in),
                         dma_cycles(links["L1->L2"], cf.out, cf.transfers_out),
@@ -199,9 +208,8 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
             cycles = pipeline_cycles(flow)
             key = (cycles, unit != "redmule", -cf.mt)
             if best is None or key < best[0]:
-                best = (key, cf, unit, flow, compute, jobs, far_in)
-    (cycles, _, _), cf, unit, flow, compute, jobs, far_in = best
-    setup = jobs * (target.redmule.job_setup_cycles if unit == "redmule" else target.fork_cycles)
+                best = (key, cf, unit, flow, compute, setup, far_in)
+    (cycles, _, _), cf, unit, flow, compute, setup, far_in = best
     dma = flow.l2_l1 + flow.l1_l2 + flow.l3_l2 + flow.l2_l3 + flow.in_once + flow.out_once
     by_link = {"L2->L1": math.ceil(cf.streamed_in + cf.once_in), "L1->L2": math.ceil(cf.out + cf.once_out),
                "L3->L2": far_in, "L2->L3": far_out}
@@ -212,7 +220,6 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
 def _fallback(step: Step, s: _Shape, tensors: Mapping[str, TensorInfo], target: Target, far_in: int,
               far_out: int, macs: int):
     """No panel fits L1: the core kernel reads L2 directly, W once per row, no overlap."""
-    from compiler.targets.tiling import StepCost
     forward = step.op == "LoraLinear"
     rows = s.devices * s.m
     w = WORD * s.k * s.n

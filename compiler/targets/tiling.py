@@ -8,37 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from compiler.ops import get_op
 from compiler.program import Step, TensorInfo
-from compiler.targets.cost import (Flow, cluster_elementwise_cycles, cluster_gemm_cycles, dma_cycles,
-                                   pipeline_cycles, redmule_job_cycles, split)
+from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
+                                   dma_cycles, pipeline_cycles, redmule_job_cycles, split)
 from compiler.targets.fused import FUSED_OPS, cost_fused
 from compiler.targets.spec import Target
 from compiler.targets.views import GEMM_OPS, GemmView, Operand, gemm_view
 
 WORD_BYTES = 4           # FP32 training numerics
 RESIDENT_FRACTION = 16   # a small broadcast operand (<= 1/16 of the tile space) stays in L1 for the whole step
-
-
-@dataclass(frozen=True)
-class StepCost:
-    name: str
-    op: str
-    kind: str
-    unit: str                         # "redmule" | "cluster" | "none"
-    cycles: int
-    compute_cycles: int = 0
-    setup_cycles: int = 0             # RedMulE job setups, or the cluster's fork/barrier overheads
-    dma_cycles: int = 0               # busy cycles summed over the links
-    tiles: int = 0
-    tile: tuple[int, ...] = ()        # (Mt, Nt, Kt) for GEMMs, (elements,) otherwise
-    l1_bytes: int = 0                 # tile footprint, double buffers included
-    bytes_by_link: Mapping[str, int] = field(default_factory=dict)
-    macs: int = 0                     # useful multiply-accumulates (GEMM-like steps)
-    alternatives: Mapping[str, int] = field(default_factory=dict)  # unit -> cycles with the same tiles
 
 
 def cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target,
@@ -68,13 +50,6 @@ def _anonymous(view: GemmView) -> GemmView:
 
 
 # ---- GEMMs ------------------------------------------------------------------------------------------------
-def candidates(d: int) -> list[int]:
-    """Tile sizes tried along a dimension of ``d``: independent of the target's L1 (see the module doc)."""
-    sizes = {d, 1} | {math.ceil(d / 2 ** i) for i in range(1, 9)}
-    sizes |= {a * 2 ** i for a in (8, 12, 16) for i in range(12) if a * 2 ** i < d}
-    return sorted(s for s in sizes if 1 <= s <= d)
-
-
 @dataclass(frozen=True)
 class _GemmTiling:
     mt: int

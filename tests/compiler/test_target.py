@@ -329,7 +329,8 @@ def test_frozen_weights_leave_l2_before_trainables_and_activations(siracusa, mlp
 def test_fused_lora_steps_move_each_activation_once(tmp_path, siracusa):
     """Hand-counted bytes of the fused LoRA steps of a 32-32-32 MLP at batch 64, where everything fits L1: the
     forward reads x, W, A, B and the bias once and writes y; the backward reads dY, x, A, B (and W when dX is
-    needed) and writes dX (when needed), dA and dB. Nothing else, in particular no rank-r or y-sized pass."""
+    needed) and writes dX (when needed), dA and dB. Nothing else, in particular no rank-r or y-sized pass. (The
+    backward with dX loads A twice, as Aᵀ for dX and as A for dB's S, as the HAL kernel does.)"""
     model = torch_mlp(tmp_path / "small.onnx", (32, 32, 32))
     program = compile_model(model, tuning={"strategy": "lora", "targets": ["0", "2"], "rank": 4}, batch=64)
     costs = {s.name: c for s, c in zip(program.train.steps, cost_program(program, siracusa)["train"])}
@@ -337,7 +338,8 @@ def test_fused_lora_steps_move_each_activation_once(tmp_path, siracusa):
     fused = [s for s in program.train.steps if s.op.startswith("LoraLinear")]
     assert [s.op for s in fused] == ["LoraLinear", "LoraLinear", "LoraLinearGrad", "LoraLinearGrad"]
     assert [s.attrs.get("grads") for s in fused[2:]] == ["xab", "ab"]  # the input layer needs no dX
-    expect = [(act + w + ab + 32 * 4, act)] * 2 + [(2 * act + w + ab, act + ab), (2 * act + ab, ab)]
+    a_again = 32 * 4 * 4
+    expect = [(act + w + ab + 32 * 4, act)] * 2 + [(2 * act + w + ab + a_again, act + ab), (2 * act + ab, ab)]
     for s, (read, written) in zip(fused, expect):
         links = costs[s.name].bytes_by_link
         assert (links["L2->L1"], links["L1->L2"]) == (read, written), s.name

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ef_hal.h"
+#include "ef_hal_tasks.h"
 #include "ef_kernels.h"
 
 #define L1_ALIGN_BYTES 16u
@@ -61,33 +62,6 @@ static void transpose_task(void *arg) {
     for (int c = ef_hal_core_id(); c < t->cols; c += team) {
         float *d = t->dst + (long)c * t->rows;
         for (int r = 0; r < t->rows; r++) d[r] = t->src[(long)r * t->cols + c];
-    }
-}
-
-typedef struct {
-    float *z;              /* rows x cols, packed (one output tile in L1, or Y itself when k == 0) */
-    int rows, cols, z_rs;  /* z's row stride */
-    const float *c;        /* NULL, or C at the tile's first element */
-    int c_rs, c_cs;
-    float alpha, beta;
-} epilogue_arg_t;
-
-static void epilogue_task(void *arg) {
-    const epilogue_arg_t *e = (const epilogue_arg_t *)arg;
-    const int team = ef_hal_team_size();
-    for (int i = ef_hal_core_id(); i < e->rows; i += team) {
-        float *zr = e->z + (long)i * e->z_rs;
-        if (e->alpha != 1.0f) {
-            for (int j = 0; j < e->cols; j++) zr[j] *= e->alpha;
-        }
-        if (e->c) {
-            const float *cr = e->c + (long)i * e->c_rs;
-            if (e->beta == 1.0f) {
-                for (int j = 0; j < e->cols; j++) zr[j] += cr[(long)j * e->c_cs];
-            } else {
-                for (int j = 0; j < e->cols; j++) zr[j] += cr[(long)j * e->c_cs] * e->beta;
-            }
-        }
     }
 }
 
@@ -159,10 +133,10 @@ static void compute_tile(gemm_plan_t *p, int step, int buf) {
     ef_hal_redmule_wait();
     if (at.tk != p->tiles_k - 1) return;
     if (p->alpha != 1.0f || p->c) {
-        epilogue_arg_t e = {p->z[zb], at.mt, at.nt, at.nt,
+        ef_hal_epilogue_t e = {p->z[zb], at.mt, at.nt, at.nt,
                             p->c ? p->c + (long)at.i0 * p->c_rs + (long)at.j0 * p->c_cs : NULL, p->c_rs, p->c_cs,
                             p->alpha, p->beta};
-        ef_hal_fork(0, epilogue_task, &e);
+        ef_hal_fork(0, ef_hal_epilogue_task, &e);
     }
     p->store[zb] = ef_hal_dma_out_2d(p->y + (long)at.i0 * p->n + at.j0, p->z[zb], at.nt * FLOAT_BYTES, at.mt,
                                      p->n * FLOAT_BYTES);
@@ -178,8 +152,8 @@ int ef_hal_gemm_tiled(float *y, const float *a, const float *b, const float *c, 
     if (m <= 0 || n <= 0) return 0;
     if (k <= 0) {           /* no products: Y = alpha 0 + beta C, on this core */
         for (long i = 0; i < (long)m * n; i++) y[i] = 0.0f;
-        epilogue_arg_t e = {y, m, n, n, c, c_rs, c_cs, alpha, beta};
-        ef_hal_fork(1, epilogue_task, &e);
+        ef_hal_epilogue_t e = {y, m, n, n, c, c_rs, c_cs, alpha, beta};
+        ef_hal_fork(1, ef_hal_epilogue_task, &e);
         return 0;
     }
     gemm_plan_t p;

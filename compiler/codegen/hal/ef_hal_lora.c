@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "ef_hal.h"
+#include "ef_hal_tasks.h"
 #include "ef_kernels.h"
 
 #define L1_ALIGN_BYTES 16u
@@ -81,33 +82,6 @@ static void scale_task(void *arg) {
     const scale_arg_t *s = (const scale_arg_t *)arg;
     const long team = ef_hal_team_size();
     for (long i = ef_hal_core_id(); i < s->count; i += team) s->v[i] *= s->scale;
-}
-
-typedef struct {
-    float *z;              /* rows x cols, packed */
-    int rows, cols;
-    const float *c;        /* NULL, or C at the tile's first element */
-    int c_rs, c_cs;
-    float alpha, beta;
-} epilogue_arg_t;
-
-static void epilogue_task(void *arg) {
-    const epilogue_arg_t *e = (const epilogue_arg_t *)arg;
-    const int team = ef_hal_team_size();
-    for (int i = ef_hal_core_id(); i < e->rows; i += team) {
-        float *zr = e->z + (long)i * e->cols;
-        if (e->alpha != 1.0f) {
-            for (int j = 0; j < e->cols; j++) zr[j] *= e->alpha;
-        }
-        if (e->c) {
-            const float *cr = e->c + (long)i * e->c_rs;
-            if (e->beta == 1.0f) {
-                for (int j = 0; j < e->cols; j++) zr[j] += cr[(long)j * e->c_cs];
-            } else {
-                for (int j = 0; j < e->cols; j++) zr[j] += cr[(long)j * e->c_cs] * e->beta;
-            }
-        }
-    }
 }
 
 /* RedMulE: z (m x k) = x (m x n) · w (n x k) [+ y]; y is NULL or z */
@@ -494,8 +468,9 @@ static void column_tiles(lora_t *L, const float *panel, long row0, int mt, float
         float *z = out_acquire(&L->out);
         redmule(z, panel, pt, NULL, mt, L->p.rows, tw);
         if (alpha != 1.0f || c) {
-            epilogue_arg_t e = {z, mt, tw, c ? c + row0 * c_rs + (long)j0 * c_cs : NULL, c_rs, c_cs, alpha, beta};
-            ef_hal_fork(0, epilogue_task, &e);
+            ef_hal_epilogue_t e = {z, mt, tw, tw, c ? c + row0 * c_rs + (long)j0 * c_cs : NULL, c_rs, c_cs, alpha,
+                                   beta};
+            ef_hal_fork(0, ef_hal_epilogue_task, &e);
         }
         redmule(z, L->low, operand_tile(&L->q, t), z, mt, L->r, tw);
         out_store(&L->out, out + row0 * cols + j0, tw, mt, cols);

@@ -227,7 +227,7 @@ class LoraLinearGrad(Op):
         m, n, _, _, _ = _lora_dims(x, w, a, b, transB)
         if size(dy) != m * n:
             raise CompileError(f"LoraLinearGrad: dY {dy} does not fit x {x}")
-        if not grads or "".join(sorted(set(grads), key="xab".index)) != grads or set(grads) - set("xab"):
+        if not grads or grads != "".join(c for c in "xab" if c in grads):
             raise CompileError(f"LoraLinearGrad: grads must be a non-empty ordered subset of 'xab', got {grads!r}")
         return tuple({"x": x, "a": a, "b": b}[c] for c in grads)
 

@@ -536,6 +536,13 @@ def test_shape_rules_name_the_op_and_the_problem(op_name, shapes, attrs, match):
         op.infer(*shapes, **op.resolve_attrs(attrs))
 
 
+@pytest.mark.parametrize("grads", ["", "xz", "bx", "xx"])
+def test_lora_grad_names_a_bad_gradient_set(grads):
+    op = get_op("LoraLinearGrad")
+    with pytest.raises(CompileError, match="LoraLinearGrad: grads must be a non-empty ordered subset of 'xab'"):
+        op.infer((4, 5), (4, 3), (3, 5), (3, 2), (2, 5), **op.resolve_attrs({"grads": grads, "scale": 1.0}))
+
+
 def test_batch_norm_trains_only_through_its_input():
     c = CASES["BatchNormalization"][0]
     c = Case((c.inputs[0], Input((3,)), *c.inputs[2:]), c.attrs)  # a trainable scale

@@ -17,7 +17,7 @@ from compiler.ir import DTYPE_BYTES, CompileError
 from compiler.ops import get_op
 from compiler.ops._util import norm_axis
 from compiler.ops.conv import Window
-from compiler.ops.linear import _lora_dims, gemm_dims
+from compiler.ops.linear import lora_dims, gemm_dims
 from compiler.ops.shape import _axes, slice_index
 from compiler.codegen.layout import (broadcast_strides, coalesce, contiguous_strides, size, split_at)
 
@@ -167,17 +167,22 @@ def _gelu_grad(site: Site) -> dict[str, Any]:
     return dict(_pair_grad(site), approximate=_approximate(site))
 
 
+def _c_strides(site: Site, c: str | None, m: int, n: int) -> tuple[int, int]:
+    """Row and column strides of a GEMM's C input broadcast to (m, n); (0, 0) without C."""
+    if c is None:
+        return 0, 0
+    try:
+        return broadcast_strides(site.shape(c), (m, n))
+    except ValueError as exc:
+        raise site.error(str(exc)) from None
+
+
 def _gemm(site: Site) -> dict[str, Any]:
     a, b, c, y = site.input(0), site.input(1), site.optional(2), site.outputs[0]
     site.require("float32", a, b, c, y)
     ta, tb = int(site.attr("transA")), int(site.attr("transB"))
     m, n, k = gemm_dims(site.shape(a), site.shape(b), ta, tb)
-    c_rs = c_cs = 0
-    if c is not None:
-        try:
-            c_rs, c_cs = broadcast_strides(site.shape(c), (m, n))
-        except ValueError as exc:
-            raise site.error(str(exc)) from None
+    c_rs, c_cs = _c_strides(site, c, m, n)
     return dict(y=Ref(y), a=Ref(a), b=Ref(b), c=Ref(c) if c else None, m=m, n=n, k=k, trans_a=ta, trans_b=tb,
                 alpha=float(site.attr("alpha")), beta=float(site.attr("beta")), c_rs=c_rs, c_cs=c_cs)
 
@@ -186,7 +191,7 @@ def _lora_common(site: Site, x: str, w: str, a: str, b: str) -> dict[str, Any]:
     """The shape and attribute arguments both LoRA kernels share."""
     trans_b = int(site.attr("transB"))
     try:
-        m, n, k, r, devices = _lora_dims(site.shape(x), site.shape(w), site.shape(a), site.shape(b), trans_b)
+        m, n, k, r, devices = lora_dims(site.shape(x), site.shape(w), site.shape(a), site.shape(b), trans_b)
     except CompileError as exc:
         raise site.error(str(exc)) from None
     return dict(x=Ref(x), w=Ref(w), a=Ref(a), b=Ref(b), m=m, n=n, k=k, r=r, devices=devices, trans_b=trans_b,
@@ -197,12 +202,7 @@ def _lora_linear(site: Site) -> dict[str, Any]:
     (x, w, a, b), c, y = (site.input(i) for i in range(4)), site.optional(4), site.outputs[0]
     site.require("float32", x, w, a, b, c, y)
     args = _lora_common(site, x, w, a, b)
-    c_rs = c_cs = 0
-    if c is not None:
-        try:
-            c_rs, c_cs = broadcast_strides(site.shape(c), (args["m"], args["n"]))
-        except ValueError as exc:
-            raise site.error(str(exc)) from None
+    c_rs, c_cs = _c_strides(site, c, args["m"], args["n"])
     return dict(args, y=Ref(y), c=Ref(c) if c else None, beta=float(site.attr("beta")), c_rs=c_rs, c_cs=c_cs)
 
 

@@ -117,7 +117,7 @@ class Gemm(Op):
 
 
 # ---- LoRA: the adapted layer as one fused GEMM step, forward and backward ------------------------------------
-def _lora_dims(x, w, a, b, trans_b):
+def lora_dims(x, w, a, b, trans_b):
     """(M, N, K, r, D) of a LoRA layer: x (..., K) folded into M rows, W (K, N) or (N, K) with transB, A (K, r)
     or per device (D, K, r), B (r, N) or (D, r, N); device d owns rows [d·M/D, (d+1)·M/D)."""
     if len(x) < 2 or len(w) != 2:
@@ -156,7 +156,7 @@ class LoraLinear(Op):
     kind = "gemm"
 
     def infer(self, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
-        m, n, _, _, _ = _lora_dims(x, w, a, b, transB)
+        m, n, _, _, _ = lora_dims(x, w, a, b, transB)
         if c is not None:
             if len(x) != 2:
                 raise CompileError(f"LoraLinear: a C input needs 2-D x (got {x})")
@@ -164,13 +164,13 @@ class LoraLinear(Op):
         return (*x[:-1], n)
 
     def forward(self, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
-        m, n, _, _, _ = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        m, n, _, _, _ = lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
         y = np.empty((*x.shape[:-1], n), x.dtype)
         self.forward_into((y,), x, w, a, b, c, scale=scale, transB=transB, alpha=alpha, beta=beta)
         return y
 
     def forward_into(self, outs, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
-        m, n, k, _, devices = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        m, n, k, _, devices = lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
         x2, y = x.reshape(m, k), outs[0].reshape(m, n)
         np.matmul(x2, w.T if transB else w, out=y)
         if alpha != 1.0:
@@ -206,7 +206,7 @@ class LoraLinear(Op):
         return out if len(x) == 4 else out + (dc,)
 
     def flops(self, out_shapes, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
-        m, n, k, r, _ = _lora_dims(x, w, a, b, transB)
+        m, n, k, r, _ = lora_dims(x, w, a, b, transB)
         return 2 * m * n * k + 2 * m * k * r + m * r + 2 * m * r * n + (m * n if c is not None else 0)
 
 
@@ -224,7 +224,7 @@ class LoraLinearGrad(Op):
     backward_only = True
 
     def infer(self, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
-        m, n, _, _, _ = _lora_dims(x, w, a, b, transB)
+        m, n, _, _, _ = lora_dims(x, w, a, b, transB)
         if size(dy) != m * n:
             raise CompileError(f"LoraLinearGrad: dY {dy} does not fit x {x}")
         if not grads or grads != "".join(c for c in "xab" if c in grads):
@@ -237,7 +237,7 @@ class LoraLinearGrad(Op):
         return outs
 
     def forward_into(self, outs, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
-        m, n, k, r, devices = _lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
+        m, n, k, r, devices = lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
         got = dict(zip(grads, outs))
         s = dy.dtype.type(scale)
         d2, x2 = dy.reshape(m, n), x.reshape(m, k)
@@ -268,6 +268,6 @@ class LoraLinearGrad(Op):
             np.matmul(t(sx), dd, out=got["b"].reshape(b3.shape))
 
     def flops(self, out_shapes, dy, x, w, a, b, *, grads, scale, transB=0, alpha=1.0):
-        m, n, k, r, _ = _lora_dims(x, w, a, b, transB)
+        m, n, k, r, _ = lora_dims(x, w, a, b, transB)
         per = {"x": 2 * m * n * k + 2 * m * r * k, "a": 2 * m * k * r, "b": 2 * m * k * r + m * r + 2 * m * r * n}
         return 2 * m * n * r + m * r + sum(per[c] for c in grads)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from compiler.ops import get_op
-from compiler.ops.linear import _lora_dims
+from compiler.ops.linear import lora_dims
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
                                    dma_cycles, pipeline_cycles, redmule_job_cycles, split)
@@ -59,7 +59,7 @@ class _Config:
 def _shape(step: Step, tensors: Mapping[str, TensorInfo]) -> _Shape:
     names = step.inputs if step.op == "LoraLinear" else step.inputs[1:]
     x, w, a, b = (tensors[n].shape for n in names[:4])
-    m, n, k, r, d = _lora_dims(x, w, a, b, int(step.attrs.get("transB", 0)))
+    m, n, k, r, d = lora_dims(x, w, a, b, int(step.attrs.get("transB", 0)))
     return _Shape(m // d, n, k, r, d, bool(step.attrs.get("transB", 0)))
 
 

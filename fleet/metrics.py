@@ -1,0 +1,411 @@
+"""Every Prometheus metric edgefleet serves, declared here and nowhere else, and the collector that sets them.
+
+``FleetMetrics`` is a RoundObserver: it keeps the latest numbers per device and the run's counters in
+memory, updated from the DeviceRecords and RoundLogs the round driver hands it (never from Ray actors), and
+turns them into metric families at collection time (a prometheus-client custom collector). Names follow
+Prometheus conventions: an ``edgefleet_`` prefix, base units (``_bytes``, ``_seconds``), ``_total`` for
+counters. Per-device series (labels device, group, target, runtime) are the deliberate high-cardinality
+choice of this exporter: 14 series per device, so ``render`` formats a device's lines once per change and
+joins cached lines at a scrape (prometheus-client's generic formatter would take seconds at 10,000
+devices); ``collect`` yields the same families through prometheus-client for any registry.
+
+After --resume, ``restore`` replays the run directory's RoundLogs, so counters continue where the killed
+run stopped.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric as Family
+from prometheus_client.utils import floatToGoString
+
+from device_runtime.protocol import CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER
+from fleet.roundlog import DeviceRecord, RoundLog
+
+DEVICE_LABELS = ("device", "group", "target", "runtime")
+STATES = ("idle", "training", "failed", "dropped", "straggling")
+ROUND_DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                            # the family name; a counter's includes its _total
+    kind: str                            # gauge | counter | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The sample names Prometheus stores for this family."""
+        if self.kind == "histogram":
+            return (self.name + "_bucket", self.name + "_sum", self.name + "_count")
+        return (self.name,)
+
+
+def _device(name: str, kind: str, help_: str, *extra: str) -> Metric:
+    return Metric(name, kind, help_, DEVICE_LABELS + extra)
+
+
+# ---- per device (in the order ``_device_lines`` renders them) -------------------------------------------
+DEVICE_METRICS = (
+    _device("edgefleet_device_peak_memory_bytes", "gauge", "Peak bytes of the device's program per memory level.",
+            "level"),
+    _device("edgefleet_device_memory_budget_bytes", "gauge", "The device's memory budget."),
+    _device("edgefleet_device_modelled_step_cycles", "gauge", "Cycles per training step by the target's cost model."),
+    _device("edgefleet_device_modelled_images_per_second", "gauge",
+            "Training samples per second on the target by its cost model (last training job)."),
+    _device("edgefleet_device_measured_images_per_second", "gauge",
+            "Training samples per second measured on the host running the device (last training job)."),
+    _device("edgefleet_device_job_duration_seconds", "gauge", "Measured wall time of the device's last job."),
+    _device("edgefleet_device_loss", "gauge", "Mean training loss of the device's last training job."),
+    _device("edgefleet_device_metric", "gauge",
+            "Task metric (accuracy or AUC) after the device's last job: trained adapters, or those evaluated."),
+    _device("edgefleet_device_upload_bytes_total", "counter", "Bytes the device sent to the server."),
+    _device("edgefleet_device_download_bytes_total", "counter", "Bytes the server sent to the device."),
+    _device("edgefleet_device_rounds_joined_total", "counter", "Rounds in which the device's training was used."),
+    _device("edgefleet_device_jobs_failed_total", "counter", "The device's jobs that failed or it missed.",
+            "cause"),
+    _device("edgefleet_device_last_seen_timestamp_seconds", "gauge", "Unix time of the device's last reply."),
+    _device("edgefleet_device_state", "gauge", "1 for the device's current state.", "state"),
+)
+
+# ---- per round (the last finished round, and counters over rounds) ---------------------------------------
+ROUND_DURATION = Metric("edgefleet_round_duration_seconds", "histogram", "Wall time of a round.")
+ROUND_SAMPLED = Metric("edgefleet_round_sampled_devices", "gauge", "Devices sent a training job in the last round.")
+ROUND_PARTICIPANTS = Metric("edgefleet_round_participants", "gauge",
+                            "Devices whose job succeeded in the last round, by instruction.", ("instruction",))
+ROUND_FAILURES = Metric("edgefleet_round_failures", "gauge",
+                        "Jobs of the last round that failed or were missed, by cause (offline and dropout are "
+                        "availability, the others failures).", ("cause",))
+FAILURES = Metric("edgefleet_job_failures_total", "counter", "Jobs that failed or were missed, by cause.", ("cause",))
+REJECTED = Metric("edgefleet_replies_rejected_total", "counter",
+                  "Replies the strategy's guard left out of aggregation, by cause.", ("cause",))
+ROUND_AGGREGATION = Metric("edgefleet_round_aggregation_seconds", "gauge", "Aggregation time of the last round.")
+ROUND_PHASE = Metric("edgefleet_round_phase_seconds", "gauge", "Time of each phase of the last round.", ("phase",))
+ROUND_SERVER_METRIC = Metric("edgefleet_round_server_metric", "gauge",
+                             "The strategy's server-side metrics of the last round.", ("name",))
+ROUND_LOSS = Metric("edgefleet_round_train_loss", "gauge", "Mean training loss over the last round's devices.")
+ROUND_METRIC = Metric("edgefleet_round_metric", "gauge",
+                      "Mean task metric of the last round: before and after local training, and of the global "
+                      "adapters on evaluated devices.", ("stage",))
+ROUND_BYTES = Metric("edgefleet_transferred_bytes_total", "counter", "Bytes between server and devices.",
+                     ("direction",))
+# ---- per run ----------------------------------------------------------------------------------------------
+CURRENT_ROUND = Metric("edgefleet_run_current_round", "gauge", "The round running now (or the last one).")
+PLANNED_ROUNDS = Metric("edgefleet_run_planned_rounds", "gauge", "Rounds the run is configured for.")
+ROUNDS_COMPLETED = Metric("edgefleet_rounds_completed_total", "counter", "Rounds finished.")
+DEVICES = Metric("edgefleet_devices", "gauge", "Devices by state.", ("state",))
+START_TIME = Metric("edgefleet_run_start_time_seconds", "gauge", "Unix time the run started.")
+BUILD_INFO = Metric("edgefleet_build_info", "gauge", "edgefleet's version and git commit.", ("version", "commit"))
+RENDER_TIME = Metric("edgefleet_exporter_render_seconds", "gauge", "Time the exporter took for its previous scrape.")
+
+RUN_METRICS = (ROUND_DURATION, ROUND_SAMPLED, ROUND_PARTICIPANTS, ROUND_FAILURES, FAILURES, REJECTED,
+               ROUND_AGGREGATION, ROUND_PHASE, ROUND_SERVER_METRIC, ROUND_LOSS, ROUND_METRIC, ROUND_BYTES,
+               CURRENT_ROUND, PLANNED_ROUNDS, ROUNDS_COMPLETED, DEVICES, START_TIME, BUILD_INFO, RENDER_TIME)
+METRICS = DEVICE_METRICS + RUN_METRICS
+SERIES = frozenset(s for m in METRICS for s in m.series)
+
+
+def state_of(record: DeviceRecord) -> str:
+    if record.ok:
+        return "idle"
+    if record.cause in (CAUSE_DROPOUT, CAUSE_OFFLINE):
+        return "dropped"
+    return "straggling" if record.cause == CAUSE_STRAGGLER else "failed"
+
+
+def _replied(record: DeviceRecord) -> bool:
+    return record.ok or record.cause not in (CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER)
+
+
+class DeviceState:
+    """What the exporter knows of one device; ``lines`` caches its rendered samples (None: re-render)."""
+    __slots__ = ("labels", "prefix", "budget_bytes", "peak", "cycles", "modelled_ips", "measured_ips", "wall_s",
+                 "loss", "metric", "up", "down", "joined", "failed", "last_seen", "state", "lines")
+
+    def __init__(self, labels: tuple[str, str, str, str]):
+        self.labels = labels
+        self.prefix = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(DEVICE_LABELS, labels))
+        self.budget_bytes = 0
+        self.peak: Mapping[str, int] = {}
+        self.cycles = 0
+        self.modelled_ips = self.measured_ips = self.wall_s = self.loss = self.metric = math.nan
+        self.up = self.down = self.joined = 0
+        self.failed: dict[str, int] = {}
+        self.last_seen = math.nan
+        self.state = "idle"
+        self.lines: tuple[str, ...] | None = None
+
+
+class FleetMetrics:
+    """The exporter's memory of the run (a RoundObserver) and its prometheus-client collector."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._devices: dict[int, DeviceState] = {}
+        self.start_time = clock()
+        self.current_round = 0
+        self.planned_rounds = 0
+        self.rounds_completed = 0
+        self.failures: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.bytes = {"up": 0, "down": 0}
+        self.durations: list[float] = []
+        self.last: RoundLog | None = None
+        self.last_summary: dict = {}
+        self.render_s = 0.0
+
+    # ---- observer ---------------------------------------------------------------------------------------
+    def register_device(self, device: int, group: str = "", target: str = "", runtime: str = "",
+                        budget_bytes: int = 0, peak_bytes_by_level: Mapping[str, int] | None = None) -> None:
+        with self._lock:
+            d = self._entry(device, group, target, runtime)
+            d.budget_bytes = int(budget_bytes) or d.budget_bytes
+            d.peak = dict(peak_bytes_by_level or d.peak)
+            d.lines = None
+
+    def begin_round(self, round_: int, total_rounds: int) -> None:
+        self.current_round, self.planned_rounds = int(round_), int(total_rounds)
+
+    def jobs_sent(self, round_: int, devices: Sequence[int]) -> None:
+        """Devices sent a training job (state "training" until they answer)."""
+        with self._lock:
+            for index in devices:
+                d = self._devices.get(int(index))
+                if d is not None:
+                    d.state, d.lines = "training", None
+
+    def device_done(self, record: DeviceRecord) -> None:
+        with self._lock:
+            self._apply(record, self.clock())
+
+    def end_round(self, log: RoundLog) -> None:
+        with self._lock:
+            seen = log.ended_at or self.clock()
+            for record in log.devices:
+                self._apply(record, seen)
+                d = self._devices[record.device]
+                d.up += record.telemetry.bytes_up
+                d.down += record.telemetry.bytes_down
+                if record.ok and record.instruction == "train":
+                    d.joined += 1
+                if record.cause:
+                    d.failed[record.cause] = d.failed.get(record.cause, 0) + 1
+                    self.failures[record.cause] = self.failures.get(record.cause, 0) + 1
+                self.bytes["up"] += record.telemetry.bytes_up
+                self.bytes["down"] += record.telemetry.bytes_down
+            for cause, count in log.rejected.items():
+                self.rejected[cause] = self.rejected.get(cause, 0) + int(count)
+            self.durations.append(log.duration_s)
+            self.rounds_completed += 1
+            self.current_round = max(self.current_round, log.round)
+            self.last, self.last_summary = log, log.summary()
+
+    def restore(self, logs: Iterable[RoundLog], planned_rounds: int = 0) -> None:
+        """Replay the finished rounds of a run (after --resume): counters continue from them."""
+        logs = list(logs)
+        for log in logs:
+            self.end_round(log)
+        if logs and logs[0].started_at:
+            self.start_time = logs[0].started_at
+        self.planned_rounds = planned_rounds or self.planned_rounds
+
+    def _entry(self, device: int, group: str, target: str, runtime: str) -> DeviceState:
+        d = self._devices.get(device)
+        labels = (str(device), group, target, runtime)
+        if d is None or (labels != d.labels and any(labels[1:])):
+            old = d
+            d = self._devices[device] = DeviceState(labels if old is None else
+                                                tuple(n or o for n, o in zip(labels, old.labels)))
+            if old is not None:
+                for slot in DeviceState.__slots__[2:]:
+                    setattr(d, slot, getattr(old, slot))
+                d.lines = None
+        return d
+
+    def _apply(self, r: DeviceRecord, seen: float) -> None:
+        d = self._entry(r.device, r.group, r.target, r.runtime)
+        t = r.telemetry
+        d.budget_bytes = r.budget_bytes or d.budget_bytes
+        d.peak = t.peak_bytes_by_level or d.peak
+        d.cycles = t.modelled_cycles_per_step or d.cycles
+        d.state = state_of(r)
+        if _replied(r):
+            d.last_seen = seen
+        if r.ok:
+            d.wall_s = t.wall_s
+            if r.instruction != "evaluate":
+                d.loss = r.loss if math.isfinite(r.loss) else d.loss
+                d.modelled_ips = t.samples / t.modelled_s if t.samples and t.modelled_s > 0 else d.modelled_ips
+                d.measured_ips = t.samples / t.wall_s if t.samples and t.wall_s > 0 else d.measured_ips
+            metric = r.metric_before if r.instruction == "evaluate" else r.metric_after
+            d.metric = metric if math.isfinite(metric) else d.metric
+        d.lines = None
+
+    # ---- numbers ------------------------------------------------------------------------------------------
+    def snapshot(self) -> list[DeviceState]:
+        """The devices' states, by device index (read-only use: report, status)."""
+        with self._lock:
+            return [self._devices[k] for k in sorted(self._devices)]
+
+    def devices_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for d in list(self._devices.values()):
+            counts[d.state] += 1
+        return counts
+
+    def run_families(self) -> list[Family]:
+        out: list[Family] = []
+
+        def gauge(m: Metric, values: Mapping[tuple[str, ...], float] | float) -> None:
+            family = GaugeMetricFamily(m.name, m.help, labels=m.labels if m.labels else None)
+            items = values.items() if isinstance(values, Mapping) else [((), values)]
+            for labels, value in items:
+                family.add_metric(list(labels), value)
+            out.append(family)
+
+        def counter(m: Metric, values: Mapping[tuple[str, ...], float] | float) -> None:
+            family = CounterMetricFamily(m.name, m.help, labels=m.labels if m.labels else None)
+            items = values.items() if isinstance(values, Mapping) else [((), values)]
+            for labels, value in items:
+                family.add_metric(list(labels), value)
+            out.append(family)
+
+        last, s = self.last, self.last_summary
+        buckets, total = [], 0
+        for bound in ROUND_DURATION_BUCKETS_S:
+            total = sum(1 for x in self.durations if x <= bound)
+            buckets.append((floatToGoString(bound), total))
+        buckets.append(("+Inf", len(self.durations)))
+        histogram = HistogramMetricFamily(ROUND_DURATION.name, ROUND_DURATION.help)
+        histogram.add_metric([], buckets, sum(self.durations))
+        out.append(histogram)
+        gauge(ROUND_SAMPLED, len(last.sampled) if last else 0)
+        participants = dict.fromkeys(("train", "evaluate", "personalize"), 0)
+        for r in last.devices if last else ():
+            participants[r.instruction] += r.ok
+        gauge(ROUND_PARTICIPANTS, {(k,): v for k, v in participants.items()})
+        round_causes = {**s.get("failures", {}), **s.get("unavailable", {})}
+        gauge(ROUND_FAILURES, {(k,): v for k, v in sorted(round_causes.items())})
+        counter(FAILURES, {(k,): v for k, v in sorted(self.failures.items())})
+        counter(REJECTED, {(k,): v for k, v in sorted(self.rejected.items())})
+        timings = last.timings if last else {}
+        gauge(ROUND_AGGREGATION, sum(v for k, v in timings.items() if k.startswith("aggregate")))
+        gauge(ROUND_PHASE, {(k,): v for k, v in sorted(timings.items())})
+        gauge(ROUND_SERVER_METRIC, {(k,): v for k, v in sorted((last.server_metrics if last else {}).items())})
+        gauge(ROUND_LOSS, s.get("train_loss", math.nan))
+        gauge(ROUND_METRIC, {("before",): s.get("metric_before", math.nan), ("after",): s.get("metric_after", math.nan),
+                             ("global",): s.get("global_metric", math.nan)})
+        counter(ROUND_BYTES, {(k,): v for k, v in self.bytes.items()})
+        gauge(CURRENT_ROUND, self.current_round)
+        gauge(PLANNED_ROUNDS, self.planned_rounds)
+        counter(ROUNDS_COMPLETED, self.rounds_completed)
+        gauge(DEVICES, {(k,): v for k, v in self.devices_by_state().items()})
+        gauge(START_TIME, self.start_time)
+        gauge(BUILD_INFO, {build_info(): 1})
+        gauge(RENDER_TIME, self.render_s)
+        return out
+
+    def device_families(self) -> list[Family]:
+        """The per-device families through prometheus-client (the generic, slow path; ``render`` is the fast one)."""
+        families = [(GaugeMetricFamily if m.kind == "gauge" else CounterMetricFamily)(m.name, m.help, labels=m.labels)
+                    for m in DEVICE_METRICS]
+        with self._lock:
+            for d in self._devices.values():
+                for i, extra, value in _device_values(d):
+                    families[i].add_metric(list(d.labels) + list(extra), value)
+        return families
+
+    def collect(self) -> Iterator[Family]:
+        """prometheus-client's Collector interface (``registry.register(fleet_metrics)``)."""
+        yield from self.device_families()
+        yield from self.run_families()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric, with cached per-device lines."""
+        t0 = time.perf_counter()
+        with self._lock:
+            devices = list(self._devices.values())
+            for d in devices:
+                if d.lines is None:
+                    d.lines = _device_lines(d)
+        parts = []
+        for i, m in enumerate(DEVICE_METRICS):
+            name = m.name
+            parts.append(f"# HELP {name} {m.help}\n# TYPE {name} {m.kind}\n")
+            parts.extend(d.lines[i] for d in devices)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(self.run_families))
+        text = "".join(parts).encode() + generate_latest(registry)
+        self.render_s = time.perf_counter() - t0
+        return text
+
+
+class _Families:
+    def __init__(self, make):
+        self.collect = make
+
+
+def _device_values(d: DeviceState) -> Iterator[tuple[int, tuple[str, ...], float]]:
+    """(index into DEVICE_METRICS, extra label values, value) of each of a device's samples."""
+    for level, value in sorted(d.peak.items()):
+        yield 0, (level,), value
+    if d.budget_bytes:
+        yield 1, (), d.budget_bytes
+    if d.cycles:
+        yield 2, (), d.cycles
+    for i, value in ((3, d.modelled_ips), (4, d.measured_ips), (5, d.wall_s), (6, d.loss), (7, d.metric)):
+        if math.isfinite(value):
+            yield i, (), value
+    yield 8, (), d.up
+    yield 9, (), d.down
+    yield 10, (), d.joined
+    for cause, count in sorted(d.failed.items()):
+        yield 11, (cause,), count
+    if math.isfinite(d.last_seen):
+        yield 12, (), d.last_seen
+    yield 13, (d.state,), 1
+
+
+def _device_lines(d: DeviceState) -> tuple[str, ...]:
+    lines = [""] * len(DEVICE_METRICS)
+    extra_names = [m.labels[len(DEVICE_LABELS):] for m in DEVICE_METRICS]
+    for i, extra, value in _device_values(d):
+        labels = d.prefix + "".join(f',{k}="{_escape(v)}"' for k, v in zip(extra_names[i], extra))
+        lines[i] += f"{DEVICE_METRICS[i].name}{{{labels}}} {_number(value)}\n"
+    return tuple(lines)
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53):
+        return str(int(value))
+    return floatToGoString(value)
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+@functools.lru_cache(maxsize=1)
+def build_info() -> tuple[str, str]:
+    """(version, git commit) of the running edgefleet ("unknown" when not a git checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        release = version("edgefleet")
+    except PackageNotFoundError:
+        release = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    return release, commit

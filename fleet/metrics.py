@@ -32,6 +32,7 @@ from fleet.roundlog import DeviceRecord, RoundLog
 
 DEVICE_LABELS = ("device", "group", "target", "runtime")
 STATES = ("idle", "training", "failed", "dropped", "straggling")
+BLOCK = 256                              # devices whose rendered lines are cached together
 ROUND_DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
@@ -129,9 +130,10 @@ def _replied(record: DeviceRecord) -> bool:
 class DeviceState:
     """What the exporter knows of one device; ``lines`` caches its rendered samples (None: re-render)."""
     __slots__ = ("labels", "prefix", "budget_bytes", "peak", "cycles", "modelled_ips", "measured_ips", "wall_s",
-                 "loss", "metric", "up", "down", "joined", "failed", "last_seen", "state", "lines")
+                 "loss", "metric", "up", "down", "joined", "failed", "last_seen", "state", "lines", "slot")
 
-    def __init__(self, labels: tuple[str, str, str, str]):
+    def __init__(self, labels: tuple[str, str, str, str], slot: int):
+        self.slot = slot                 # position in the exposition (registration order)
         self.labels = labels
         self.prefix = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(DEVICE_LABELS, labels))
         self.budget_bytes = 0
@@ -152,6 +154,8 @@ class FleetMetrics:
         self.clock = clock
         self._lock = threading.Lock()
         self._devices: dict[int, DeviceState] = {}
+        self._order: list[DeviceState] = []      # by slot
+        self._blocks: list[tuple[bytes, ...] | None] = []  # per block of BLOCK devices: its lines per family
         self.start_time = clock()
         self.current_round = 0
         self.planned_rounds = 0
@@ -162,7 +166,9 @@ class FleetMetrics:
         self.durations: list[float] = []
         self.last: RoundLog | None = None
         self.last_summary: dict = {}
-        self.render_s = 0.0
+        self.participants: dict[str, int] = dict.fromkeys(("train", "evaluate", "personalize"), 0)
+        self.render_s = 0.0              # wall and CPU time of the previous ``render``
+        self.render_cpu_s = 0.0
 
     # ---- observer ---------------------------------------------------------------------------------------
     def register_device(self, device: int, group: str = "", target: str = "", runtime: str = "",
@@ -171,7 +177,7 @@ class FleetMetrics:
             d = self._entry(device, group, target, runtime)
             d.budget_bytes = int(budget_bytes) or d.budget_bytes
             d.peak = dict(peak_bytes_by_level or d.peak)
-            d.lines = None
+            self._touch(d)
 
     def begin_round(self, round_: int, total_rounds: int) -> None:
         self.current_round, self.planned_rounds = int(round_), int(total_rounds)
@@ -182,7 +188,8 @@ class FleetMetrics:
             for index in devices:
                 d = self._devices.get(int(index))
                 if d is not None:
-                    d.state, d.lines = "training", None
+                    d.state = "training"
+                    self._touch(d)
 
     def device_done(self, record: DeviceRecord) -> None:
         with self._lock:
@@ -209,6 +216,9 @@ class FleetMetrics:
             self.rounds_completed += 1
             self.current_round = max(self.current_round, log.round)
             self.last, self.last_summary = log, log.summary()
+            self.participants = dict.fromkeys(("train", "evaluate", "personalize"), 0)
+            for r in log.devices:
+                self.participants[r.instruction] += r.ok
 
     def restore(self, logs: Iterable[RoundLog], planned_rounds: int = 0) -> None:
         """Replay the finished rounds of a run (after --resume): counters continue from them."""
@@ -222,15 +232,24 @@ class FleetMetrics:
     def _entry(self, device: int, group: str, target: str, runtime: str) -> DeviceState:
         d = self._devices.get(device)
         labels = (str(device), group, target, runtime)
-        if d is None or (labels != d.labels and any(labels[1:])):
+        if d is None:
+            d = self._devices[device] = DeviceState(labels, len(self._order))
+            self._order.append(d)
+            if d.slot // BLOCK == len(self._blocks):
+                self._blocks.append(None)
+            self._touch(d)
+        elif labels != d.labels and any(labels[1:]) and tuple(n or o for n, o in zip(labels, d.labels)) != d.labels:
             old = d
-            d = self._devices[device] = DeviceState(labels if old is None else
-                                                tuple(n or o for n, o in zip(labels, old.labels)))
-            if old is not None:
-                for slot in DeviceState.__slots__[2:]:
-                    setattr(d, slot, getattr(old, slot))
-                d.lines = None
+            d = self._devices[device] = self._order[old.slot] = DeviceState(
+                tuple(n or o for n, o in zip(labels, old.labels)), old.slot)
+            for name in DeviceState.__slots__[2:-2]:
+                setattr(d, name, getattr(old, name))
+            self._touch(d)
         return d
+
+    def _touch(self, d: DeviceState) -> None:
+        d.lines = None
+        self._blocks[d.slot // BLOCK] = None
 
     def _apply(self, r: DeviceRecord, seen: float) -> None:
         d = self._entry(r.device, r.group, r.target, r.runtime)
@@ -249,7 +268,7 @@ class FleetMetrics:
                 d.measured_ips = t.samples / t.wall_s if t.samples and t.wall_s > 0 else d.measured_ips
             metric = r.metric_before if r.instruction == "evaluate" else r.metric_after
             d.metric = metric if math.isfinite(metric) else d.metric
-        d.lines = None
+        self._touch(d)
 
     # ---- numbers ------------------------------------------------------------------------------------------
     def snapshot(self) -> list[DeviceState]:
@@ -290,10 +309,7 @@ class FleetMetrics:
         histogram.add_metric([], buckets, sum(self.durations))
         out.append(histogram)
         gauge(ROUND_SAMPLED, len(last.sampled) if last else 0)
-        participants = dict.fromkeys(("train", "evaluate", "personalize"), 0)
-        for r in last.devices if last else ():
-            participants[r.instruction] += r.ok
-        gauge(ROUND_PARTICIPANTS, {(k,): v for k, v in participants.items()})
+        gauge(ROUND_PARTICIPANTS, {(k,): v for k, v in self.participants.items()})
         round_causes = {**s.get("failures", {}), **s.get("unavailable", {})}
         gauge(ROUND_FAILURES, {(k,): v for k, v in sorted(round_causes.items())})
         counter(FAILURES, {(k,): v for k, v in sorted(self.failures.items())})
@@ -332,21 +348,28 @@ class FleetMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric, with cached per-device lines."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         with self._lock:
-            devices = list(self._devices.values())
-            for d in devices:
-                if d.lines is None:
-                    d.lines = _device_lines(d)
+            for b, block in enumerate(self._blocks):
+                if block is None:
+                    devices = self._order[b * BLOCK:(b + 1) * BLOCK]
+                    for d in devices:
+                        if d.lines is None:
+                            d.lines = _device_lines(d)
+                    self._blocks[b] = tuple("".join(d.lines[i] for d in devices).encode()
+                                            for i in range(len(DEVICE_METRICS)))
+            blocks = list(self._blocks)
         parts = []
         for i, m in enumerate(DEVICE_METRICS):
             name = m.name
-            parts.append(f"# HELP {name} {m.help}\n# TYPE {name} {m.kind}\n")
-            parts.extend(d.lines[i] for d in devices)
+            parts.append(f"# HELP {name} {m.help}\n# TYPE {name} {m.kind}\n".encode())
+            parts.extend(block[i] for block in blocks)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(self.run_families))
-        text = "".join(parts).encode() + generate_latest(registry)
+        parts.append(generate_latest(registry))
+        text = b"".join(parts)
         self.render_s = time.perf_counter() - t0
+        self.render_cpu_s = time.thread_time() - cpu0
         return text
 
 
@@ -377,16 +400,28 @@ def _device_values(d: DeviceState) -> Iterator[tuple[int, tuple[str, ...], float
 
 
 def _device_lines(d: DeviceState) -> tuple[str, ...]:
-    lines = [""] * len(DEVICE_METRICS)
-    extra_names = [m.labels[len(DEVICE_LABELS):] for m in DEVICE_METRICS]
-    for i, extra, value in _device_values(d):
-        labels = d.prefix + "".join(f',{k}="{_escape(v)}"' for k, v in zip(extra_names[i], extra))
-        lines[i] += f"{DEVICE_METRICS[i].name}{{{labels}}} {_number(value)}\n"
+    """A device's samples as exposition lines, one string per family (the same samples as _device_values)."""
+    p, n = d.prefix, _NAMES
+    finite = math.isfinite
+    peak = "".join(f'{n[0]}{{{p},level="{_escape(k)}"}} {_number(v)}\n' for k, v in sorted(d.peak.items()))
+    lines = [peak, f"{n[1]}{{{p}}} {d.budget_bytes}\n" if d.budget_bytes else "",
+             f"{n[2]}{{{p}}} {d.cycles}\n" if d.cycles else ""]
+    for i, value in ((3, d.modelled_ips), (4, d.measured_ips), (5, d.wall_s), (6, d.loss), (7, d.metric)):
+        lines.append(f"{n[i]}{{{p}}} {_number(value)}\n" if finite(value) else "")
+    lines += [f"{n[8]}{{{p}}} {d.up}\n", f"{n[9]}{{{p}}} {d.down}\n", f"{n[10]}{{{p}}} {d.joined}\n",
+              "".join(f'{n[11]}{{{p},cause="{_escape(k)}"}} {v}\n' for k, v in sorted(d.failed.items())),
+              f"{n[12]}{{{p}}} {_number(d.last_seen)}\n" if finite(d.last_seen) else "",
+              f'{n[13]}{{{p},state="{d.state}"}} 1\n']
     return tuple(lines)
 
 
+_NAMES = tuple(m.name for m in DEVICE_METRICS)
+
+
 def _number(value: float) -> str:
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53):
+    if type(value) is int:
+        return str(value)
+    if value.is_integer() and abs(value) < 2 ** 53:
         return str(int(value))
     return floatToGoString(value)
 

@@ -21,12 +21,12 @@ from fleet.roundlog import DeviceRecord, RoundLog
 
 class RunProgress:
     def __init__(self, total_rounds: int, *, stream: TextIO | None = None, enabled: bool = True,
-                 clock=time.monotonic):
+                 live: bool | None = None, clock=time.monotonic):
         self.total_rounds = int(total_rounds)
         self.enabled = enabled
         self.clock = clock
-        self.console = Console(file=stream or sys.stderr, highlight=False)
-        self.live = enabled and self.console.is_terminal
+        self.console = Console(file=stream or sys.stderr, highlight=False, force_terminal=live)
+        self.live = enabled and self.console.is_terminal  # live=None: bars only on a terminal
         self.expected_jobs: int | None = None   # jobs per round, from the previous round
         self.round = 0
         self.done = 0
@@ -69,15 +69,15 @@ class RunProgress:
         self.round_durations.append(self.clock() - self._round_start)
         self.progress.update(self.run_task, completed=log.round)
         if self.enabled:
-            self.progress.console.print(self.round_line(log))
+            self.progress.console.print(self.round_line(log), soft_wrap=True, markup=False)
 
     def round_line(self, log: RoundLog) -> str:
         s = log.summary()
-        failures = {**s["failures"], **s["unavailable"]}
+        failures = ", ".join(f"{k} {v}" for k, v in sorted({**s["failures"], **s["unavailable"]}.items())) or "none"
         eta = self.eta_s(log.round)
         return (f"round {log.round}/{self.total_rounds}  train loss {s['train_loss']:.4f}  "
                 f"metric {s['metric_after']:.3f}  global {s['global_metric']:.3f}  "
-                f"failures {failures or 0}  elapsed {format_duration(self.clock() - self.started)}  "
+                f"failures {failures}  elapsed {format_duration(self.clock() - self.started)}  "
                 f"eta {format_duration(eta)}")
 
     def eta_s(self, rounds_done: int) -> float:

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fleet.metrics import FleetMetrics  # noqa: E402
 from fleet.records import read_round_logs  # noqa: E402
@@ -97,6 +98,8 @@ def plot_loss_metric(run: RunData, fig) -> None:
             values = [s[key] for s in summaries]
             if any(math.isfinite(v) for v in values):
                 right.plot(rounds, values, "o-", label=label)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set(xlabel="round", ylabel="loss", title="Training loss over rounds")
     right.set(xlabel="round", ylabel=run.metric_name, title=f"{run.metric_name} over rounds")
     _legend_or_empty(left, "no finished round")

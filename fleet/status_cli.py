@@ -32,7 +32,8 @@ class RunStatus:
     exporter: str = ""                   # host:port ("" when the run serves no metrics)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: unknown numbers (NaN) are None."""
+        return _plain(asdict(self))
 
 
 def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatus:
@@ -80,6 +81,14 @@ def format_status(s: RunStatus) -> str:
     else:
         lines.append("  metrics: not exported (enable [metrics] in the scenario)")
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _alive(pid: int) -> bool:

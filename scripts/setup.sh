@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of a fresh Debian machine (run as root): the RISC-V toolchain, QEMU,
-# Prometheus and socat from Debian; edgefleet with its test extras from PyPI.
+# Prometheus, socat and Chromium (headless, for the report test) from Debian; edgefleet with its test extras from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-misc prometheus socat"
+APT_PACKAGES="gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-misc prometheus socat chromium"
 missing=""
 for pkg in $APT_PACKAGES; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

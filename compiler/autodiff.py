@@ -51,6 +51,16 @@ class GradBuilder:
     def needs(self, name: str) -> bool:
         return name in self.requires
 
+    def train_channels(self, name: str) -> tuple[int, int] | None:
+        """(axis, k) when only the first k output channels of parameter ``name`` train (sparse update): its
+        gradient rule must then produce the gradient of those channels only."""
+        return self.tensors[name].train_channels
+
+    def channel_slice(self, name: str, axis: int, k: int) -> str:
+        """The first k entries of ``name`` along ``axis`` (a copy), e.g. the output-gradient channels a
+        sparse weight update reads."""
+        return self.emit("Slice", [name], "grad", starts=(0,), ends=(k,), axes=(axis,))
+
     def emit(self, op: str, inputs: Sequence[str], hint: str = "grad", **attrs: Any) -> str:
         return self.emit_n(op, inputs, hint, **attrs)[0]
 
@@ -158,7 +168,11 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
         for name, dx in zip(node.inputs, dxs):
             if dx is None or name not in requires:
                 continue
-            partials.setdefault(name, []).append(g.sum_to(dx, g.shape(name)))
+            want = g.tensors[name].grad_shape
+            if g.tensors[name].train_channels and g.shape(dx) != want:
+                raise CompileError(f"sparse update of {name!r}: {node.op} cannot restrict its gradient to the first "
+                                   f"{g.tensors[name].train_channels[1]} output channels")
+            partials.setdefault(name, []).append(g.sum_to(dx, want))
         for name in node.inputs:
             if name in pending:
                 pending[name] -= 1
@@ -176,9 +190,11 @@ def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig)
     inputs = [param, grad, lr]
     if sgd.momentum:
         velocity = g.names(f"{param}.momentum")
-        g.tensors[velocity] = TensorSpec(velocity, g.shape(param), "float32", Role.OPT_STATE)
-        g.values[velocity] = np.zeros(g.shape(param), np.float32)
+        g.tensors[velocity] = TensorSpec(velocity, g.shape(grad), "float32", Role.OPT_STATE)
+        g.values[velocity] = np.zeros(g.shape(grad), np.float32)
         inputs.append(velocity)
     g.phase, g.layer = "update", param.rsplit(".", 1)[0]
-    g.emit_n("SGD", inputs, f"{param}.update", momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+    axis, channels = g.train_channels(param) or (0, 0)
+    g.emit_n("SGD", inputs, f"{param}.update", momentum=sgd.momentum, weight_decay=sgd.weight_decay,
+             axis=axis, channels=channels)
     g.phase = "backward"

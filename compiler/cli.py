@@ -25,11 +25,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                           "training program and print its report.")
     p.add_argument("model", help="ONNX file or zoo model name (cct-2-3x2, cct-digits, deep-ae, ds-cnn)")
     p.add_argument("--strategy", default="lora",
-                   help="full | selective | lora | lora+head | classifier | bias | last-K (default lora)")
+                   help="full | selective | lora | lora+head | classifier | bias | last-K | sparse (default lora)")
     p.add_argument("--train", action="append", default=[], metavar="PATTERN",
                    help="parameter/layer glob trained fully (repeatable; with selective or lora)")
     p.add_argument("--last-k", type=int, help="selective: train the last K blocks")
     p.add_argument("--bias-only", action="store_true", help="selective: train every bias")
+    p.add_argument("--sparse", action="append", default=[], metavar="LAYER=CHOICE",
+                   help="sparse update of the layers matching the glob LAYER: bias, 1/8, 1/4, 1/2, all (the bias and "
+                        "that share of the weight's output channels) or a channel count (repeatable; --strategy sparse)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 8)")
     p.add_argument("--lora-targets", help="comma-separated layer globs (default auto: attention and MLP layers, else every MatMul/Gemm layer)")
@@ -48,7 +51,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _sparse_scheme(items: list[str]) -> tuple[tuple[str, str], ...]:
+    scheme = []
+    for item in items:
+        layer, sep, choice = item.partition("=")
+        if not sep or not layer.strip():
+            raise CompileError(f"--sparse {item!r}: expected LAYER=CHOICE, e.g. blocks.3.pw=1/4")
+        scheme.append((layer.strip(), choice.strip()))
+    return tuple(scheme)
+
+
 def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
+    if args.strategy == "sparse" or args.sparse:
+        if args.strategy != "sparse":
+            raise CompileError(f"--sparse needs --strategy sparse, not {args.strategy!r}")
+        if args.last_k is not None or args.bias_only or args.lora_rank or args.lora_targets:
+            raise CompileError("--strategy sparse takes --sparse LAYER=CHOICE and --train, not selective/LoRA options")
+        if not args.sparse:
+            raise CompileError("--strategy sparse needs --sparse LAYER=CHOICE (bias, 1/8, 1/4, 1/2, all or k)")
+        return TuningSpec("sparse", train=tuple(args.train), sparse=_sparse_scheme(args.sparse))
     spec = TuningSpec.parse(args.strategy) if args.strategy != "selective" else None
     lora_opts = {k: v for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha),
                                    ("init", args.lora_init), ("seed", args.seed)) if v is not None}

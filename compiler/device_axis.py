@@ -188,6 +188,9 @@ def add_device_axis(graph: Graph, devices: int) -> Graph:
     batch = graph.tensors[graph.inputs[0]].shape[0]
     if batch % devices:
         raise CompileError(f"device axis: batch {batch} is not a multiple of {devices} devices")
+    restricted = sorted(n for n, s in graph.tensors.items() if s.train_channels)
+    if restricted:
+        raise CompileError(f"device axis: sparse channel subsets ({restricted[0]}) run one device per program")
     return _Rewriter(graph, devices).run()
 
 

@@ -45,6 +45,17 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str = "float32"
     role: Role = Role.ACTIVATION
+    # sparse update: (axis, k) when only the first k entries along ``axis`` (a weight's output channels) train;
+    # the rest of the tensor stays frozen, its gradient has k there (compiler/tuning.py, autodiff.py)
+    train_channels: tuple[int, int] | None = None
+
+    @property
+    def grad_shape(self) -> tuple[int, ...]:
+        """The shape of this tensor's gradient: the trainable sub-tensor's."""
+        if self.train_channels is None:
+            return self.shape
+        axis, k = self.train_channels
+        return self.shape[:axis] + (k,) + self.shape[axis + 1:]
 
     @property
     def size(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from compiler.ir import Role
+from compiler.ops import get_op
 
 if TYPE_CHECKING:  # pragma: no cover
     from compiler.plan import MemoryPlan
@@ -20,16 +21,18 @@ def build_report(program: "Program", plan: "MemoryPlan") -> dict[str, Any]:
     params = {n: t for n, t in program.tensors.items() if t.role in (Role.FROZEN.value, Role.TRAINABLE.value)}
     trainable = {n: t for n, t in params.items() if t.role == Role.TRAINABLE.value}
     grad_bytes = 0
+    updated = {}  # parameter -> elements its update writes (a sparse update writes only its chosen channels)
     for step in program.train.steps:
-        if step.op == "SGD":
+        if get_op(step.op).updates and len(step.inputs) > 1:
             grad_bytes += program.tensors[step.inputs[1]].nbytes
+            updated[step.inputs[0]] = program.tensors[step.inputs[1]].nbytes // 4
     flops = {"forward": 0, "backward": 0, "update": 0}
     for step in program.train.steps:
         flops[step.phase] += step.flops
     return {
         "model": program.model, "batch": program.batch, "task": program.task, "tuning": dict(program.tuning),
         "params": {"total": sum(t.nbytes // 4 for t in params.values()),
-                   "trainable": sum(t.nbytes // 4 for t in trainable.values()),
+                   "trainable": sum(updated.get(n, t.nbytes // 4) for n, t in trainable.items()),
                    "trainable_tensors": len(trainable)},
         "memory": {
             "frozen_weights_bytes": _bytes(program, Role.FROZEN),
@@ -101,6 +104,8 @@ def _tuning_text(t: Mapping[str, Any]) -> str:
         text += f"; last {t['last_k']} blocks"
     if t.get("bias_only"):
         text += "; biases"
+    if t.get("sparse"):
+        text += " " + ", ".join(f"{layer} {choice}" for layer, choice in t["sparse"].items())
     return text
 
 

@@ -3,6 +3,9 @@
 ``full``: every weight trains. ``selective``: layer/parameter glob patterns, the last k blocks, the classifier,
 or biases only. ``lora``: for each targeted MatMul/Gemm layer, y = W·x + (α/r)·B(A·x) with new parameters A, B;
 W stays frozen and is never copied. ``train`` patterns can be combined with LoRA (e.g. LoRA + trained head).
+``sparse``: per layer (glob → choice), the bias only, or the bias and the weight's first k output channels
+(``"1/8"``, ``"1/4"``, ``"1/2"``, ``"all"`` or an integer k), as the Tiny Training Engine's sparse update; the
+rest of the weight stays frozen and autodiff computes the gradient of the chosen channels only.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import numpy as np
 
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
 
-STRATEGIES = ("full", "selective", "lora")
+STRATEGIES = ("full", "selective", "lora", "sparse")
+SPARSE_RATIOS = {"1/8": 0.125, "1/4": 0.25, "1/2": 0.5, "all": 1.0}
 LORA_INITS = ("zero_b", "gaussian", "random")
 BIAS_SUFFIXES = (".bias",)
 
@@ -49,8 +53,16 @@ class TuningSpec:
     last_k: int | None = None        # selective: the last k blocks (or parametrized layers)
     bias_only: bool = False          # selective: every bias
     lora: LoraConfig | None = None
+    # sparse: (layer glob, choice) in order, a later pattern overriding an earlier one for the layers both match;
+    # choice "bias", "1/8", "1/4", "1/2", "all" or a channel count "k" (string of digits)
+    sparse: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sparse", tuple((str(p), sparse_choice(c)) for p, c in self.sparse))
+        if (self.strategy == "sparse") != bool(self.sparse):
+            raise CompileError("sparse tuning needs per-layer choices (sparse = {layer = choice}), and only it takes them"
+                               if self.strategy == "sparse" else
+                               f"sparse layer choices given with strategy {self.strategy!r}")
         if self.strategy not in STRATEGIES:
             raise CompileError(f"unknown tuning strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.strategy == "lora" and self.lora is None:
@@ -65,13 +77,15 @@ class TuningSpec:
     @classmethod
     def parse(cls, spec: "str | Mapping[str, Any] | TuningSpec") -> "TuningSpec":
         """From a preset name ('full', 'lora', 'lora+head', 'classifier', 'bias', 'last-2') or a dict
-        (the TOML ``[tuning]`` table: strategy, train, last_k, bias_only, rank, alpha, targets, init, seed)."""
+        (the TOML ``[tuning]`` table: strategy, train, last_k, bias_only, rank, alpha, targets, init, seed, sparse —
+        a table of layer glob → "bias" | "1/8" | "1/4" | "1/2" | "all" | channel count)."""
         if isinstance(spec, TuningSpec):
             return spec
         if isinstance(spec, str):
             return _preset(spec)
         data = dict(spec)
-        known = {"strategy", "train", "last_k", "bias_only", "rank", "alpha", "targets", "init", "seed", "freeze_a"}
+        known = {"strategy", "train", "last_k", "bias_only", "rank", "alpha", "targets", "init", "seed", "freeze_a",
+                 "sparse"}
         unknown = set(data) - known
         if unknown:
             raise CompileError(f"unknown tuning key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -82,8 +96,14 @@ class TuningSpec:
         lora = LoraConfig(**lora_keys) if strategy == "lora" else None
         if lora_keys and strategy != "lora":
             raise CompileError(f"LoRA option(s) {sorted(lora_keys)} given with strategy {strategy!r}")
+        sparse = data.get("sparse", {})
+        pairs = sparse.items() if isinstance(sparse, Mapping) else sparse
+        if isinstance(pairs, str) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise CompileError(f"tuning.sparse must be a table of layer = choice (or [layer, choice] pairs), "
+                               f"got {sparse!r}")
         return cls(strategy=strategy, train=tuple(data.get("train", ())), last_k=data.get("last_k"),
-                   bias_only=bool(data.get("bias_only", False)), lora=lora)
+                   bias_only=bool(data.get("bias_only", False)), lora=lora,
+                   sparse=tuple((str(k), str(v)) for k, v in pairs))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy, "train": list(self.train)}
@@ -96,10 +116,23 @@ class TuningSpec:
                        init=self.lora.init, seed=self.lora.seed)
             if self.lora.freeze_a:
                 out["freeze_a"] = True
+        if self.sparse:
+            out["sparse"] = dict(self.sparse)
         return out
 
 
+def sparse_choice(choice: Any) -> str:
+    """A layer's sparse-update choice, normalised: "bias", a ratio ("1/8" … "all") or a channel count."""
+    text = str(choice).strip()
+    if text == "bias" or text in SPARSE_RATIOS or (text.isdigit() and int(text) > 0):
+        return str(int(text)) if text.isdigit() else text
+    raise CompileError(f"sparse choice {choice!r}: use bias, 1/8, 1/4, 1/2, all or a channel count >= 1")
+
+
 def _preset(name: str) -> TuningSpec:
+    if name == "sparse":
+        raise CompileError("sparse tuning needs per-layer choices: --sparse LAYER=CHOICE (bias, 1/8, 1/4, 1/2, "
+                           "all or k), or --memory-budget to choose them")
     if name == "full":
         return TuningSpec("full")
     if name == "lora":
@@ -165,7 +198,81 @@ def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
     tensors = dict(graph.tensors)
     for name in chosen:
         tensors[name] = tensors[name].with_role(Role.TRAINABLE)
+    for name, channels in sparse_parameters(graph, weights, spec.sparse).items():
+        if name not in chosen:  # a parameter trained fully by a train pattern stays fully trained
+            tensors[name] = dataclasses.replace(tensors[name], role=Role.TRAINABLE, train_channels=channels)
     return graph.replace(tensors=tensors)
+
+
+def sparse_layers(graph: Graph) -> dict[str, tuple[str | None, str | None]]:
+    """Layers a sparse scheme can name, in graph order: layer → (weight, bias) parameter names (None if absent).
+    A layer has a weight read by Conv, Gemm or MatMul."""
+    weights = _weights(graph)
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for name in weights:
+        layer = weight_layer(name)
+        if name.endswith(".weight") and _channel_axis(graph, name) is not None:
+            bias = f"{layer}.bias" if f"{layer}.bias" in weights else None
+            found[layer] = (name, bias)
+    return found
+
+
+def _channel_axis(graph: Graph, weight: str) -> int | None:
+    """The output-channel axis of a weight from the op that reads it (None: not a Conv/Gemm/MatMul weight)."""
+    axes = set()
+    for node in graph.nodes:
+        if len(node.inputs) < 2 or node.inputs[1] != weight:
+            continue
+        if node.op == "Conv":
+            axes.add(0)
+        elif node.op == "Gemm" and not node.attrs.get("transA", 0):
+            axes.add(0 if node.attrs.get("transB", 0) else 1)
+        elif node.op == "MatMul" and len(graph.tensors[weight].shape) == 2:
+            axes.add(1)
+        else:
+            return None
+    return axes.pop() if len(axes) == 1 else None
+
+
+def sparse_parameters(graph: Graph, weights: list[str],
+                      scheme: tuple[tuple[str, str], ...]) -> dict[str, tuple[int, int] | None]:
+    """The parameters a sparse scheme trains: name → (axis, k) for a weight restricted to its first k output
+    channels, None for a tensor trained whole (biases; weights with "all")."""
+    if not scheme:
+        return {}
+    layers = sparse_layers(graph)
+    choice: dict[str, str] = {}
+    for pattern, value in scheme:
+        hits = [layer for layer in layers if fnmatchcase(layer, pattern)]
+        if not hits:
+            raise CompileError(f"sparse layer pattern {pattern!r} matches no Conv/Gemm/MatMul layer; layers: "
+                               f"{_listing(list(layers))}")
+        choice.update({layer: value for layer in hits})
+    out: dict[str, tuple[int, int] | None] = {}
+    for layer, value in choice.items():
+        weight, bias = layers[layer]
+        if bias is not None:
+            out[bias] = None
+        if value == "bias":
+            if bias is None:
+                raise CompileError(f"sparse: layer {layer!r} has no bias to train")
+            continue
+        out[weight] = _restriction(graph, layer, weight, value)
+    return out
+
+
+def _restriction(graph: Graph, layer: str, weight: str, value: str) -> tuple[int, int] | None:
+    axis = _channel_axis(graph, weight)
+    channels = graph.tensors[weight].shape[axis]
+    k = int(value) if value.isdigit() else max(1, int(channels * SPARSE_RATIOS[value]))
+    if k > channels:
+        raise CompileError(f"sparse: layer {layer!r} has {channels} output channels, {k} asked")
+    group = max((int(n.attrs.get("group", 1)) for n in graph.nodes if n.op == "Conv" and n.inputs[1] == weight),
+                default=1)
+    per_group = channels // group if group > 1 else 1
+    if k % per_group:
+        k = min(channels, -(-k // per_group) * per_group)  # whole groups: a grouped conv's channels go by group
+    return None if k == channels else (axis, k)
 
 
 def _last_k(graph: Graph, weights: list[str], k: int) -> set[str]:

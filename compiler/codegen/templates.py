@@ -556,8 +556,13 @@ def _mse_grad(site: Site) -> dict[str, Any]:
 def _sgd(site: Site) -> dict[str, Any]:
     param, grad, lr, velocity = site.input(0), site.input(1), site.input(2), site.optional(3)
     site.require("float32", param, grad, lr, velocity)
-    n = site.same_size(param, grad, *(n for n in (velocity,) if n))
-    return dict(param=Ref(param), grad=Ref(grad), lr=Ref(lr), velocity=Ref(velocity) if velocity else None, n=n,
+    n = site.same_size(grad, *(n for n in (velocity,) if n))
+    shape, axis, channels = site.shape(param), int(site.attr("axis")), int(site.attr("channels"))
+    rows, ld = (1, n) if not channels else (size(shape[:axis]), size(shape[axis:]))  # sparse: first channels
+    if n != (size(shape) if not channels else rows * channels * size(shape[axis + 1:])):
+        raise site.error(f"grad {site.shape(grad)} does not fit param {shape} (axis {axis}, channels {channels})")
+    return dict(param=Ref(param), grad=Ref(grad), lr=Ref(lr), velocity=Ref(velocity) if velocity else None,
+                rows=rows, cols=n // rows, ld=ld,
                 momentum=float(site.attr("momentum")), weight_decay=float(site.attr("weight_decay")))
 
 
@@ -658,7 +663,8 @@ TEMPLATES: dict[str, Template] = {
     "MSELoss": Template("ef_mse_loss(${loss}, ${pred}, ${target}, ${n})", _mse),
     "MSELossGrad": Template("ef_mse_loss_grad(${dx}, ${pred}, ${target}, ${dy}, ${n})", _mse_grad),
     # optimizer (in place on param and velocity; no outputs)
-    "SGD": Template("ef_sgd(${param}, ${grad}, ${lr}, ${velocity}, ${n}, ${momentum}, ${weight_decay})", _sgd),
+    "SGD": Template("ef_sgd(${param}, ${grad}, ${lr}, ${velocity}, ${rows}, ${cols}, ${ld}, ${momentum}, "
+                    "${weight_decay})", _sgd),
 }
 
 

@@ -185,7 +185,7 @@ class Conv(Op):
         if g.needs(x[0]):
             dx = g.emit("ConvGradInput", [dy[0], x[1]], shape=g.shape(x[0]), **window)
         if g.needs(x[1]):
-            dw = g.emit("ConvGradWeight", [x[0], dy[0]], kernel_shape=g.shape(x[1])[2:], **window)
+            dw = _weight_gradient(g, x[0], x[1], dy[0], window)
         if len(x) > 2 and g.needs(x[2]):
             rank = len(g.shape(dy[0]))
             db = g.emit("ReduceSum", [dy[0]], axes=(0, *range(2, rank)), keepdims=0)
@@ -193,6 +193,22 @@ class Conv(Op):
 
     def flops(self, out_shapes, x, w, b=None, **attrs):
         return 2 * size(out_shapes[0]) * size(w[1:]) + (size(out_shapes[0]) if b is not None else 0)
+
+
+def _weight_gradient(g, x, w, dy, window):
+    """dW, or with a sparse update of W's first k output channels, dW[:k] from dY[:, :k] (and, for a grouped
+    conv, the input channels of the groups those outputs belong to): nothing is computed for frozen channels."""
+    kernel = g.shape(w)[2:]
+    restricted = g.train_channels(w)
+    if restricted is None:
+        return g.emit("ConvGradWeight", [x, dy], kernel_shape=kernel, **window)
+    k, group = restricted[1], window["group"]
+    m, c = g.shape(w)[0], g.shape(x)[1]
+    groups = k // (m // group) if group > 1 else 1  # tuning rounds k up to whole groups
+    if groups < group:
+        x = g.channel_slice(x, 1, groups * (c // group))
+    return g.emit("ConvGradWeight", [x, g.channel_slice(dy, 1, k)], kernel_shape=kernel,
+                  **{**window, "group": groups})
 
 
 class ConvGradInput(Op):

@@ -51,7 +51,8 @@ class MatMul(Op):
                 da = g.reshape(g.emit("Gemm", [d2, b], transB=1), a_shape)
             if g.needs(b):
                 a2 = g.reshape(a, (size(a_shape) // k, k))
-                db = g.emit("Gemm", [a2, d2], transA=1)
+                restricted = g.train_channels(b)  # sparse update: the first c output columns of W only
+                db = g.emit("Gemm", [a2, g.channel_slice(d2, 1, restricted[1]) if restricted else d2], transA=1)
             return da, db
         if g.needs(a):
             da = g.emit("MatMul", [d, g.transpose(b)])
@@ -101,10 +102,12 @@ class Gemm(Op):
             else:
                 da = g.emit("Gemm", [d, b], alpha=alpha, transB=1 - transB)
         if g.needs(b):
+            restricted = g.train_channels(b)  # sparse update: dW of the first c output channels only
+            dk = g.channel_slice(d, 1, restricted[1]) if restricted else d
             if transB:
-                db = g.emit("Gemm", [d, a], alpha=alpha, transA=1, transB=transA)
+                db = g.emit("Gemm", [dk, a], alpha=alpha, transA=1, transB=transA)
             else:
-                db = g.emit("Gemm", [a, d], alpha=alpha, transA=1 - transA)
+                db = g.emit("Gemm", [a, dk], alpha=alpha, transA=1 - transA)
         if len(x) > 2 and g.needs(x[2]):
             dc = g.sum_to(d, g.shape(x[2]))
             if beta != 1.0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
 
@@ -11,7 +12,8 @@ class SGD(Op):
     """PyTorch's SGD (dampening 0, no Nesterov): d = g + wd·p; v = μ·v + d; p -= lr·(v if μ else d).
 
     Inputs: param, grad, lr (scalar) [, velocity]. No outputs: results are written back into the param
-    (and the velocity) in place, so the step allocates nothing.
+    (and the velocity) in place, so the step allocates nothing. ``channels`` k > 0 (sparse update): only the
+    first k entries of the param along ``axis`` are updated; grad and velocity have k there.
     """
     name = "SGD"
     kind = "optimizer"
@@ -19,24 +21,42 @@ class SGD(Op):
     updates = (0, 3)
     foldable = False
 
-    def infer(self, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0):
+    def infer(self, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0, axis=0, channels=0):
+        want = self.update_shape(param, axis=axis, channels=channels)
+        if tuple(grad) != want or (velocity is not None and tuple(velocity) != want):
+            raise CompileError(f"SGD: grad {tuple(grad)} / velocity {velocity} do not fit param {tuple(param)} "
+                               f"(axis {axis}, channels {channels})")
         return ()
 
-    def forward(self, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0):
-        d = grad + param * param.dtype.type(weight_decay) if weight_decay else grad
+    def update_shape(self, param, *, axis=0, channels=0, **attrs):
+        """The shape of the part of the param this step writes."""
+        param = tuple(param)
+        return param if not channels else param[:axis] + (channels,) + param[axis + 1:]
+
+    def forward(self, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0, axis=0, channels=0):
+        part = param[_index(param.ndim, axis, channels)]
+        d = grad + part * part.dtype.type(weight_decay) if weight_decay else grad
         if velocity is not None:
             velocity = velocity * velocity.dtype.type(momentum) + d
             d = velocity
-        new = param - d * lr.astype(param.dtype)
+        new = param.copy()
+        new[_index(param.ndim, axis, channels)] = part - d * lr.astype(param.dtype)
         return (new,) if velocity is None else (new, velocity)
 
-    def forward_into(self, outs, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0):
+    def forward_into(self, outs, param, grad, lr, velocity=None, *, momentum=0.0, weight_decay=0.0, axis=0,
+                     channels=0):
         """The same arithmetic as ``forward``, written back in place: outs are (param[, velocity])."""
-        d = grad + param * param.dtype.type(weight_decay) if weight_decay else grad
+        index = _index(param.ndim, axis, channels)
+        part = param[index]
+        d = grad + part * part.dtype.type(weight_decay) if weight_decay else grad
         if velocity is not None:
             v = np.multiply(velocity, velocity.dtype.type(momentum), out=outs[1])
             d = np.add(v, d, out=v)
-        np.subtract(param, d * lr.astype(param.dtype), out=outs[0])
+        np.subtract(part, d * lr.astype(param.dtype), out=outs[0][index])
 
-    def flops(self, out_shapes, param, *rest, momentum=0.0, weight_decay=0.0):
-        return size(param) * (2 + (2 if momentum else 0) + (2 if weight_decay else 0))
+    def flops(self, out_shapes, param, grad, *rest, momentum=0.0, weight_decay=0.0, **attrs):
+        return size(grad) * (2 + (2 if momentum else 0) + (2 if weight_decay else 0))
+
+
+def _index(rank: int, axis: int, channels: int) -> tuple[slice, ...]:
+    return (slice(None),) * axis + (slice(0, channels or None),) + (slice(None),) * (rank - axis - 1)

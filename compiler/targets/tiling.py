@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from compiler.ops import get_op
 from compiler.program import Step, TensorInfo
@@ -172,7 +172,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
                     target: Target) -> StepCost:
     op = get_op(step.op)
     ins = [tensors[n] for n in step.inputs if n]
-    outs = [tensors[n] for n in step.outputs] + [tensors[step.inputs[i]] for i in op.updates
+    outs = [tensors[n] for n in step.outputs] + [_updated(op, tensors[step.inputs[i]], step.attrs) for i in op.updates
                                                    if i < len(step.inputs) and step.inputs[i]]
     elements = max([_elements(t) for t in ins + outs] + [0])
     if elements == 0:
@@ -223,6 +223,12 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
     cycles = pipeline_cycles(flow)
     return StepCost(step.name, step.op, kind, "cluster", cycles, int(flow.compute), tiles * target.fork_cycles,
                     int(dma), tiles, (math.ceil(elements / tiles),), footprint, by_link, 0, {"cluster": cycles})
+
+
+def _updated(op, info: TensorInfo, attrs: Mapping[str, Any]) -> TensorInfo:
+    """The part of an in-place updated tensor the step reads and writes (a sparse update's channels)."""
+    shape = op.update_shape(info.shape, **attrs)
+    return info if shape == tuple(info.shape) else dataclasses.replace(info, shape=shape)
 
 
 def _elements(t: TensorInfo) -> int:

@@ -281,5 +281,8 @@ CASES: dict[str, list[KCase]] = {
     # optimizer
     "SGD": [k((3, 4), (3, 4), fixed(np.float32(0.1))),
             k((3, 4), (3, 4), fixed(np.float32(0.1)), (3, 4), momentum=0.9, weight_decay=0.01, id="momentum"),
-            k((7,), (7,), fixed(np.float32(0.05)), weight_decay=0.1, id="weight decay")],
+            k((7,), (7,), fixed(np.float32(0.05)), weight_decay=0.1, id="weight decay"),
+            k((6, 2, 3), (2, 2, 3), fixed(np.float32(0.1)), (2, 2, 3), momentum=0.9, axis=0, channels=2,
+              id="sparse first channels"),
+            k((3, 5), (3, 2), fixed(np.float32(0.1)), weight_decay=0.01, axis=1, channels=2, id="sparse columns")],
 }

@@ -13,6 +13,11 @@ from compiler.program import Program
 K_STEPS = 3
 PARITY_RTOL = 1e-4
 AE_LORA = {"strategy": "lora", "targets": ["encoder.*", "decoder.*"]}  # deep-ae has no attn/mlp layers
+# sparse update: a conv's first output channels, MatMul columns (strided SGD), a bias-only layer, a full head
+CCT_SPARSE = {"strategy": "sparse", "sparse": [["tokenizer.conv0", "1/4"], ["blocks.0.mlp.fc1", "1/2"],
+                                                 ["blocks.0.attn.q", "bias"], ["classifier", "all"]]}
+DS_CNN_SPARSE = {"strategy": "sparse", "sparse": [["blocks.2.dw", "1/2"], ["blocks.3.pw", "1/4"],
+                                                    ["classifier", "5"]]}
 
 
 @lru_cache(maxsize=None)
@@ -52,7 +57,8 @@ def compiled(model: str, tuning, batch: int = 4, momentum: float = 0.0, weight_d
 
 def frozen_tuning(tuning):
     """A hashable form of a tuning spec (for the compile cache)."""
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in tuning.items())) \
+    return tuple(sorted((k, tuple(tuple(i) if isinstance(i, list) else i for i in v) if isinstance(v, list) else v)
+                        for k, v in tuning.items())) \
         if isinstance(tuning, dict) else tuning
 
 

@@ -12,7 +12,7 @@ from device_runtime import NumpyDevice
 from device_runtime.device import DeviceError
 from device_runtime.qemu import QemuDevice
 from tests.codegen.harness import assert_close, call_kernel
-from tests.codegen.programs import (AE_LORA, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning)
+from tests.codegen.programs import (AE_LORA, CCT_SPARSE, DS_CNN_SPARSE, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="host gcc is not installed")
 
@@ -25,11 +25,13 @@ PROGRAMS = [
     ("cct-digits", "last-1", 0.0, 0.0),
     ("ds-cnn", "last-1", 0.0, 0.0),            # Conv gradients, GlobalAveragePool, Expand
     ("ds-cnn", "bias", 0.9, 0.0),
+    ("ds-cnn", frozen_tuning(DS_CNN_SPARSE), 0.9, 0.0),   # sparse: channel slices, first-rows SGD, momentum
+    ("cct-digits", frozen_tuning(CCT_SPARSE), 0.0, 0.01),  # sparse: MatMul columns (strided SGD), weight decay
 ]
 
 
 def _id(p):
-    return f"{p[0]}-{p[1] if isinstance(p[1], str) else 'lora'}{'-momentum' if p[2] else ''}"
+    return f"{p[0]}-{p[1] if isinstance(p[1], str) else dict(p[1])['strategy']}{'-momentum' if p[2] else ''}"
 
 
 @pytest.mark.parametrize("model, tuning, momentum, weight_decay", PROGRAMS, ids=[_id(p) for p in PROGRAMS])

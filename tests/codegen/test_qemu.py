@@ -11,7 +11,7 @@ from compiler import zoo
 from device_runtime import NumpyDevice
 from device_runtime.device import DeviceError
 from device_runtime.qemu import QemuDevice
-from tests.codegen.programs import AE_LORA, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning
+from tests.codegen.programs import AE_LORA, CCT_SPARSE, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-riscv32") is None or shutil.which("riscv64-unknown-elf-gcc") is None,
@@ -19,13 +19,14 @@ pytestmark = pytest.mark.skipif(
            "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf)")
 
 CASES = [("torch-mlp", "lora+head"), ("torch-mlp", "classifier")]
-for _model, _tunings in (("deep-ae", (frozen_tuning(AE_LORA), "last-1")), ("cct-digits", ("lora", "last-1"))):
+for _model, _tunings in (("deep-ae", (frozen_tuning(AE_LORA), "last-1")),
+                         ("cct-digits", ("lora", "last-1", frozen_tuning(CCT_SPARSE)))):
     if _model in zoo.names():
         CASES += [(_model, t) for t in _tunings]
 QEMU_TIMEOUT_S = 60.0
 
 
-@pytest.mark.parametrize("model, tuning", CASES, ids=[f"{m}-{t if isinstance(t, str) else 'lora'}" for m, t in CASES])
+@pytest.mark.parametrize("model, tuning", CASES, ids=[f"{m}-{t if isinstance(t, str) else dict(t)['strategy']}" for m, t in CASES])
 def test_qemu_trains_like_numpy(tmp_path, model, tuning):
     program = compiled(model, tuning)
     x, y = data_for(program, 12)

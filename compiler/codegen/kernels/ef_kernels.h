@@ -136,9 +136,9 @@ void ef_softmax_cross_entropy_grad(float *dlogits, const float *logits, const in
 void ef_mse_loss(float *loss, const float *pred, const float *target, int n);
 void ef_mse_loss_grad(float *dpred, const float *pred, const float *target, const float *dy, int n);
 
-/* ---- optimizer: in place; velocity NULL = no momentum buffer ------------------------------------------ */
-void ef_sgd(float *param, const float *grad, const float *lr, float *velocity, int n, float momentum,
-            float weight_decay);
+/* ---- optimizer: in place; velocity NULL = no momentum buffer; param rows of cols elements ld apart ------- */
+void ef_sgd(float *param, const float *grad, const float *lr, float *velocity, int rows, int cols, int ld,
+            float momentum, float weight_decay);
 
 #ifdef __cplusplus
 }

@@ -6,12 +6,16 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
+
+from compiler import zoo
 from compiler.autodiff import SGDConfig
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError
 from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
 from compiler.program import Program
 from compiler.report import format_table
+from compiler.sparse_search import DEFAULT_STEPS, TaskData, parse_bytes, search_sparse
 from compiler.tuning import LoraConfig, TuningSpec
 
 
@@ -33,6 +37,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="append", default=[], metavar="LAYER=CHOICE",
                    help="sparse update of the layers matching the glob LAYER: bias, 1/8, 1/4, 1/2, all (the bias and "
                         "that share of the weight's output channels) or a channel count (repeatable; --strategy sparse)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="with --strategy sparse and no --sparse: choose the layers and channel ratios that fit SIZE "
+                        "(e.g. 256KiB) by contribution analysis on the task data (docs/sparse.md)")
+    p.add_argument("--data", metavar="FILE.npz",
+                   help="task data for --memory-budget: arrays x (samples, *input) and y (labels; absent for "
+                        "reconstruction); default: the zoo model's task samples")
+    p.add_argument("--search-steps", type=int, default=DEFAULT_STEPS,
+                   help=f"SGD steps of each contribution run of --memory-budget (default {DEFAULT_STEPS})")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 8)")
     p.add_argument("--lora-targets", help="comma-separated layer globs (default auto: attention and MLP layers, else every MatMul/Gemm layer)")
@@ -68,7 +80,8 @@ def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
         if args.last_k is not None or args.bias_only or args.lora_rank or args.lora_targets:
             raise CompileError("--strategy sparse takes --sparse LAYER=CHOICE and --train, not selective/LoRA options")
         if not args.sparse:
-            raise CompileError("--strategy sparse needs --sparse LAYER=CHOICE (bias, 1/8, 1/4, 1/2, all or k)")
+            raise CompileError("--strategy sparse needs --sparse LAYER=CHOICE (bias, 1/8, 1/4, 1/2, all or k) "
+                               "or --memory-budget SIZE")
         return TuningSpec("sparse", train=tuple(args.train), sparse=_sparse_scheme(args.sparse))
     spec = TuningSpec.parse(args.strategy) if args.strategy != "selective" else None
     lora_opts = {k: v for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha),
@@ -89,9 +102,55 @@ def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
 
 def build_program(args: argparse.Namespace) -> Program:
     source, name, task = load_model(args.model, args.seed)
+    if getattr(args, "memory_budget", None):
+        return _lower(args, _search(args, source, name, task))
     options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
                              SGDConfig(args.lr, args.momentum, args.weight_decay))
     program = compile_graph(import_onnx(source, options.batch), options, name, task)
+    return _lower(args, program)
+
+
+def _search(args: argparse.Namespace, source: Any, name: str, task: str) -> Program:
+    """--strategy sparse --memory-budget: the scheme chosen by contribution analysis, compiled."""
+    if args.strategy != "sparse" or args.sparse:
+        raise CompileError("--memory-budget chooses a sparse scheme: use it with --strategy sparse and without --sparse")
+    budget = parse_bytes(args.memory_budget)
+    sgd = SGDConfig(args.lr, args.momentum, args.weight_decay)
+    graph = import_onnx(source, args.batch)
+
+    def compile_fn(spec: TuningSpec) -> Program:
+        spec = TuningSpec("sparse", train=tuple(args.train), sparse=spec.sparse)
+        return compile_graph(graph, CompileOptions(spec, args.batch, args.loss, sgd), name, task)
+
+    x, y = _task_data(args, name)
+    choice = search_sparse(graph, compile_fn, budget, TaskData.split(x, y, seed=args.seed), steps=args.search_steps,
+                           what=name)
+    program = compile_fn(choice.tuning)
+    print(f"sparse scheme for {parse_bytes(args.memory_budget) / 1024:,.1f} KiB: "
+          f"{', '.join(f'{layer} {c}' for layer, c in choice.scheme)}; memory {choice.memory_bytes / 1024:,.1f} KiB; "
+          f"expected gain {choice.expected_gain:.4f} held-out loss, {100 * choice.expected_accuracy_gain:+.1f} % "
+          f"accuracy ({len(choice.candidates)} candidates, {choice.steps} steps each)", file=sys.stderr)
+    return program.replace(report={**program.report, "sparse_search": choice.to_dict()})
+
+
+def _task_data(args: argparse.Namespace, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if args.data:
+        try:
+            with np.load(args.data, allow_pickle=False) as archive:
+                if "x" not in archive:
+                    raise CompileError(f"{args.data}: no array 'x' (task samples)")
+                return archive["x"].astype(np.float32), archive["y"] if "y" in archive else None
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, CompileError):
+                raise
+            raise CompileError(f"{args.data}: not a readable .npz ({exc})") from None
+    if name not in zoo.names():
+        raise CompileError(f"--memory-budget on {name}: give the task's samples with --data FILE.npz")
+    from compiler.zoo.task_data import task_data
+    return task_data(name, seed=args.seed)
+
+
+def _lower(args: argparse.Namespace, program: Program) -> Program:
     if args.target and args.target not in UNLOWERED_BOARDS:
         from compiler.targets import load_target, lower_to_target  # optional stage
         program = lower_to_target(program, load_target(args.target))

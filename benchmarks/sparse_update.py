@@ -48,7 +48,7 @@ BATCHES = (1, 8)
 BUDGET_BYTES = 256 * 1024
 LR, SEED = 0.05, 0
 LORA = {"strategy": "lora", "rank": 4}  # auto targets: attention/MLP layers (cct), every Gemm (ds-cnn: classifier)
-PRETRAIN_STEPS, TUNE_STEPS, ACC_BATCH = 300, 150, 8
+PRETRAIN_STEPS, TUNE_STEPS, ACC_BATCH = 150, 100, 8
 
 
 def sparse_scheme(model: str) -> dict[str, str]:

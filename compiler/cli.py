@@ -15,7 +15,7 @@ from compiler.ir import CompileError
 from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
 from compiler.program import Program
 from compiler.report import format_table
-from compiler.sparse_search import DEFAULT_STEPS, TaskData, parse_bytes, search_sparse
+from compiler.sparse_search import DEFAULT_STEPS, TaskData, choose_sparse, parse_bytes
 from compiler.tuning import LoraConfig, TuningSpec
 
 
@@ -115,22 +115,16 @@ def _search(args: argparse.Namespace, source: Any, name: str, task: str) -> Prog
     if args.strategy != "sparse" or args.sparse:
         raise CompileError("--memory-budget chooses a sparse scheme: use it with --strategy sparse and without --sparse")
     budget = parse_bytes(args.memory_budget)
-    sgd = SGDConfig(args.lr, args.momentum, args.weight_decay)
-    graph = import_onnx(source, args.batch)
-
-    def compile_fn(spec: TuningSpec) -> Program:
-        spec = TuningSpec("sparse", train=tuple(args.train), sparse=spec.sparse)
-        return compile_graph(graph, CompileOptions(spec, args.batch, args.loss, sgd), name, task)
-
+    options = CompileOptions(batch=args.batch, loss=args.loss, sgd=SGDConfig(args.lr, args.momentum, args.weight_decay))
     x, y = _task_data(args, name)
-    choice = search_sparse(graph, compile_fn, budget, TaskData.split(x, y, seed=args.seed), steps=args.search_steps,
-                           what=name)
-    program = compile_fn(choice.tuning)
-    print(f"sparse scheme for {parse_bytes(args.memory_budget) / 1024:,.1f} KiB: "
+    choice, program = choose_sparse(import_onnx(source, args.batch), options, budget,
+                                    TaskData.split(x, y, seed=args.seed), name, task, steps=args.search_steps,
+                                    train=tuple(args.train))
+    print(f"sparse scheme for {budget / 1024:,.1f} KiB: "
           f"{', '.join(f'{layer} {c}' for layer, c in choice.scheme)}; memory {choice.memory_bytes / 1024:,.1f} KiB; "
           f"expected gain {choice.expected_gain:.4f} held-out loss, {100 * choice.expected_accuracy_gain:+.1f} % "
           f"accuracy ({len(choice.candidates)} candidates, {choice.steps} steps each)", file=sys.stderr)
-    return program.replace(report={**program.report, "sparse_search": choice.to_dict()})
+    return program
 
 
 def _task_data(args: argparse.Namespace, name: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from compiler.ir import CompileError, Graph
 from compiler.program import Program
 from compiler.tuning import SPARSE_RATIOS, TuningSpec, sparse_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from compiler.pipeline import CompileOptions
 
 DEFAULT_CHOICES = ("bias", "1/8", "1/4", "1/2", "all")
 DEFAULT_STEPS = 20
@@ -143,6 +146,26 @@ def search_sparse(graph: Graph, compile_fn: Compile, budget_bytes: int, data: Ta
     picked = [c for c in candidates if (c.layer, c.choice) in chosen]
     return SparseChoice(scheme, memory_bytes(program), budget_bytes, sum(c.gain for c in picked),
                         sum(c.accuracy_gain for c in picked), steps, tuple(candidates))
+
+
+def choose_sparse(graph: Graph, options: "CompileOptions", budget_bytes: int, data: TaskData, name: str = "model",
+                  task_hint: str = "auto", steps: int = DEFAULT_STEPS,
+                  train: tuple[str, ...] = ()) -> tuple[SparseChoice, Program]:
+    """The scheme for ``budget_bytes`` and its compiled program (batch, loss, optimizer from ``options``, whose
+    tuning is replaced; ``train``: patterns trained whole beside the scheme): the one call a caller with a budget
+    needs (the CLI, a fleet's device groups)."""
+    import dataclasses
+
+    from compiler.pipeline import compile_graph
+
+    def compile_fn(spec: TuningSpec) -> Program:
+        tuning = TuningSpec("sparse", train=tuple(train), sparse=spec.sparse)
+        return compile_graph(graph, dataclasses.replace(options, tuning=tuning), name, task_hint)
+
+    compile_fn = _memoized(compile_fn)
+    choice = search_sparse(graph, compile_fn, budget_bytes, data, steps=steps, what=name)
+    program = compile_fn(choice.tuning)
+    return choice, program.replace(report={**program.report, "sparse_search": choice.to_dict()})
 
 
 def _ordered(choices: Sequence[str]) -> list[str]:

@@ -20,6 +20,7 @@ class Telemetry:
     instructions: int = 0
     peak_bytes_by_level: Mapping[str, int] = field(default_factory=dict)
     bytes_moved: int = 0
+    link_s: float = 0.0                  # time on the serial link (boards); 0 for local devices
 
 
 @dataclass(frozen=True)

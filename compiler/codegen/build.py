@@ -78,21 +78,27 @@ class Board:
     hal: str = "generic"        # hal/<hal>/: the HAL implementation linked in
     main: str = "main.c"        # the firmware entry, relative to boards/
     builder: str = "gcc"        # "gcc": one compiler call here; "pulp-sdk": the PULP SDK's make rules
+    extra_sources: tuple[str, ...] = ()   # more firmware sources, relative to boards/ (their folders are included)
+
+    @property
+    def extra_dirs(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys((BOARD_DIR / s).parent for s in self.extra_sources))
 
     @property
     def include_dirs(self) -> tuple[Path, ...]:
-        return KERNEL_DIR, BOARD_DIR / self.folder, HAL_DIR, HAL_DIR / self.hal
+        return KERNEL_DIR, BOARD_DIR / self.folder, HAL_DIR, HAL_DIR / self.hal, *self.extra_dirs
 
     @property
     def sources(self) -> list[Path]:
         """Everything compiled besides program.c: kernels, the HAL (the kernels written against it and its
         implementation), main."""
-        return kernel_sources() + hal_sources() + [*sorted((HAL_DIR / self.hal).glob("*.c")), BOARD_DIR / self.main]
+        return kernel_sources() + hal_sources() + [*sorted((HAL_DIR / self.hal).glob("*.c")), BOARD_DIR / self.main,
+                                                   *(BOARD_DIR / s for s in self.extra_sources)]
 
     @property
     def headers(self) -> list[Path]:
         return (sorted(KERNEL_DIR.glob("*.h")) + sorted(HAL_DIR.glob("*.h")) + sorted((HAL_DIR / self.hal).glob("*.h"))
-                + sorted((BOARD_DIR / self.folder).glob("*.h")))
+                + sorted((BOARD_DIR / self.folder).glob("*.h")) + [h for d in self.extra_dirs for h in sorted(d.glob("*.h"))])
 
 
 BOARDS: dict[str, Board] = {
@@ -105,6 +111,16 @@ BOARDS: dict[str, Board] = {
     "siracusa": Board("siracusa", PULP_GCC, ("-O3",), "siracusa", "firmware.elf",
                       "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp",
                       main="siracusa/main.c", builder="pulp-sdk"),
+    # Boards on a serial line (docs/boards.md): the serial protocol's command loop instead of the job files.
+    "rv32-qemu-serial": Board("rv32-qemu-serial", "riscv64-unknown-elf-gcc",
+                              ("-march=rv32imf", "-mabi=ilp32f", "-O2", "--specs=picolibc.specs", "--oslib=semihost",
+                               "--crt0=semihost"),
+                              "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True, main="serial/main.c",
+                              extra_sources=("serial/ef_serial.c", "serial/uart_16550.c")),
+    "siracusa-serial": Board("siracusa-serial", PULP_GCC, ("-O3",), "siracusa", "firmware.elf",
+                             "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp",
+                             main="serial/main.c", builder="pulp-sdk",
+                             extra_sources=("serial/ef_serial.c", "serial/uart_pulp.c")),
 }
 # `edgefleet compile --target NAME --build`: the board a built-in target builds for.
 TARGET_BOARDS = {"rv32-qemu": "rv32-qemu", "siracusa": "siracusa", "siracusa-small-l2": "siracusa"}
@@ -207,7 +223,7 @@ def _require_toolchain(board: Board) -> str:
     cc = shutil.which(board.cc)
     if cc is None:
         raise CompileError(f"{board.cc} not found: install the Debian packages {board.packages}")
-    if board.name == "rv32-qemu" and not PICOLIBC_SPECS.exists():
+    if board.name.startswith("rv32-qemu") and not PICOLIBC_SPECS.exists():
         raise CompileError(f"picolibc for riscv64-unknown-elf not found ({PICOLIBC_SPECS}): install the Debian "
                            f"packages {board.packages}")
     return cc

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from device_runtime.serial import framing as fr
-from device_runtime.serial.link import BoardLink, LinkError
+from device_runtime.serial.link import BoardLink, LinkError, LinkTimeout
 
 PROTOCOL_VERSION = 1
 MIN_CHUNK_BYTES = 64
@@ -44,25 +44,38 @@ class BoardClient:
                 self.chunk_bytes = min(MAX_CHUNK_BYTES, self.chunk_bytes * 2)
                 self._clean = 0
 
+    def _chunk_request(self, kind: int, payload: bytes, reply_bytes: int) -> bytes | None:
+        """One chunk's request; None when it timed out and the chunk size was halved (try again smaller).
+        Writes and reads are idempotent, so a chunk may be sent again under a new sequence number."""
+        before = self.link.stats.resends
+        try:
+            out = self.link.request(kind, payload, reply_bytes=reply_bytes)
+        except LinkTimeout:
+            if self.chunk_bytes <= MIN_CHUNK_BYTES:
+                raise
+            self.chunk_bytes = max(MIN_CHUNK_BYTES, self.chunk_bytes // 2)
+            self._clean = 0
+            return None
+        self._adapt(before)
+        return out
+
     def write(self, region: int, offset: int, data: bytes) -> None:
         done = 0
         while done < len(data):
             piece = data[done: done + self.chunk_bytes]
-            before = self.link.stats.resends
-            self.link.request(fr.WRITE, fr.write_payload(region, offset + done, piece), reply_bytes=16)
-            self._adapt(before)
-            done += len(piece)
+            if self._chunk_request(fr.WRITE, fr.write_payload(region, offset + done, piece), 16) is not None:
+                done += len(piece)
 
     def read(self, region: int, offset: int, length: int) -> bytes:
         parts = []
         done = 0
         while done < length:
             want = min(self.chunk_bytes, length - done)
-            before = self.link.stats.resends
-            got = self.link.request(fr.READ, fr.read_payload(region, offset + done, want), reply_bytes=want + 16)
+            got = self._chunk_request(fr.READ, fr.read_payload(region, offset + done, want), want + 16)
+            if got is None:
+                continue
             if len(got) != want:
                 raise LinkError(f"{self.link.url}: read of {want} bytes answered with {len(got)}")
-            self._adapt(before)
             parts.append(got)
             done += want
         return b"".join(parts)

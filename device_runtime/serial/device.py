@@ -21,7 +21,7 @@ from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Tele
 from device_runtime.numpy_executor import per_sample_loss
 from device_runtime.serial import framing as fr
 from device_runtime.serial.client import MAX_SPANS_PER_FRAME, BoardClient
-from device_runtime.serial.link import (DEFAULT_BAUD, MAX_RETRIES, RUN_STEP_TIMEOUT_S, BoardLink, LinkError,
+from device_runtime.serial.link import (COMMAND_TIMEOUT_S, DEFAULT_BAUD, MAX_RETRIES, RUN_STEP_TIMEOUT_S, BoardLink, LinkError,
                                         SerialTransport, Transport)
 
 UPLOADED_ROLES = (Role.TRAINABLE.value, Role.OPT_STATE.value, Role.HYPER.value)
@@ -45,6 +45,7 @@ class SerialDevice(ParameterAccess):
 
     def __init__(self, program: Program, url: str, *, name: str = "board", baud_rate: int = DEFAULT_BAUD,
                  run_step_timeout_s: float = RUN_STEP_TIMEOUT_S, retries: int = MAX_RETRIES,
+                 command_timeout_s: float = COMMAND_TIMEOUT_S,
                  transport: Transport | None = None, clock: Callable[[], float] = time.monotonic):
         self.name = name
         self.program = program
@@ -58,7 +59,7 @@ class SerialDevice(ParameterAccess):
         self.lr_tensors = [n for n, t in program.tensors.items() if t.role == Role.HYPER.value]
         self.fingerprint = program_fingerprint(program)
         self.link = BoardLink(transport or SerialTransport(url, baud_rate), baud_rate=baud_rate, retries=retries,
-                              clock=clock)
+                              timeout_s=command_timeout_s, clock=clock)
         self.client = BoardClient(self.link, run_step_timeout_s)
         try:
             self.hello = self.client.hello()

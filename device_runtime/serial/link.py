@@ -107,6 +107,7 @@ class LinkStats:
     corrupt_frames: int = 0          # frames from the board that failed COBS / CRC / length checks
     board_saw_corrupt: int = 0       # REPLY_CORRUPT: the board could not read what we sent
     stale_replies: int = 0           # replies to an earlier sequence number (a duplicate answered late)
+    unexpected_frames: int = 0       # valid frames that are not a reply (e.g. our own echo on loop://)
     link_s: float = 0.0              # time spent in requests
     corrupt_causes: dict[str, int] = field(default_factory=dict)
 
@@ -186,12 +187,13 @@ class BoardLink:
                 if item.seq != seq:
                     self.stats.stale_replies += 1
                     continue
-                self.stats.replies += 1
                 if item.kind == fr.REPLY_ERROR:
+                    self.stats.replies += 1
                     raise BoardError(f"{self.url}: board refused: {fr.board_error(item.payload)}")
                 if item.kind == fr.REPLY_OK:
+                    self.stats.replies += 1
                     return item.payload
-                self.stats.corrupt_frames += 1
+                self.stats.unexpected_frames += 1
 
     def close(self) -> None:
         self.transport.close()

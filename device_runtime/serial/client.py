@@ -10,6 +10,7 @@ from device_runtime.serial import framing as fr
 from device_runtime.serial.link import BoardLink, LinkError, LinkTimeout
 
 PROTOCOL_VERSION = 1
+HELLO_TIMEOUT_S = 1.5
 MIN_CHUNK_BYTES = 64
 MAX_CHUNK_BYTES = fr.MAX_PAYLOAD_BYTES - fr.WRITE_HEAD.size
 CLEAN_CHUNKS_TO_GROW = 8
@@ -24,7 +25,8 @@ class BoardClient:
         self._clean = 0
 
     def hello(self) -> fr.Hello:
-        hello = fr.Hello.from_bytes(self.link.request(fr.HELLO))
+        # a freshly opened port may drop the first bytes (QEMU polls a pty for a reader once a second)
+        hello = fr.Hello.from_bytes(self.link.request(fr.HELLO, timeout_s=max(self.link.timeout_s, HELLO_TIMEOUT_S)))
         if hello.protocol_version != PROTOCOL_VERSION:
             raise LinkError(f"{self.link.url}: board speaks protocol version {hello.protocol_version}; "
                             f"this host speaks {PROTOCOL_VERSION}")

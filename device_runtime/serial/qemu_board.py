@@ -42,7 +42,8 @@ class QemuBoard:
     """Starts QEMU with the firmware ``elf``; ``url`` is what a host opens (a pty path, or socket://)."""
 
     def __init__(self, elf: str | os.PathLike, *, transport: str = "pty", icount: bool = True,
-                 log_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S):
+                 log_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S,
+                 extra_args: tuple[str, ...] = ()):
         if shutil.which(QEMU) is None:
             raise DeviceError(f"{QEMU} not found: install the Debian package qemu-system-misc")
         self.elf = Path(elf)
@@ -58,11 +59,13 @@ class QemuBoard:
         else:
             raise DeviceError(f"QEMU board transport {transport!r}: expected pty or tcp")
         cmd = [QEMU, "-machine", "virt", "-cpu", "rv32", "-m", f"{memory_mib}M", "-bios", "none",
-               "-display", "none", "-monitor", "none", "-serial", serial,
+               "-display", "none", "-serial", serial,
                "-semihosting-config", "enable=on,target=native"]
         if icount:
             cmd += ["-icount", "shift=0"]
-        cmd += ["-kernel", str(self.elf)]
+        if "-monitor" not in extra_args:
+            cmd += ["-monitor", "none"]
+        cmd += [*extra_args, "-kernel", str(self.elf)]
         self.command = cmd
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,

@@ -93,3 +93,12 @@ def test_a_board_with_another_program_is_refused(qemu_board):
 def test_firmware_build_is_reused(mlp_program, mlp_firmware):
     assert build_serial_firmware(mlp_program) == mlp_firmware
     assert np.frombuffer(mlp_firmware.read_bytes()[:4], np.uint8).tolist() == [0x7F, ord("E"), ord("L"), ord("F")]
+
+
+def test_boards_scan_finds_the_qemu_board_on_its_pty(qemu_board, capsys):
+    from fleet.cli import main
+    assert main(["boards", "scan", "--json"]) == 0
+    import json
+    found = {item["port"]: item["answer"] for item in json.loads(capsys.readouterr().out)}
+    hello = found[qemu_board.url]
+    assert hello["target"] == "rv32-qemu" and hello["protocol_version"] == 1 and hello["params_bytes"] > 0

@@ -90,12 +90,16 @@ def test_stalled_board_serves_the_next_job(mlp_program, qemu_board):
 
 def test_cable_pulled_mid_download_keeps_the_old_parameters(mlp_program, qemu_board):
     x, y = data_for(mlp_program, 8)
-    with Relay(qemu_board.url) as probe:
+    with Relay(qemu_board.url) as probe:                 # where the download starts and ends on this line
         warm = SerialDevice(mlp_program, probe.url)
+        marks = []
+        download = warm._download
+        warm._download = lambda spans: (marks.append(probe.to_host.bytes_out), download(spans),
+                                        marks.append(probe.to_host.bytes_out))
         warm.train(x, y, 1)
-        down = probe.to_host.bytes_out
         warm.close()
-    with Relay(qemu_board.url, Faults(pull_after_bytes=down - 200)) as relay:
+    assert marks[1] - marks[0] > 1000
+    with Relay(qemu_board.url, Faults(pull_after_bytes=(marks[0] + marks[1]) // 2)) as relay:
         board = SerialDevice(mlp_program, relay.url)
         before = board.get_params()
         with pytest.raises(Disconnected) as err:

@@ -1,4 +1,4 @@
-"""Sparse update: memory and cycles per training step, and accuracy, against full training and LoRA.
+"""Sparse update: memory and cycles per training step against full training and LoRA, and against PyTorch eager.
 
 Memory (the Tiny Training Engine's comparison): per model (ds-cnn, cct-digits) × strategy (full, LoRA, sparse)
 × batch, the compiled program's memory (parameters + arena, `report.memory.total_bytes`) against the same
@@ -9,12 +9,13 @@ figure is the parameters, buffers and optimizer state plus the peak of the bytes
 (torch.profiler memory events: every op's own allocations net of its own frees, in start order, after a warm-up
 step). Cycles per step: the program lowered on `siracusa`.
 
-The sparse scheme is the one `compile --strategy sparse --memory-budget 256KiB --batch 1` chooses (contribution
-analysis on the zoo task data), reused at every batch.
+The sparse scheme is the one `compile --strategy sparse --memory-budget 256KiB --batch 1` chooses for ds-cnn
+(64KiB for cct-digits, which trains whole in 87 KiB) by contribution analysis on the zoo task data, reused at
+every batch.
 
-Accuracy (same steps, same data): a base model is first trained fully on a shifted version of the task (more
-noise, other samples), then fine-tuned from it with each strategy on the task's training split; the held-out
-accuracy is reported. (int8 rows of the issue's table are not here: int8 training is not built yet.)
+Not here yet: the accuracy table of issue 13 (fp32 full / LoRA / sparse against int8 sparse with and without
+QAS) — int8 training is not built, and short fp32 runs on the zoo task samples did not yet train ds-cnn above
+chance (an open item).
 
     python benchmarks/sparse_update.py            # writes benchmarks/results/sparse_update.json
 """
@@ -40,15 +41,15 @@ from compiler.sparse_search import TaskData, search_sparse  # noqa: E402
 from compiler.targets import load_target, lower_to_target  # noqa: E402
 from compiler.tuning import TuningSpec  # noqa: E402
 from compiler.zoo.task_data import task_data  # noqa: E402
-from device_runtime import NumpyDevice  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "sparse_update.json"
 MODELS = ("ds-cnn", "cct-digits")
 BATCHES = (1, 8)
-BUDGET_BYTES = 256 * 1024
+# the budget the sparse scheme is chosen for (batch 1): 256 KiB for ds-cnn; cct-digits trains whole in 87 KiB, so
+# its budget is 64 KiB, where a sparse scheme is a real choice
+BUDGET_BYTES = {"ds-cnn": 256 * 1024, "cct-digits": 64 * 1024}
 LR, SEED = 0.05, 0
 LORA = {"strategy": "lora", "rank": 4}  # auto targets: attention/MLP layers (cct), every Gemm (ds-cnn: classifier)
-PRETRAIN_STEPS, TUNE_STEPS, ACC_BATCH = 150, 100, 8
 
 
 def sparse_scheme(model: str) -> dict[str, str]:
@@ -60,7 +61,7 @@ def sparse_scheme(model: str) -> dict[str, str]:
         return compile_graph(graph, CompileOptions(spec, 1), model, task)
 
     x, y = task_data(model, samples=128, seed=SEED)
-    choice = search_sparse(graph, compile_fn, BUDGET_BYTES, TaskData.split(x, y), steps=10, what=model)
+    choice = search_sparse(graph, compile_fn, BUDGET_BYTES[model], TaskData.split(x, y), steps=10, what=model)
     return dict(choice.scheme)
 
 
@@ -129,49 +130,15 @@ def memory_table(schemes: dict[str, dict[str, str]]) -> list[dict]:
     return rows
 
 
-def _accuracy(program, data: TaskData) -> float:
-    out = NumpyDevice(program).evaluate(data.x_val, data.y_val).outputs
-    return float(np.mean(np.argmax(out, axis=-1) == data.y_val))
-
-
-def accuracy_table(schemes: dict[str, dict[str, str]]) -> list[dict]:
-    rows = []
-    for model in MODELS:
-        x0, y0 = task_data(model, samples=512, seed=11)  # the base model's (shifted) task
-        x0 = x0 + np.random.default_rng(12).normal(0, 0.5, x0.shape).astype(np.float32)
-        base = compile_model(model, "full", batch=ACC_BATCH, lr=LR, seed=SEED)
-        pretrained = NumpyDevice(base).train(x0, y0, PRETRAIN_STEPS).params
-        x, y = task_data(model, samples=384, seed=21)
-        data = TaskData.split(x, y, seed=SEED)
-        tunings = {"full": "full", "lora": LORA, "sparse": {"strategy": "sparse", "sparse": schemes[model]}}
-        start = None
-        for strategy, tuning in tunings.items():
-            program = compile_model(model, tuning, batch=ACC_BATCH, lr=LR, seed=SEED)
-            values = {**program.values, **{k: v for k, v in pretrained.items() if k in program.values}}
-            program = program.replace(values=values)
-            device = NumpyDevice(program)
-            if start is None:
-                start = _accuracy(program, data)
-            trained = device.train(data.x_train, data.y_train, TUNE_STEPS)
-            device.set_params(trained.params)
-            out = device.evaluate(data.x_val, data.y_val).outputs
-            acc = float(np.mean(np.argmax(out, axis=-1) == data.y_val))
-            rows.append({"model": model, "strategy": strategy, "steps": TUNE_STEPS, "batch": ACC_BATCH,
-                         "accuracy_before": round(start, 4), "accuracy_after": round(acc, 4),
-                         "trainable_params": program.report["params"]["trainable"]})
-            print(f"{model:10} {strategy:6} accuracy {start:.3f} -> {acc:.3f}", flush=True)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     schemes = {m: sparse_scheme(m) for m in MODELS}
-    print("sparse schemes for 256 KiB at batch 1:", schemes, flush=True)
-    result = {"benchmark": "sparse update: memory, siracusa cycles and accuracy vs full and LoRA (fp32)",
-              "sparse_schemes": schemes, "memory": memory_table(schemes), "accuracy": accuracy_table(schemes)}
+    print("sparse schemes at batch 1:", schemes, flush=True)
+    result = {"benchmark": "sparse update: memory per training step vs PyTorch eager, siracusa cycles (fp32)",
+              "sparse_schemes": schemes, "sparse_budget_bytes": BUDGET_BYTES, "memory": memory_table(schemes)}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -107,10 +107,13 @@ DEVICES = Metric("edgefleet_devices", "gauge", "Devices by state.", ("state",))
 START_TIME = Metric("edgefleet_run_start_time_seconds", "gauge", "Unix time the run started.")
 BUILD_INFO = Metric("edgefleet_build_info", "gauge", "edgefleet's version and git commit.", ("version", "commit"))
 RENDER_TIME = Metric("edgefleet_exporter_render_seconds", "gauge", "Time the exporter took for its previous scrape.")
+EXPORTER_CPU = Metric("edgefleet_exporter_cpu_seconds_total", "counter",
+                      "CPU time the exporter spent: taking records from the round driver (observe) and rendering "
+                      "scrapes (render).", ("activity",))
 
 RUN_METRICS = (ROUND_DURATION, ROUND_SAMPLED, ROUND_PARTICIPANTS, ROUND_FAILURES, FAILURES, REJECTED,
                ROUND_AGGREGATION, ROUND_PHASE, ROUND_SERVER_METRIC, ROUND_LOSS, ROUND_METRIC, ROUND_BYTES,
-               CURRENT_ROUND, PLANNED_ROUNDS, ROUNDS_COMPLETED, DEVICES, START_TIME, BUILD_INFO, RENDER_TIME)
+               CURRENT_ROUND, PLANNED_ROUNDS, ROUNDS_COMPLETED, DEVICES, START_TIME, BUILD_INFO, RENDER_TIME, EXPORTER_CPU)
 METRICS = DEVICE_METRICS + RUN_METRICS
 SERIES = frozenset(s for m in METRICS for s in m.series)
 
@@ -169,6 +172,7 @@ class FleetMetrics:
         self.participants: dict[str, int] = dict.fromkeys(("train", "evaluate", "personalize"), 0)
         self.render_s = 0.0              # wall and CPU time of the previous ``render``
         self.render_cpu_s = 0.0
+        self.cpu_s = {"observe": 0.0, "render": 0.0}  # accumulated thread CPU time
 
     # ---- observer ---------------------------------------------------------------------------------------
     def register_device(self, device: int, group: str = "", target: str = "", runtime: str = "",
@@ -192,10 +196,13 @@ class FleetMetrics:
                     self._touch(d)
 
     def device_done(self, record: DeviceRecord) -> None:
+        cpu0 = time.thread_time()
         with self._lock:
             self._apply(record, self.clock())
+            self.cpu_s["observe"] += time.thread_time() - cpu0
 
     def end_round(self, log: RoundLog) -> None:
+        cpu0 = time.thread_time()
         with self._lock:
             seen = log.ended_at or self.clock()
             for record in log.devices:
@@ -219,6 +226,7 @@ class FleetMetrics:
             self.participants = dict.fromkeys(("train", "evaluate", "personalize"), 0)
             for r in log.devices:
                 self.participants[r.instruction] += r.ok
+            self.cpu_s["observe"] += time.thread_time() - cpu0
 
     def restore(self, logs: Iterable[RoundLog], planned_rounds: int = 0) -> None:
         """Replay the finished rounds of a run (after --resume): counters continue from them."""
@@ -329,6 +337,7 @@ class FleetMetrics:
         gauge(START_TIME, self.start_time)
         gauge(BUILD_INFO, {build_info(): 1})
         gauge(RENDER_TIME, self.render_s)
+        counter(EXPORTER_CPU, {(k,): v for k, v in self.cpu_s.items()})
         return out
 
     def device_families(self) -> list[Family]:
@@ -370,6 +379,7 @@ class FleetMetrics:
         text = b"".join(parts)
         self.render_s = time.perf_counter() - t0
         self.render_cpu_s = time.thread_time() - cpu0
+        self.cpu_s["render"] += self.render_cpu_s
         return text
 
 

@@ -20,9 +20,11 @@ import dataclasses
 import numpy as np
 
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
+from compiler.ops import ops_where
+from compiler.ops.elementwise import Binary
 from compiler.ops.shape import resolve_reshape
 
-ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+ELEMENTWISE = ops_where(lambda op: isinstance(op, Binary))  # Add, Sub, Mul, Div, Pow
 
 
 def per_device_tensors(graph: Graph) -> set[str]:

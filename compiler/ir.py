@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -114,13 +114,13 @@ class Graph:
     def parameter_count(self, *roles: Role) -> int:
         return sum(self.tensors[n].size for n in self.by_role(*roles))
 
-    def pruned(self, keep: Iterable[str]) -> "Graph":
-        """Drop nodes whose results nobody needs (nodes that update parameters in place always stay)."""
-        from compiler.ops import get_op  # ops import ir; resolve at call time
+    def pruned(self, keep: Iterable[str], always: Collection[str] = ()) -> "Graph":
+        """Drop nodes whose results nobody needs; nodes of the ops in ``always`` stay (the in-place parameter
+        updates, ``compiler.ops.UPDATE_OPS``)."""
         needed = set(keep)
         nodes: list[Node] = []
         for node in reversed(self.nodes):
-            if get_op(node.op).updates or any(o in needed for o in node.outputs):
+            if node.op in always or any(o in needed for o in node.outputs):
                 nodes.append(node)
                 needed.update(i for i in node.inputs if i)
         nodes.reverse()

@@ -17,7 +17,7 @@ from compiler.autodiff import SGDConfig, differentiate
 from compiler.device_axis import add_device_axis, scale_loss
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
-from compiler.ops import get_op
+from compiler.ops import UPDATE_OPS, get_op
 from compiler.plan import MemoryPlan, check_plan, plan_memory
 from compiler.program import Phase, Program, Step, TensorInfo
 from compiler.report import build_report
@@ -118,7 +118,7 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
     train, _ = differentiate(forward, loss, options.sgd)
     # batched devices also keep the outputs, so each device's loss can be read per step
     train_results = (loss,) if options.devices == 1 else (loss, forward.outputs[0])
-    train = train.pruned(keep=train_results)
+    train = train.pruned(keep=train_results, always=UPDATE_OPS)
     train.check()
     train_plan = plan_memory(train, keep=train_results)
     check_plan(train, train_plan)

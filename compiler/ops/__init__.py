@@ -2,6 +2,8 @@
 import importlib
 import pkgutil
 
+from typing import Callable
+
 from compiler.ops.base import REGISTRY, Op, Shape, get_op
 
 
@@ -12,6 +14,13 @@ def load_all() -> dict[str, Op]:
     return REGISTRY
 
 
+def ops_where(predicate: Callable[[Op], bool]) -> tuple[str, ...]:
+    """Names of the registered ops an op group is made of (groups are derived, never re-listed by name)."""
+    return tuple(name for name, op in REGISTRY.items() if predicate(op))
+
+
 load_all()
 
-__all__ = ["REGISTRY", "Op", "Shape", "get_op", "load_all"]
+UPDATE_OPS = ops_where(lambda op: bool(op.updates))  # nodes that write parameters in place: never pruned
+
+__all__ = ["REGISTRY", "UPDATE_OPS", "Op", "Shape", "get_op", "load_all", "ops_where"]

@@ -1,19 +1,20 @@
 """The Op base class and the registry.
 
 An op holds everything about itself in one class: attributes (keyword arguments of ``forward`` with their
-defaults), shape rule (``infer``), numpy forward, gradient rule written in terms of other ops, FLOP count,
-cost-model kind and C kernel name. Defining a subclass with a ``name`` registers it; a name defined twice
-is an error. Modules in this package are imported automatically (``compiler.ops.load_all``).
+defaults), shape rule (``infer``), numpy forward, gradient rule written in terms of other ops, FLOP count, its
+kind (from which the op groups are derived), how the target cost model charges it (``cost``), and its C kernel
+binding (``c_call`` and ``c_args``, see ``binding``). Defining a subclass with a ``name`` registers it; a name
+defined twice is an error. Modules in this package are imported automatically (``compiler.ops.load_all``).
 """
 from __future__ import annotations
 
 import inspect
-import re
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from compiler.ir import CompileError
+from compiler.ops.binding import Site, Template
 
 if TYPE_CHECKING:  # pragma: no cover
     from compiler.autodiff import GradBuilder
@@ -23,10 +24,9 @@ REGISTRY: dict[str, "Op"] = {}
 
 # Cost-model kinds. The target lowering charges each kind its own way.
 KINDS = ("gemm", "conv", "elementwise", "reduction", "pool", "norm", "data", "loss", "optimizer")
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+# How the target cost model charges a step (compiler/targets/tiling.py): a GEMM view tiled for L1 and RedMulE,
+# the fused LoRA row-panel kernels, a stream through L1 on the cores, or nothing (a view).
+COSTS = ("gemm", "fused", "stream", "none")
 
 
 class Op:
@@ -37,6 +37,10 @@ class Op:
     view: ClassVar[bool] = False      # output 0 is input 0 with another shape: same bytes, no copy
     foldable: ClassVar[bool] = True   # may be evaluated at compile time when all inputs are constant
     backward_only: ClassVar[bool] = False  # appears only in backward graphs (no ONNX equivalent)
+    internal: ClassVar[bool] = False  # compiler-made (a loss, the optimizer, a fused layer): not in docs/ops.md
+    c_call: ClassVar[str | None] = None  # the C kernel call with ${holes} (binding.py); "" for a view
+    redmule: ClassVar[bool] = False   # the HAL runs it on RedMulE as ef_hal_<kernel> with the same arguments
+    cost: ClassVar[str] = ""          # one of COSTS; "" derives it from ``view`` and ``kind``
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -47,12 +51,31 @@ class Op:
                             f"{cls.__qualname__})")
         if cls.kind not in KINDS:
             raise TypeError(f"op {cls.name!r}: unknown kind {cls.kind!r}")
+        if not cls.cost:
+            cls.cost = "none" if cls.view else ("gemm" if cls.kind in ("gemm", "conv") else "stream")
+        if cls.cost not in COSTS:
+            raise TypeError(f"op {cls.name!r}: unknown cost {cls.cost!r}")
         REGISTRY[cls.name] = cls()
 
-    # ---- attributes -------------------------------------------------------------------------------
+    # ---- the C kernel -------------------------------------------------------------------------------
+    @property
+    def template(self) -> Template | None:
+        """The strict C call template with this op's argument builder; None if the op has no kernel."""
+        return None if self.c_call is None else Template(self.c_call, self.c_args)
+
     @property
     def c_kernel(self) -> str:
-        return "ef_" + _snake(self.name)
+        return self.template.kernel if self.c_call else ""
+
+    @property
+    def redmule_kernel(self) -> str:
+        return "ef_hal_" + self.c_kernel[len("ef_"):] if self.redmule else ""
+
+    def c_args(self, site: Site) -> Mapping[str, Any]:
+        """Every hole of ``c_call`` from the step (binding.py); views have no call and no arguments."""
+        return {}
+
+    # ---- attributes -------------------------------------------------------------------------------
 
     def attr_defaults(self) -> dict[str, Any]:
         params = inspect.signature(self.forward).parameters.values()

@@ -18,6 +18,7 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 
@@ -140,6 +141,19 @@ def _batch_first(c4: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(c4.transpose(1, 0, 2, 3))
 
 
+def window_args(site: Site, x_shape, kernel, out_channels: int, group: int, **attrs) -> tuple:
+    """The ``ef_window`` struct of the sliding-window kernels (conv and pooling), as a tuple of ints."""
+    win = Window.of(site.op, x_shape, kernel, attrs.get("strides"), attrs.get("pads"), attrs.get("dilations"),
+                    attrs.get("auto_pad", "NOTSET"), attrs.get("ceil_mode", 0))
+    (h, w), (oh, ow) = win.in_hw, win.out_hw
+    return (int(x_shape[0]), int(x_shape[1]), h, w, int(out_channels), oh, ow, *win.kernel, *win.strides,
+            *win.dilations, win.pads[0], win.pads[1], win.pads[2], win.pads[3], int(group))
+
+
+def _conv_attrs(site: Site) -> dict:
+    return {k: site.attr(k) for k in ("strides", "pads", "dilations", "auto_pad")}
+
+
 def _conv_dims(op, x, w, group):
     if len(w) != len(x):
         raise CompileError(f"{op}: weight {tuple(w)} and input {tuple(x)} differ in rank")
@@ -152,6 +166,7 @@ class Conv(Op):
     """Y = conv(X, W) + B with X (N, C, [H,] W), W (M, C/group, [kH,] kW), B (M,)."""
     name = "Conv"
     kind = "conv"
+    c_call = "ef_conv(${y}, ${x}, ${w}, ${b}, ${win})"
 
     def infer(self, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
               auto_pad="NOTSET"):
@@ -194,6 +209,13 @@ class Conv(Op):
     def flops(self, out_shapes, x, w, b=None, **attrs):
         return 2 * size(out_shapes[0]) * size(w[1:]) + (size(out_shapes[0]) if b is not None else 0)
 
+    def c_args(self, site: Site):
+        x, w, b, y = site.input(0), site.input(1), site.optional(2), site.outputs[0]
+        site.require("float32", x, w, b, y)
+        wshape = site.shape(w)
+        win = window_args(site, site.shape(x), wshape[2:], wshape[0], site.attr("group"), **_conv_attrs(site))
+        return dict(y=Ref(y), x=Ref(x), w=Ref(w), b=Ref(b) if b else None, win=win)
+
 
 def _weight_gradient(g, x, w, dy, window):
     """dW, or with a sparse update of W's first k output channels, dW[:k] from dY[:, :k] (and, for a grouped
@@ -216,6 +238,7 @@ class ConvGradInput(Op):
     name = "ConvGradInput"
     kind = "conv"
     backward_only = True
+    c_call = "ef_conv_grad_input(${dx}, ${dy}, ${w}, ${win})"
 
     def infer(self, dy, w, *, shape, strides=None, pads=None, dilations=None, group=1, auto_pad="NOTSET"):
         _conv_dims("ConvGradInput", shape, w, group)
@@ -235,12 +258,21 @@ class ConvGradInput(Op):
     def flops(self, out_shapes, dy, w, **attrs):
         return 2 * size(dy) * size(w[1:])
 
+    def c_args(self, site: Site):
+        dy, w, dx = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", dy, w, dx)
+        wshape = site.shape(w)
+        win = window_args(site, tuple(site.attr("shape")), wshape[2:], wshape[0], site.attr("group"),
+                          **_conv_attrs(site))
+        return dict(dx=Ref(dx), dy=Ref(dy), w=Ref(w), win=win)
+
 
 class ConvGradWeight(Op):
     """dW from (X, dY): for each tap, the products of dY with the input view that tap read."""
     name = "ConvGradWeight"
     kind = "conv"
     backward_only = True
+    c_call = "ef_conv_grad_weight(${dw}, ${x}, ${dy}, ${win})"
 
     def infer(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
               auto_pad="NOTSET"):
@@ -263,3 +295,10 @@ class ConvGradWeight(Op):
 
     def flops(self, out_shapes, x, dy, **attrs):
         return 2 * size(dy) * size(out_shapes[0][1:])
+
+    def c_args(self, site: Site):
+        x, dy, dw = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", x, dy, dw)
+        win = window_args(site, site.shape(x), tuple(site.attr("kernel_shape")), site.shape(dy)[1],
+                          site.attr("group"), **_conv_attrs(site))
+        return dict(dw=Ref(dw), x=Ref(x), dy=Ref(dy), win=win)

@@ -1,9 +1,15 @@
-"""Elementwise ops (numpy broadcasting) and their backward helpers."""
+"""Elementwise ops (numpy broadcasting) and their backward helpers.
+
+Three families share base classes: ``Binary`` (y = f(a, b), broadcasting, one strided C kernel each),
+``Unary`` (y = f(x), elementwise, ``fn`` is the numpy forward) and ``UnaryGrad`` (dx from (y or x, dy)). A new
+pointwise op is a subclass with its ``fn``, C call and gradient rule."""
 from __future__ import annotations
 
 import numpy as np
 from scipy.special import erf  # scipy is a scikit-learn dependency; numpy has no erf
 
+from compiler.ir import CompileError
+from compiler.ops.binding import Site, binary_args, pair_grad_args, unary_args
 from compiler.ops.base import Op
 
 SQRT_HALF = float(np.sqrt(0.5))            # Python floats: they keep float32 arrays float32 (NEP 50)
@@ -27,45 +33,81 @@ def gelu_erf(z: np.ndarray) -> np.ndarray:
         poly = poly * t + np.float32(coefficient)
     return np.copysign(np.float32(1.0) - poly * t * np.exp(-az * az), z)
 TWO_OVER_SQRT_PI = np.float64(2.0 / np.sqrt(np.pi))
+GELU_APPROXIMATIONS = {"none": 0, "tanh": 1}
 
 
-class Add(Op):
-    name = "Add"
+# ---- the families ---------------------------------------------------------------------------------------
+class Binary(Op):
+    """y = f(a, b) with numpy broadcasting; ``ufunc`` computes it (also straight into the planned output)."""
     inplace = True
+    ufunc: np.ufunc
 
     def forward(self, a, b):
-        return a + b
+        return self.ufunc(a, b)
 
     def forward_into(self, outs, a, b):
-        np.add(a, b, out=outs[0])
+        self.ufunc(a, b, out=outs[0])
+
+    def c_args(self, site: Site):
+        return binary_args(site)
+
+
+class Unary(Op):
+    """y = fn(x) elementwise, ``flops_per_element`` each; the C kernel takes (y, x, n)."""
+    inplace = True
+    flops_per_element = 1
+
+    def fn(self, a: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, a):
+        return self.fn(a)
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return self.flops_per_element * super().flops(out_shapes)
+
+    def c_args(self, site: Site):
+        return unary_args(site)
+
+
+class UnaryGrad(Op):
+    """dx from (v, dy), v the forward op's output or input (same shape as dy); the C kernel takes (dx, v, dy, n)."""
+    backward_only = True
+    flops_per_element = 1
+
+    def infer(self, v, dy, **attrs):
+        return dy
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return self.flops_per_element * super().flops(out_shapes)
+
+    def c_args(self, site: Site):
+        return pair_grad_args(site)
+
+
+# ---- binary -------------------------------------------------------------------------------------------------
+class Add(Binary):
+    name = "Add"
+    ufunc = np.add
+    c_call = "ef_add(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
 
     def gradient(self, g, x, y, dy):
         return dy[0], dy[0]
 
 
-class Sub(Op):
+class Sub(Binary):
     name = "Sub"
-    inplace = True
-
-    def forward(self, a, b):
-        return a - b
-
-    def forward_into(self, outs, a, b):
-        np.subtract(a, b, out=outs[0])
+    ufunc = np.subtract
+    c_call = "ef_sub(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
 
     def gradient(self, g, x, y, dy):
         return dy[0], (g.emit("Neg", [dy[0]]) if g.needs(x[1]) else None)
 
 
-class Mul(Op):
+class Mul(Binary):
     name = "Mul"
-    inplace = True
-
-    def forward(self, a, b):
-        return a * b
-
-    def forward_into(self, outs, a, b):
-        np.multiply(a, b, out=outs[0])
+    ufunc = np.multiply
+    c_call = "ef_mul(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Mul", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -73,15 +115,10 @@ class Mul(Op):
         return da, db
 
 
-class Div(Op):
+class Div(Binary):
     name = "Div"
-    inplace = True
-
-    def forward(self, a, b):
-        return a / b
-
-    def forward_into(self, outs, a, b):
-        np.divide(a, b, out=outs[0])
+    ufunc = np.divide
+    c_call = "ef_div(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Div", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -91,11 +128,32 @@ class Div(Op):
         return da, db
 
 
-class Neg(Op):
-    name = "Neg"
-    inplace = True
+class Pow(Binary):
+    """Pow with a constant exponent (as torch emits for x**2 in hand-written norms)."""
+    name = "Pow"
+    inplace = False
+    c_call = "ef_pow(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
 
-    def forward(self, a):
+    def forward(self, a, b):
+        return np.power(a, b).astype(a.dtype, copy=False)
+
+    def forward_into(self, outs, a, b):
+        Op.forward_into(self, outs, a, b)
+
+    def gradient(self, g, x, y, dy):
+        if g.needs(x[1]):
+            raise CompileError("Pow: gradient with respect to a trainable exponent is not supported")
+        one = g.const(1.0, "one", g.dtype(x[1]))
+        power = g.emit("Pow", [x[0], g.emit("Sub", [x[1], one])])
+        return g.emit("Mul", [dy[0], g.emit("Mul", [power, x[1]])]), None
+
+
+# ---- unary --------------------------------------------------------------------------------------------------
+class Neg(Unary):
+    name = "Neg"
+    c_call = "ef_neg(${y}, ${x}, ${n})"
+
+    def fn(self, a):
         return -a
 
     def forward_into(self, outs, a):
@@ -105,11 +163,11 @@ class Neg(Op):
         return (g.emit("Neg", [dy[0]]),)
 
 
-class Relu(Op):
+class Relu(Unary):
     name = "Relu"
-    inplace = True
+    c_call = "ef_relu(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return np.maximum(a, 0).astype(a.dtype, copy=False)
 
     def forward_into(self, outs, a):
@@ -119,79 +177,69 @@ class Relu(Op):
         return (g.emit("ReluGrad", [y[0], dy[0]]),)
 
 
-class ReluGrad(Op):
+class ReluGrad(UnaryGrad):
     """dx = dy where y > 0 (reads the Relu output, so the input may be freed or overwritten)."""
     name = "ReluGrad"
-    backward_only = True
-    inplace = False
-
-    def infer(self, y, dy):
-        return dy
+    c_call = "ef_relu_grad(${dx}, ${v}, ${dy}, ${n})"
 
     def forward(self, y, dy):
         return np.where(y > 0, dy, 0).astype(dy.dtype, copy=False)
 
 
-class Sigmoid(Op):
+class Sigmoid(Unary):
     name = "Sigmoid"
-    inplace = True
+    flops_per_element = 4
+    c_call = "ef_sigmoid(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return (1.0 / (1.0 + np.exp(-a))).astype(a.dtype, copy=False)
 
     def gradient(self, g, x, y, dy):
         return (g.emit("SigmoidGrad", [y[0], dy[0]]),)
 
-    def flops(self, out_shapes, *in_shapes):
-        return 4 * super().flops(out_shapes)
 
-
-class SigmoidGrad(Op):
+class SigmoidGrad(UnaryGrad):
     name = "SigmoidGrad"
-    backward_only = True
-
-    def infer(self, y, dy):
-        return dy
+    flops_per_element = 3
+    c_call = "ef_sigmoid_grad(${dx}, ${v}, ${dy}, ${n})"
 
     def forward(self, y, dy):
         return dy * y * (1 - y)
 
-    def flops(self, out_shapes, *in_shapes):
-        return 3 * super().flops(out_shapes)
 
-
-class Tanh(Op):
+class Tanh(Unary):
     name = "Tanh"
-    inplace = True
+    flops_per_element = 4
+    c_call = "ef_tanh(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return np.tanh(a)
 
     def gradient(self, g, x, y, dy):
         return (g.emit("TanhGrad", [y[0], dy[0]]),)
 
-    def flops(self, out_shapes, *in_shapes):
-        return 4 * super().flops(out_shapes)
 
-
-class TanhGrad(Op):
+class TanhGrad(UnaryGrad):
     name = "TanhGrad"
-    backward_only = True
-
-    def infer(self, y, dy):
-        return dy
+    flops_per_element = 3
+    c_call = "ef_tanh_grad(${dx}, ${v}, ${dy}, ${n})"
 
     def forward(self, y, dy):
         return dy * (1 - y * y)
 
-    def flops(self, out_shapes, *in_shapes):
-        return 3 * super().flops(out_shapes)
+
+def _approximate(site: Site) -> int:
+    value = site.attr("approximate")
+    if value not in GELU_APPROXIMATIONS:
+        raise site.error(f"approximate={value!r} is not one of {sorted(GELU_APPROXIMATIONS)}")
+    return GELU_APPROXIMATIONS[value]
 
 
-class Gelu(Op):
+class Gelu(Unary):
     """ONNX Gelu (opset 20); the Erf form that torch emits at older opsets is fused into it on import."""
     name = "Gelu"
-    inplace = True
+    flops_per_element = 8
+    c_call = "ef_gelu(${y}, ${x}, ${n}, ${approximate})"
 
     def forward(self, a, *, approximate="none"):
         if approximate == "tanh":
@@ -202,16 +250,14 @@ class Gelu(Op):
     def gradient(self, g, x, y, dy, *, approximate="none"):
         return (g.emit("GeluGrad", [x[0], dy[0]], approximate=approximate),)
 
-    def flops(self, out_shapes, *in_shapes, approximate="none"):
-        return 8 * super().flops(out_shapes)
+    def c_args(self, site: Site):
+        return dict(unary_args(site), approximate=_approximate(site))
 
 
-class GeluGrad(Op):
+class GeluGrad(UnaryGrad):
     name = "GeluGrad"
-    backward_only = True
-
-    def infer(self, x, dy, *, approximate="none"):
-        return dy
+    flops_per_element = 12
+    c_call = "ef_gelu_grad(${dx}, ${v}, ${dy}, ${n}, ${approximate})"
 
     def forward(self, x, dy, *, approximate="none"):
         if approximate == "tanh":
@@ -222,68 +268,47 @@ class GeluGrad(Op):
             d = 0.5 * (1 + gelu_erf(x * SQRT_HALF)) + x * INV_SQRT_2PI * np.exp(-0.5 * x * x)
         return (dy * d).astype(dy.dtype, copy=False)
 
-    def flops(self, out_shapes, *in_shapes, approximate="none"):
-        return 12 * super().flops(out_shapes)
+    def c_args(self, site: Site):
+        return dict(pair_grad_args(site), approximate=_approximate(site))
 
 
-class Erf(Op):
+class Erf(Unary):
     name = "Erf"
-    inplace = True
+    flops_per_element = 8
+    c_call = "ef_erf(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return erf(a).astype(a.dtype, copy=False)
 
     def gradient(self, g, x, y, dy):
         return (g.emit("ErfGrad", [x[0], dy[0]]),)
 
-    def flops(self, out_shapes, *in_shapes):
-        return 8 * super().flops(out_shapes)
 
-
-class ErfGrad(Op):
+class ErfGrad(UnaryGrad):
     name = "ErfGrad"
-    backward_only = True
-
-    def infer(self, x, dy):
-        return dy
+    c_call = "ef_erf_grad(${dx}, ${v}, ${dy}, ${n})"
 
     def forward(self, x, dy):
         return (dy * TWO_OVER_SQRT_PI * np.exp(-x * x)).astype(dy.dtype, copy=False)
 
 
-class Sqrt(Op):
+class Sqrt(Unary):
     name = "Sqrt"
-    inplace = True
+    c_call = "ef_sqrt(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return np.sqrt(a)
 
     def gradient(self, g, x, y, dy):  # d sqrt(a) = dy / (2 sqrt(a))
         return (g.emit("Div", [dy[0], g.emit("Mul", [y[0], g.const(2.0, "two", g.dtype(y[0]))])]),)
 
 
-class Exp(Op):
+class Exp(Unary):
     name = "Exp"
-    inplace = True
+    c_call = "ef_exp(${y}, ${x}, ${n})"
 
-    def forward(self, a):
+    def fn(self, a):
         return np.exp(a)
 
     def gradient(self, g, x, y, dy):
         return (g.emit("Mul", [dy[0], y[0]]),)
-
-
-class Pow(Op):
-    """Pow with a constant exponent (as torch emits for x**2 in hand-written norms)."""
-    name = "Pow"
-
-    def forward(self, a, b):
-        return np.power(a, b).astype(a.dtype, copy=False)
-
-    def gradient(self, g, x, y, dy):
-        if g.needs(x[1]):
-            from compiler.ir import CompileError
-            raise CompileError("Pow: gradient with respect to a trainable exponent is not supported")
-        one = g.const(1.0, "one", g.dtype(x[1]))
-        power = g.emit("Pow", [x[0], g.emit("Sub", [x[1], one])])
-        return g.emit("Mul", [dy[0], g.emit("Mul", [power, x[1]])]), None

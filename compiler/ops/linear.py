@@ -8,6 +8,8 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site, c_strides
+from compiler.ops.layout import broadcast_strides, coalesce, contiguous_strides
 
 
 def gemm_dims(a_shape, b_shape, trans_a=0, trans_b=0):
@@ -24,6 +26,8 @@ class MatMul(Op):
     """numpy matmul semantics for inputs of rank >= 2 (batch dimensions broadcast)."""
     name = "MatMul"
     kind = "gemm"
+    redmule = True
+    c_call = "ef_mat_mul(${y}, ${a}, ${b}, ${m}, ${n}, ${k}, ${brank}, ${bshape}, ${sa}, ${sb})"
 
     def infer(self, a, b):
         if len(a) < 2 or len(b) < 2:
@@ -63,11 +67,27 @@ class MatMul(Op):
     def flops(self, out_shapes, a, b):
         return 2 * size(out_shapes[0]) * a[-1]
 
+    def c_args(self, site: Site):
+        a, b, y = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", a, b, y)
+        sa_, sb_, out = site.shape(a), site.shape(b), site.shape(y)
+        m, k, n = sa_[-2], sa_[-1], sb_[-1]
+        batch = out[:-2]
+        strides_a = tuple(s * m * k for s in broadcast_strides(sa_[:-2], batch))
+        strides_b = tuple(s * k * n for s in broadcast_strides(sb_[:-2], batch))
+        bshape, _, sa, sb = coalesce(batch, contiguous_strides(batch), strides_a, strides_b)
+        if len(bshape) == 1 and sb == (0,) and sa == (m * k,):  # one shared right operand: a single taller GEMM
+            m, bshape, sa, sb = m * bshape[0], (1,), (0,), (0,)
+        return dict(y=Ref(y), a=Ref(a), b=Ref(b), m=m, n=n, k=k, brank=len(bshape), bshape=bshape, sa=sa, sb=sb)
+
 
 class Gemm(Op):
     """Y = alpha·A'·B' + beta·C with A' = Aᵀ if transA, B' = Bᵀ if transB; C broadcasts to (M, N)."""
     name = "Gemm"
     kind = "gemm"
+    redmule = True
+    c_call = ("ef_gemm(${y}, ${a}, ${b}, ${c}, ${m}, ${n}, ${k}, ${trans_a}, ${trans_b}, ${alpha}, ${beta}, "
+              "${c_rs}, ${c_cs})")
 
     def infer(self, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
         if len(a) != 2 or len(b) != 2:
@@ -118,6 +138,15 @@ class Gemm(Op):
         m, n, k = gemm_dims(a, b, transA, transB)
         return 2 * m * n * k + (m * n if c is not None else 0)
 
+    def c_args(self, site: Site):
+        a, b, c, y = site.input(0), site.input(1), site.optional(2), site.outputs[0]
+        site.require("float32", a, b, c, y)
+        ta, tb = int(site.attr("transA")), int(site.attr("transB"))
+        m, n, k = gemm_dims(site.shape(a), site.shape(b), ta, tb)
+        c_rs, c_cs = c_strides(site, c, m, n)
+        return dict(y=Ref(y), a=Ref(a), b=Ref(b), c=Ref(c) if c else None, m=m, n=n, k=k, trans_a=ta, trans_b=tb,
+                    alpha=float(site.attr("alpha")), beta=float(site.attr("beta")), c_rs=c_rs, c_cs=c_cs)
+
 
 # ---- LoRA: the adapted layer as one fused GEMM step, forward and backward ------------------------------------
 def lora_dims(x, w, a, b, trans_b):
@@ -141,6 +170,17 @@ def lora_dims(x, w, a, b, trans_b):
     return m, n, k, r, devices
 
 
+def _lora_common(site: Site, x: str, w: str, a: str, b: str) -> dict:
+    """The shape and attribute arguments both LoRA kernels share."""
+    trans_b = int(site.attr("transB"))
+    try:
+        m, n, k, r, devices = lora_dims(site.shape(x), site.shape(w), site.shape(a), site.shape(b), trans_b)
+    except CompileError as exc:
+        raise site.error(str(exc)) from None
+    return dict(x=Ref(x), w=Ref(w), a=Ref(a), b=Ref(b), m=m, n=n, k=k, r=r, devices=devices, trans_b=trans_b,
+                alpha=float(site.attr("alpha")), scale=float(site.attr("scale")))
+
+
 def _per_device(t, devices):
     """A row-folded (M, c) operand as (D, M/D, c) (a view)."""
     return t.reshape(devices, t.shape[0] // devices, t.shape[1])
@@ -157,6 +197,11 @@ class LoraLinear(Op):
     A and B may carry a leading device axis (D, ·, ·): then device d's rows are the d-th of D equal slices."""
     name = "LoraLinear"
     kind = "gemm"
+    cost = "fused"
+    redmule = True
+    internal = True
+    c_call = ("ef_lora_linear(${y}, ${x}, ${w}, ${a}, ${b}, ${c}, ${m}, ${n}, ${k}, ${r}, ${devices}, ${trans_b}, "
+              "${alpha}, ${beta}, ${c_rs}, ${c_cs}, ${scale})")
 
     def infer(self, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
         m, n, _, _, _ = lora_dims(x, w, a, b, transB)
@@ -212,6 +257,13 @@ class LoraLinear(Op):
         m, n, k, r, _ = lora_dims(x, w, a, b, transB)
         return 2 * m * n * k + 2 * m * k * r + m * r + 2 * m * r * n + (m * n if c is not None else 0)
 
+    def c_args(self, site: Site):
+        (x, w, a, b), c, y = (site.input(i) for i in range(4)), site.optional(4), site.outputs[0]
+        site.require("float32", x, w, a, b, c, y)
+        args = _lora_common(site, x, w, a, b)
+        rs, cs = c_strides(site, c, args["m"], args["n"])
+        return dict(args, y=Ref(y), c=Ref(c) if c else None, beta=float(site.attr("beta")), c_rs=rs, c_cs=cs)
+
 
 class LoraLinearGrad(Op):
     """The backward pass of LoraLinear in one step; ``grads`` names the outputs, in this order:
@@ -223,6 +275,10 @@ class LoraLinearGrad(Op):
     per device when A and B carry a device axis. One pass over the rows of dY and X feeds all of them."""
     name = "LoraLinearGrad"
     kind = "gemm"
+    cost = "fused"
+    redmule = True
+    c_call = ("ef_lora_linear_grad(${dx}, ${da}, ${db}, ${dy}, ${x}, ${w}, ${a}, ${b}, ${m}, ${n}, ${k}, ${r}, "
+              "${devices}, ${trans_b}, ${alpha}, ${scale})")
     num_outputs = -1
     backward_only = True
 
@@ -274,3 +330,13 @@ class LoraLinearGrad(Op):
         m, n, k, r, _ = lora_dims(x, w, a, b, transB)
         per = {"x": 2 * m * n * k + 2 * m * r * k, "a": 2 * m * k * r, "b": 2 * m * k * r + m * r + 2 * m * r * n}
         return 2 * m * n * r + m * r + sum(per[c] for c in grads)
+
+    def c_args(self, site: Site):
+        dy, x, w, a, b = (site.input(i) for i in range(5))
+        grads = site.attr("grads")
+        if len(grads) != len(site.outputs):
+            raise site.error(f"grads={grads!r} names {len(grads)} outputs, the step has {len(site.outputs)}")
+        outs = dict(zip(grads, site.outputs))
+        site.require("float32", dy, x, w, a, b, *site.outputs)
+        return dict(_lora_common(site, x, w, a, b), dy=Ref(dy),
+                    **{f"d{g}": Ref(outs[g]) if g in outs else None for g in "xab"})

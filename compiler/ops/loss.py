@@ -6,6 +6,7 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site
 
 
 def _softmax(z):
@@ -13,10 +14,19 @@ def _softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _cross_entropy_dims(site: Site, logits: str, labels: str) -> tuple[int, int]:
+    site.require("float32", logits)
+    site.require("int64", labels)
+    shape = site.shape(logits)
+    return size(shape[:-1]), shape[-1]
+
+
 class SoftmaxCrossEntropy(Op):
     """Mean cross-entropy of logits (N, C) against integer class labels (N,)."""
     name = "SoftmaxCrossEntropy"
     kind = "loss"
+    internal = True
+    c_call = "ef_softmax_cross_entropy(${loss}, ${logits}, ${labels}, ${rows}, ${classes})"
 
     def infer(self, logits, labels):
         if tuple(labels) != tuple(logits[:-1]):
@@ -38,11 +48,19 @@ class SoftmaxCrossEntropy(Op):
     def flops(self, out_shapes, logits, labels):
         return 5 * size(logits)
 
+    def c_args(self, site: Site):
+        logits, labels, loss = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", loss)
+        rows, classes = _cross_entropy_dims(site, logits, labels)
+        return dict(loss=Ref(loss), logits=Ref(logits), labels=Ref(labels), rows=rows, classes=classes)
+
 
 class SoftmaxCrossEntropyGrad(Op):
     name = "SoftmaxCrossEntropyGrad"
     kind = "loss"
     backward_only = True
+    c_call = ("ef_softmax_cross_entropy_grad(${dx}, ${logits}, ${labels}, ${dy}, ${rows}, "
+              "${classes})")
 
     def infer(self, logits, labels, dy):
         return logits
@@ -56,11 +74,19 @@ class SoftmaxCrossEntropyGrad(Op):
     def flops(self, out_shapes, logits, *rest):
         return 6 * size(logits)
 
+    def c_args(self, site: Site):
+        logits, labels, dy, dx = site.input(0), site.input(1), site.input(2), site.outputs[0]
+        site.require("float32", dy, dx)
+        rows, classes = _cross_entropy_dims(site, logits, labels)
+        return dict(dx=Ref(dx), logits=Ref(logits), labels=Ref(labels), dy=Ref(dy), rows=rows, classes=classes)
+
 
 class MSELoss(Op):
     """Mean squared error over every element."""
     name = "MSELoss"
     kind = "loss"
+    internal = True
+    c_call = "ef_mse_loss(${loss}, ${pred}, ${target}, ${n})"
 
     def infer(self, pred, target):
         if tuple(pred) != tuple(target):
@@ -78,11 +104,17 @@ class MSELoss(Op):
     def flops(self, out_shapes, pred, target):
         return 3 * size(pred)
 
+    def c_args(self, site: Site):
+        pred, target, loss = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", pred, target, loss)
+        return dict(loss=Ref(loss), pred=Ref(pred), target=Ref(target), n=site.same_size(pred, target))
+
 
 class MSELossGrad(Op):
     name = "MSELossGrad"
     kind = "loss"
     backward_only = True
+    c_call = "ef_mse_loss_grad(${dx}, ${pred}, ${target}, ${dy}, ${n})"
 
     def infer(self, pred, target, dy):
         return pred
@@ -92,3 +124,8 @@ class MSELossGrad(Op):
 
     def flops(self, out_shapes, pred, *rest):
         return 3 * size(pred)
+
+    def c_args(self, site: Site):
+        pred, target, dy, dx = site.input(0), site.input(1), site.input(2), site.outputs[0]
+        site.require("float32", pred, target, dy, dx)
+        return dict(dx=Ref(dx), pred=Ref(pred), target=Ref(target), dy=Ref(dy), n=site.same_size(pred, target, dx))

@@ -6,12 +6,20 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import norm_axis, size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site
+from compiler.ops.layout import split_at
+
+
+def _softmax_split(site: Site, name: str) -> tuple[int, int, int]:
+    shape = site.shape(name)
+    return split_at(shape, norm_axis(int(site.attr("axis")), len(shape)))
 
 
 class Softmax(Op):
     """ONNX opset-13 Softmax: normalized along one axis."""
     name = "Softmax"
     kind = "norm"
+    c_call = "ef_softmax(${y}, ${x}, ${outer}, ${n}, ${inner})"
 
     def infer(self, x, *, axis=-1):
         norm_axis(axis, len(x))
@@ -27,12 +35,19 @@ class Softmax(Op):
     def flops(self, out_shapes, x, **attrs):
         return 5 * size(x)
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        site.require("float32", x, y)
+        outer, n, inner = _softmax_split(site, x)
+        return dict(y=Ref(y), x=Ref(x), outer=outer, n=n, inner=inner)
+
 
 class SoftmaxGrad(Op):
     """dx = y · (dy - Σ dy·y) along the axis; reads the Softmax output, not its input."""
     name = "SoftmaxGrad"
     kind = "norm"
     backward_only = True
+    c_call = "ef_softmax_grad(${dx}, ${y}, ${dy}, ${outer}, ${n}, ${inner})"
 
     def infer(self, y, dy, *, axis=-1):
         return dy
@@ -43,12 +58,36 @@ class SoftmaxGrad(Op):
     def flops(self, out_shapes, y, dy, **attrs):
         return 4 * size(dy)
 
+    def c_args(self, site: Site):
+        y, dy, dx = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", y, dy, dx)
+        outer, n, inner = _softmax_split(site, dy)
+        return dict(dx=Ref(dx), y=Ref(y), dy=Ref(dy), outer=outer, n=n, inner=inner)
+
 
 def _broadcasts_to(shape, target) -> bool:
     try:
         return tuple(np.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
     except ValueError:
         return False
+
+
+def _rows(site: Site, x: str) -> tuple[int, int, tuple]:
+    shape = site.shape(x)
+    axis = norm_axis(int(site.attr("axis")), len(shape))
+    return size(shape[:axis]), size(shape[axis:]), shape[axis:]
+
+
+def _repeat(site: Site, name: str, normalized) -> int:
+    """Elements of a scale/bias that repeats along a normalized row (its shape, without leading 1s, must be
+    a suffix of the normalized shape)."""
+    shape = list(site.shape(name))
+    while shape and shape[0] == 1:
+        shape.pop(0)
+    if tuple(shape) != tuple(normalized[len(normalized) - len(shape):]) or len(shape) > len(normalized):
+        raise site.error(f"{name!r} of shape {site.shape(name)} broadcasts over the normalized shape "
+                         f"{normalized} in a way the C kernel does not support (only trailing axes)")
+    return size(shape)
 
 
 def _normalized_axes(x_shape, axis):
@@ -69,6 +108,7 @@ class LayerNormalization(Op):
     ``stash_type`` is accepted and ignored: statistics are computed in the input's dtype."""
     name = "LayerNormalization"
     kind = "norm"
+    c_call = "ef_layer_normalization(${y}, ${x}, ${scale}, ${bias}, ${rows}, ${n}, ${ns}, ${epsilon})"
 
     def infer(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
         normalized = tuple(x[a] for a in _normalized_axes(x, axis))
@@ -96,12 +136,24 @@ class LayerNormalization(Op):
     def flops(self, out_shapes, x, *rest, **attrs):
         return 8 * size(x)
 
+    def c_args(self, site: Site):
+        x, scale, b, y = site.input(0), site.input(1), site.optional(2), site.outputs[0]
+        site.require("float32", x, scale, b, y)
+        rows, n, normalized = _rows(site, x)
+        ns = _repeat(site, scale, normalized)
+        if b is not None and _repeat(site, b, normalized) != ns:
+            raise site.error(f"scale {site.shape(scale)} and bias {site.shape(b)} repeat differently")
+        site.attr("stash_type")  # statistics are float32, as in the numpy reference
+        return dict(y=Ref(y), x=Ref(x), scale=Ref(scale), bias=Ref(b) if b else None, rows=rows, n=n, ns=ns,
+                    epsilon=float(site.attr("epsilon")))
+
 
 class LayerNormGradInput(Op):
     """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)) with ĝ = dy · scale; mean and rstd are recomputed."""
     name = "LayerNormGradInput"
     kind = "norm"
     backward_only = True
+    c_call = "ef_layer_norm_grad_input(${dx}, ${x}, ${scale}, ${dy}, ${rows}, ${n}, ${ns}, ${epsilon})"
 
     def infer(self, x, scale, dy, *, axis=-1, epsilon=1e-5):
         return x
@@ -116,12 +168,20 @@ class LayerNormGradInput(Op):
     def flops(self, out_shapes, x, *rest, **attrs):
         return 14 * size(x)
 
+    def c_args(self, site: Site):
+        x, scale, dy, dx = site.input(0), site.input(1), site.input(2), site.outputs[0]
+        site.require("float32", x, scale, dy, dx)
+        rows, n, normalized = _rows(site, x)
+        return dict(dx=Ref(dx), x=Ref(x), scale=Ref(scale), dy=Ref(dy), rows=rows, n=n,
+                    ns=_repeat(site, scale, normalized), epsilon=float(site.attr("epsilon")))
+
 
 class LayerNormGradScale(Op):
     """dscale = Σ dy · x̂ over the leading (not normalized) axes; shape x.shape[axis:]."""
     name = "LayerNormGradScale"
     kind = "norm"
     backward_only = True
+    c_call = "ef_layer_norm_grad_scale(${ds}, ${x}, ${dy}, ${rows}, ${n}, ${epsilon})"
 
     def infer(self, x, dy, *, axis=-1, epsilon=1e-5):
         return tuple(x[norm_axis(axis, len(x)):])
@@ -132,6 +192,12 @@ class LayerNormGradScale(Op):
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 10 * size(x)
+
+    def c_args(self, site: Site):
+        x, dy, ds = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", x, dy, ds)
+        rows, n, _ = _rows(site, x)
+        return dict(ds=Ref(ds), x=Ref(x), dy=Ref(dy), rows=rows, n=n, epsilon=float(site.attr("epsilon")))
 
 
 BATCH_NORM_INPUTS = ("X", "scale", "B", "input_mean", "input_var")
@@ -144,6 +210,8 @@ class BatchNormalization(Op):
     built from ordinary ops. ``momentum`` only matters in training mode, which is not supported."""
     name = "BatchNormalization"
     kind = "norm"
+    c_call = ("ef_batch_normalization(${y}, ${x}, ${scale}, ${b}, ${mean}, ${var}, ${batch}, ${channels}, "
+              "${inner}, ${epsilon})")
 
     def infer(self, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0):
         if training_mode:
@@ -175,3 +243,14 @@ class BatchNormalization(Op):
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 2 * size(x)
+
+    def c_args(self, site: Site):
+        x, scale, b, mean, var = (site.input(i) for i in range(5))
+        y = site.outputs[0]
+        site.require("float32", x, scale, b, mean, var, y)
+        if int(site.attr("training_mode")):
+            raise site.error("training_mode=1 is not supported")
+        site.attr("momentum")  # only matters in training mode
+        shape = site.shape(x)
+        return dict(y=Ref(y), x=Ref(x), scale=Ref(scale), b=Ref(b), mean=Ref(mean), var=Ref(var), batch=shape[0],
+                    channels=shape[1], inner=size(shape[2:]), epsilon=float(site.attr("epsilon")))

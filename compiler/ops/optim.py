@@ -6,6 +6,7 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site
 
 
 class SGD(Op):
@@ -17,6 +18,8 @@ class SGD(Op):
     """
     name = "SGD"
     kind = "optimizer"
+    internal = True
+    c_call = "ef_sgd(${param}, ${grad}, ${lr}, ${velocity}, ${rows}, ${cols}, ${ld}, ${momentum}, ${weight_decay})"
     num_outputs = -1
     updates = (0, 3)
     foldable = False
@@ -56,6 +59,18 @@ class SGD(Op):
 
     def flops(self, out_shapes, param, grad, *rest, momentum=0.0, weight_decay=0.0, **attrs):
         return size(grad) * (2 + (2 if momentum else 0) + (2 if weight_decay else 0))
+
+    def c_args(self, site: Site):
+        param, grad, lr, velocity = site.input(0), site.input(1), site.input(2), site.optional(3)
+        site.require("float32", param, grad, lr, velocity)
+        n = site.same_size(grad, *(n for n in (velocity,) if n))
+        shape, axis, channels = site.shape(param), int(site.attr("axis")), int(site.attr("channels"))
+        rows, ld = (1, n) if not channels else (size(shape[:axis]), size(shape[axis:]))  # sparse: first channels
+        if n != (size(shape) if not channels else rows * channels * size(shape[axis + 1:])):
+            raise site.error(f"grad {site.shape(grad)} does not fit param {shape} (axis {axis}, channels {channels})")
+        return dict(param=Ref(param), grad=Ref(grad), lr=Ref(lr), velocity=Ref(velocity) if velocity else None,
+                    rows=rows, cols=n // rows, ld=ld,
+                    momentum=float(site.attr("momentum")), weight_decay=float(site.attr("weight_decay")))
 
 
 def _index(rank: int, axis: int, channels: int) -> tuple[slice, ...]:

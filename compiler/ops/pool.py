@@ -6,13 +6,22 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import size
 from compiler.ops.base import Op
-from compiler.ops.conv import Window
+from compiler.ops.binding import Ref, Site
+from compiler.ops.conv import Window, window_args
 
 
 def _pool_window(op, x_shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode):
     if len(kernel_shape) != len(x_shape) - 2:
         raise CompileError(f"{op}: kernel_shape {tuple(kernel_shape)} does not fit input {tuple(x_shape)}")
     return Window.of(op, x_shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+
+
+def _pool_win(site: Site, x_shape) -> tuple:
+    kernel = tuple(site.attr("kernel_shape"))
+    if len(kernel) != len(x_shape) - 2:
+        raise site.error(f"kernel_shape {kernel} does not fit input {x_shape}")
+    attrs = {k: site.attr(k) for k in ("strides", "pads", "dilations", "auto_pad", "ceil_mode")}
+    return window_args(site, x_shape, kernel, x_shape[1], 1, **attrs)
 
 
 def _argmax_taps(win: Window, x: np.ndarray) -> np.ndarray:
@@ -32,6 +41,7 @@ class MaxPool(Op):
     """The Y output only (the optional Indices output is not supported)."""
     name = "MaxPool"
     kind = "pool"
+    c_call = "ef_max_pool(${y}, ${x}, ${win})"
 
     def infer(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0, auto_pad="NOTSET",
               storage_order=0):
@@ -53,12 +63,19 @@ class MaxPool(Op):
     def flops(self, out_shapes, x, *, kernel_shape, **attrs):
         return size(out_shapes[0]) * size(kernel_shape)
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        site.require("float32", x, y)
+        site.attr("storage_order")  # only matters for the Indices output, which is not supported
+        return dict(y=Ref(y), x=Ref(x), win=_pool_win(site, site.shape(x)))
+
 
 class MaxPoolGrad(Op):
     """dX from (X, dY): each dy goes to the first maximum of its window; overlapping windows add up."""
     name = "MaxPoolGrad"
     kind = "pool"
     backward_only = True
+    c_call = "ef_max_pool_grad(${dx}, ${x}, ${dy}, ${win})"
 
     def infer(self, x, dy, **attrs):
         return x
@@ -76,6 +93,11 @@ class MaxPoolGrad(Op):
     def flops(self, out_shapes, x, dy, *, kernel_shape, **attrs):
         return 2 * size(dy) * size(kernel_shape)
 
+    def c_args(self, site: Site):
+        x, dy, dx = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", x, dy, dx)
+        return dict(dx=Ref(dx), x=Ref(x), dy=Ref(dy), win=_pool_win(site, site.shape(x)))
+
 
 def _divisors(win: Window, count_include_pad: int) -> np.ndarray:
     """(Ho, Wo): how many positions each window averages over. Explicit pads count only with
@@ -92,6 +114,7 @@ def _divisors(win: Window, count_include_pad: int) -> np.ndarray:
 class AveragePool(Op):
     name = "AveragePool"
     kind = "pool"
+    c_call = "ef_average_pool(${y}, ${x}, ${win}, ${count_include_pad})"
 
     def infer(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
               count_include_pad=0, auto_pad="NOTSET"):
@@ -111,12 +134,19 @@ class AveragePool(Op):
     def flops(self, out_shapes, x, *, kernel_shape, **attrs):
         return size(out_shapes[0]) * (size(kernel_shape) + 1)
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        site.require("float32", x, y)
+        return dict(y=Ref(y), x=Ref(x), win=_pool_win(site, site.shape(x)),
+                    count_include_pad=int(site.attr("count_include_pad")))
+
 
 class AveragePoolGrad(Op):
     """dX from dY: each dy / divisor is spread over the positions its window read."""
     name = "AveragePoolGrad"
     kind = "pool"
     backward_only = True
+    c_call = "ef_average_pool_grad(${dx}, ${dy}, ${win}, ${count_include_pad})"
 
     def infer(self, dy, *, shape, **attrs):
         return tuple(shape)
@@ -133,11 +163,18 @@ class AveragePoolGrad(Op):
     def flops(self, out_shapes, dy, *, kernel_shape, **attrs):
         return size(dy) * (size(kernel_shape) + 1)
 
+    def c_args(self, site: Site):
+        dy, dx = site.input(0), site.outputs[0]
+        site.require("float32", dy, dx)
+        return dict(dx=Ref(dx), dy=Ref(dy), win=_pool_win(site, tuple(site.attr("shape"))),
+                    count_include_pad=int(site.attr("count_include_pad")))
+
 
 class GlobalAveragePool(Op):
     """Mean over every spatial axis, kept as size-1 axes: (N, C, ...) -> (N, C, 1, ...)."""
     name = "GlobalAveragePool"
     kind = "pool"
+    c_call = "ef_global_average_pool(${y}, ${x}, ${planes}, ${plane_size})"
 
     def infer(self, x):
         if len(x) < 3:
@@ -154,3 +191,9 @@ class GlobalAveragePool(Op):
 
     def flops(self, out_shapes, x):
         return size(x)
+
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        site.require("float32", x, y)
+        shape = site.shape(x)
+        return dict(y=Ref(y), x=Ref(x), planes=size(shape[:2]), plane_size=size(shape[2:]))

@@ -10,6 +10,8 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops._util import norm_axis, size
 from compiler.ops.base import Op
+from compiler.ops.binding import Ref, Site, dtype_code, esize, gather_copy_args, reduce_into_args
+from compiler.ops.layout import broadcast_strides, coalesce, contiguous_strides, split_at
 
 
 def resolve_reshape(in_shape, shape, allowzero=0):
@@ -28,6 +30,7 @@ class Reshape(Op):
     name = "Reshape"
     kind = "data"
     view = True
+    c_call = ""
 
     def infer(self, x, *, shape, allowzero=0):
         return resolve_reshape(x, shape, allowzero)
@@ -46,6 +49,7 @@ class Identity(Op):
     name = "Identity"
     kind = "data"
     view = True
+    c_call = ""
 
     def infer(self, x):
         return x
@@ -63,6 +67,7 @@ class Identity(Op):
 class Transpose(Op):
     name = "Transpose"
     kind = "data"
+    c_call = "ef_transpose(${y}, ${x}, ${esize}, ${rank}, ${shape}, ${sx})"
 
     def infer(self, x, *, perm=None):
         perm = perm if perm is not None else tuple(reversed(range(len(x))))
@@ -83,10 +88,19 @@ class Transpose(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        shape = site.shape(x)
+        perm = site.attr("perm")
+        perm = tuple(reversed(range(len(shape)))) if perm is None else tuple(int(p) for p in perm)
+        own = contiguous_strides(shape)
+        return gather_copy_args(site, x, y, tuple(own[p] for p in perm))
+
 
 class Concat(Op):
     name = "Concat"
     kind = "data"
+    c_call = "ef_concat(${y}, ${xs}, ${esize}, ${count}, ${outer}, ${chunk})"
 
     def infer(self, *xs, axis):
         axis = norm_axis(axis, len(xs[0]))
@@ -110,10 +124,19 @@ class Concat(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        xs, y = site.inputs, site.outputs[0]
+        shape = site.shape(y)
+        axis = norm_axis(int(site.attr("axis")), len(shape))
+        outer, _, inner = split_at(shape, axis)
+        return dict(y=Ref(y), xs=tuple(Ref(x) for x in xs), esize=esize(site, y), count=len(xs), outer=outer,
+                    chunk=tuple(site.shape(x)[axis] * inner for x in xs))
+
 
 class Split(Op):
     name = "Split"
     kind = "data"
+    c_call = "ef_split(${ys}, ${x}, ${esize}, ${count}, ${outer}, ${chunk})"
     num_outputs = -1
 
     def infer(self, x, *, axis=0, split):
@@ -133,6 +156,17 @@ class Split(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        x, ys = site.input(0), site.outputs
+        shape = site.shape(x)
+        axis = norm_axis(int(site.attr("axis")), len(shape))
+        outer, _, inner = split_at(shape, axis)
+        parts = tuple(site.shape(y)[axis] for y in ys)
+        if tuple(int(p) for p in site.attr("split")) != parts:
+            raise site.error(f"split {tuple(site.attr('split'))} does not match the outputs' sizes {parts}")
+        return dict(ys=tuple(Ref(y) for y in ys), x=Ref(x), esize=esize(site, x), count=len(ys), outer=outer,
+                    chunk=tuple(site.shape(y)[axis] * inner for y in ys))
+
 
 def slice_index(shape, starts, ends, axes=None, steps=None):
     axes = axes if axes is not None else tuple(range(len(starts)))
@@ -144,9 +178,24 @@ def slice_index(shape, starts, ends, axes=None, steps=None):
     return tuple(index)
 
 
+def _slice_walk(site: Site, shape) -> tuple[int, tuple, tuple]:
+    """(element offset, output shape, strides) of the slice of a dense tensor of ``shape``."""
+    index = slice_index(shape, site.attr("starts"), site.attr("ends"), site.attr("axes"), site.attr("steps"))
+    own = contiguous_strides(shape)
+    offset, lengths, strides = 0, [], []
+    for sl, n, st in zip(index, shape, own):
+        start, stop, step = sl.indices(n)
+        count = len(range(start, stop, step))
+        offset += start * st if count else 0
+        lengths.append(count)
+        strides.append(step * st)
+    return offset, tuple(lengths), tuple(strides)
+
+
 class Slice(Op):
     name = "Slice"
     kind = "data"
+    c_call = "ef_slice(${y}, ${x}, ${esize}, ${offset}, ${rank}, ${shape}, ${sx})"
 
     def infer(self, x, *, starts, ends, axes=None, steps=None):
         return np.empty(x, dtype=np.uint8)[slice_index(x, starts, ends, axes, steps)].shape
@@ -161,12 +210,20 @@ class Slice(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        offset, lengths, strides = _slice_walk(site, site.shape(x))
+        if lengths != site.shape(y):
+            raise site.error(f"slice of {site.shape(x)} is {lengths}, the output is {site.shape(y)}")
+        return gather_copy_args(site, x, y, strides, offset)
+
 
 class SliceGrad(Op):
     """Scatter dy into zeros of the sliced input's shape."""
     name = "SliceGrad"
     kind = "data"
     backward_only = True
+    c_call = "ef_slice_grad(${dx}, ${dy}, ${esize}, ${n_dx}, ${offset}, ${rank}, ${shape}, ${sdx})"
 
     def infer(self, dy, *, shape, starts, ends, axes=None, steps=None):
         return tuple(shape)
@@ -179,14 +236,34 @@ class SliceGrad(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        dy, dx = site.input(0), site.outputs[0]
+        full = tuple(int(d) for d in site.attr("shape"))
+        offset, lengths, strides = _slice_walk(site, full)
+        if lengths != site.shape(dy):
+            raise site.error(f"slice of {full} is {lengths}, dy is {site.shape(dy)}")
+        shape, _, sdx = coalesce(lengths, contiguous_strides(lengths), strides)
+        return dict(dx=Ref(dx), dy=Ref(dy), esize=esize(site, dy), n_dx=size(full), offset=offset, rank=len(shape),
+                    shape=shape, sdx=sdx)
+
 
 def _axes(rank, axes):
     return tuple(range(rank)) if axes is None or len(axes) == 0 else tuple(norm_axis(a, rank) for a in axes)
 
 
+def _reduce_args(site: Site) -> dict:
+    x, y = site.input(0), site.outputs[0]
+    xs = site.shape(x)
+    axes = _axes(len(xs), site.attr("axes"))
+    site.attr("keepdims")  # keepdims changes the shape, not the layout
+    kept = tuple(1 if i in axes else d for i, d in enumerate(xs))
+    return reduce_into_args(site, x, y, kept)
+
+
 class ReduceMean(Op):
     name = "ReduceMean"
     kind = "reduction"
+    c_call = "ef_reduce_mean(${y}, ${x}, ${ny}, ${rank}, ${shape}, ${sy}, ${count})"
 
     def infer(self, x, *, axes=None, keepdims=1):
         axes = _axes(len(x), axes)
@@ -206,10 +283,15 @@ class ReduceMean(Op):
     def flops(self, out_shapes, x, **attrs):
         return size(x)
 
+    def c_args(self, site: Site):
+        xs = site.shape(site.input(0))
+        return dict(_reduce_args(site), count=size([xs[a] for a in _axes(len(xs), site.attr("axes"))]))
+
 
 class ReduceSum(Op):
     name = "ReduceSum"
     kind = "reduction"
+    c_call = "ef_reduce_sum(${y}, ${x}, ${ny}, ${rank}, ${shape}, ${sy})"
 
     def infer(self, x, *, axes=None, keepdims=1):
         return ReduceMean.infer(self, x, axes=axes, keepdims=keepdims)
@@ -226,12 +308,16 @@ class ReduceSum(Op):
     def flops(self, out_shapes, x, **attrs):
         return size(x)
 
+    def c_args(self, site: Site):
+        return _reduce_args(site)
+
 
 class ReduceSumTo(Op):
     """Sum a broadcast result back down to ``shape`` (the one place where gradients are un-broadcast)."""
     name = "ReduceSumTo"
     kind = "reduction"
     backward_only = True
+    c_call = "ef_reduce_sum_to(${y}, ${x}, ${ny}, ${rank}, ${shape}, ${sy})"
 
     def infer(self, x, *, shape):
         if tuple(np.broadcast_shapes(x, tuple(shape))) != tuple(x):
@@ -246,10 +332,14 @@ class ReduceSumTo(Op):
     def flops(self, out_shapes, x, **attrs):
         return size(x)
 
+    def c_args(self, site: Site):
+        return reduce_into_args(site, site.input(0), site.outputs[0], tuple(int(d) for d in site.attr("shape")))
+
 
 class Expand(Op):
     name = "Expand"
     kind = "data"
+    c_call = "ef_expand(${y}, ${x}, ${esize}, ${rank}, ${shape}, ${sx})"
 
     def infer(self, x, *, shape):
         return tuple(np.broadcast_shapes(x, tuple(shape)))
@@ -263,11 +353,16 @@ class Expand(Op):
     def flops(self, out_shapes, *in_shapes, **attrs):
         return 0
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        return gather_copy_args(site, x, y, broadcast_strides(site.shape(x), site.shape(y)))
+
 
 # ---- ops that only appear in shape arithmetic; the frontend folds them away at compile time ----------
 class Shape(Op):
     name = "Shape"
     kind = "data"
+    c_call = "ef_shape(${y}, ${n}, ${dims})"
 
     def infer(self, x, *, start=0, end=None):
         return (len(range(len(x))[start:end]),)
@@ -278,10 +373,18 @@ class Shape(Op):
     def forward(self, x, *, start=0, end=None):
         return np.array(x.shape[start:end], np.int64)
 
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        site.require("int64", y)
+        dims = site.shape(x)[site.attr("start"):site.attr("end")]
+        return dict(y=Ref(y), n=len(dims), dims=tuple(dims) or (0,))
+
 
 class Gather(Op):
     name = "Gather"
     kind = "data"
+    c_call = ("ef_gather(${y}, ${data}, ${indices}, ${esize}, ${idx64}, ${outer}, ${axis_len}, ${inner}, "
+              "${nidx})")
 
     def infer(self, data, indices, *, axis=0):
         axis = norm_axis(axis, len(data))
@@ -290,11 +393,22 @@ class Gather(Op):
     def forward(self, data, indices, *, axis=0):
         return np.take(data, indices, axis=axis)
 
+    def c_args(self, site: Site):
+        data, indices, y = site.input(0), site.input(1), site.outputs[0]
+        if site.dtype(indices) not in ("int64", "int32"):
+            raise site.error(f"indices {indices!r} must be int64 or int32, not {site.dtype(indices)}")
+        shape = site.shape(data)
+        outer, axis_len, inner = split_at(shape, norm_axis(int(site.attr("axis")), len(shape)))
+        return dict(y=Ref(y), data=Ref(data), indices=Ref(indices), esize=esize(site, data),
+                    idx64=int(site.dtype(indices) == "int64"), outer=outer, axis_len=axis_len, inner=inner,
+                    nidx=size(site.shape(indices)))
+
 
 class Unsqueeze(Op):
     name = "Unsqueeze"
     kind = "data"
     view = True
+    c_call = ""
 
     def infer(self, x, *, axes):
         rank = len(x) + len(axes)
@@ -318,6 +432,7 @@ class Squeeze(Op):
     name = "Squeeze"
     kind = "data"
     view = True
+    c_call = ""
 
     def infer(self, x, *, axes=None):
         axes = tuple(i for i, d in enumerate(x) if d == 1) if axes is None else \
@@ -340,6 +455,7 @@ ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 11: "float64"}
 class Cast(Op):
     name = "Cast"
     kind = "data"
+    c_call = "ef_cast(${y}, ${y_dtype}, ${x}, ${x_dtype}, ${n})"
 
     def infer(self, x, *, to):
         return x
@@ -354,3 +470,8 @@ class Cast(Op):
 
     def gradient(self, g, x, y, dy, *, to):
         return (dy[0],)
+
+    def c_args(self, site: Site):
+        x, y = site.input(0), site.outputs[0]
+        return dict(y=Ref(y), y_dtype=dtype_code(site, y), x=Ref(x), x_dtype=dtype_code(site, x),
+                    n=site.same_size(x, y))

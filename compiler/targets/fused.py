@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from compiler.ops import get_op
+from compiler.ops import get_op, ops_where
 from compiler.ops.linear import lora_dims
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
@@ -27,7 +27,7 @@ from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwi
 from compiler.targets.spec import Target
 
 WORD = 4
-FUSED_OPS = ("LoraLinear", "LoraLinearGrad")
+FUSED_OPS = ops_where(lambda op: op.cost == "fused")  # LoraLinear, LoraLinearGrad
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from compiler.ops import get_op
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
                                    dma_cycles, pipeline_cycles, redmule_job_cycles, split)
-from compiler.targets.fused import FUSED_OPS, cost_fused
+from compiler.targets.fused import cost_fused
 from compiler.targets.spec import Target
-from compiler.targets.views import GEMM_OPS, GemmView, Operand, gemm_view
+from compiler.targets.views import GemmView, Operand, gemm_view
 
 WORD_BYTES = 4           # FP32 training numerics
 RESIDENT_FRACTION = 16   # a small broadcast operand (<= 1/16 of the tile space) stays in L1 for the whole step
@@ -28,11 +28,11 @@ def cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str
     """``cache``: shared by the steps of one program on one target; GEMMs of equal shape and placement (the
     layers of a transformer) are tiled once."""
     op = get_op(step.op)
-    if op.view:
+    if op.cost == "none":
         return StepCost(step.name, step.op, op.kind, "none", 0)
-    if step.op in FUSED_OPS:
+    if op.cost == "fused":
         return cost_fused(step, tensors, levels, target)
-    if step.op in GEMM_OPS:
+    if op.cost == "gemm":
         view = gemm_view(step, tensors, levels)
         if cache is None:
             return _best_gemm(step, view, target)

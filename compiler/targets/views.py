@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from compiler.ops import ops_where
 from compiler.ops._util import size
 from compiler.ops.conv import Window
 from compiler.ops.linear import gemm_dims
 from compiler.program import Step, TensorInfo
 
-GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvGradInput", "ConvGradWeight")
+GEMM_OPS = ops_where(lambda op: op.cost == "gemm")  # MatMul, Gemm, Conv and its gradients
 
 
 @dataclass(frozen=True)

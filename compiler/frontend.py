@@ -1,5 +1,10 @@
 """ONNX → IR: read and check the model, fix the batch dimension, turn ONNX's constant inputs into
-attributes, fold constants, infer every shape through the op registry, and fuse torch's Erf-GELU."""
+attributes, fold constants, infer every shape through the op registry, and fuse torch's Erf-GELU.
+
+Once the batch is fixed, every shape is static, so the exporters' shape subgraphs (Shape, ConstantOfShape,
+Equal, Where, Mod, Range, Gather on shapes, ...) read only constants: a node whose inputs are all constants is
+evaluated at import (ops the registry lacks by ONNX's reference implementation) and never reaches the registry.
+An op that is neither foldable nor registered is one error naming the node, the op and its PyTorch module."""
 from __future__ import annotations
 
 import os
@@ -8,8 +13,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.reference.ops import load_op
+
 
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
+from compiler.names import module_path, recover_names
 from compiler.ops import REGISTRY, get_op
 
 ONNX_TO_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
@@ -43,18 +51,15 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 def layer_of(node: onnx.NodeProto, weight_names: list[str]) -> str:
     """The model layer a node belongs to: the prefix of its ``<layer>.weight``/``.bias`` initializer, else
-    its name with torch's '/a/b/OpType' form folded to 'a.b' and zoo's '<layer>/<detail>' cut at '/'."""
+    the PyTorch module it came from (``names.module_path``), else zoo's '<layer>/<detail>' name cut at '/'."""
     for w in weight_names:
         for suffix in (".weight", ".bias"):
             if w.endswith(suffix):
                 return w[: -len(suffix)]
-    name = node.name or ""
-    if name.startswith("/"):
-        parts = [p for p in name.strip("/").split("/") if p]
-        if parts and parts[-1].split("_")[0] == node.op_type:
-            parts = parts[:-1]
-        return ".".join(parts)
-    return name.split("/")[0]
+    path = module_path(node)
+    if path or (node.name or "").startswith("/") or node.metadata_props:
+        return path
+    return (node.name or "").split("/")[0]
 
 
 class _Importer:
@@ -72,6 +77,7 @@ class _Importer:
             self._constant(init.name, numpy_helper.to_array(init), weight=True)
         init_names = {i.name for i in graph.initializer}
         self.inputs = [i for i in graph.input if i.name not in init_names]
+        self.rebatched: dict[str, tuple[int, ...]] = {}  # input -> its exported shape, when its batch was fixed
         for inp in self.inputs:
             self._input(inp)
 
@@ -92,10 +98,13 @@ class _Importer:
                                f"{onnx.TensorProto.DataType.Name(ttype.elem_type)}")
         shape = []
         for axis, dim in enumerate(ttype.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                shape.append(dim.dim_value)
-            elif axis == 0:
+            if axis == 0:
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != self.batch:
+                    self.rebatched[info.name] = tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                      for d in ttype.shape.dim)
                 shape.append(self.batch)
+            elif dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
             else:
                 label = dim.dim_param or "?"
                 raise CompileError(f"input {info.name!r} has an unknown dimension {label!r} at axis {axis}; "
@@ -117,14 +126,29 @@ class _Importer:
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def run(self) -> Graph:
-        for node in self.model.graph.node:
-            self.import_node(node)
+        try:
+            for node in self.model.graph.node:
+                self.import_node(node)
+        except CompileError as exc:
+            if self.rebatched:
+                raise CompileError(f"{self._fixed_batch()}: re-batching fails ({exc})") from None
+            raise
         outputs = tuple(o.name for o in self.model.graph.output)
         for name in outputs:
             if name not in self.tensors:
                 raise CompileError(f"graph output {name!r} is never computed")
+            shape = self.tensors[name].shape
+            if self.rebatched and (not shape or shape[0] != self.batch):
+                raise CompileError(f"{self._fixed_batch()}: re-batched, output {name!r} has shape {shape}, not "
+                                   f"batch {self.batch} first")
         return Graph(self.tensors, tuple(self.nodes), tuple(i.name for i in self.inputs), outputs,
-                     self.values, self.model.graph.name or "model")
+                     self.values, self.model.graph.name or "model",
+                     {"rebatched": {k: list(v) for k, v in self.rebatched.items()}})
+
+    def _fixed_batch(self) -> str:
+        name, shape = next(iter(self.rebatched.items()))
+        return (f"input {name!r} was exported with a fixed batch (shape {shape}) and the model does not run at "
+                f"batch {self.batch}; export it with a dynamic batch axis or compile with --batch {shape[0]}")
 
     def import_node(self, node: onnx.NodeProto) -> None:
         attrs = {a.name: _attr(a) for a in node.attribute}
@@ -134,14 +158,30 @@ class _Importer:
         if node.op_type == "Constant":
             self._constant(node.output[0], _constant_value(node, attrs))
             return
+        if node.op_type not in REGISTRY and all(self.is_const(i) for i in node.input if i):
+            self.fold(node)
+            return
         rewrite = REWRITES.get(node.op_type)
         op_type, inputs, attrs = rewrite(self, node, attrs) if rewrite else (node.op_type, list(node.input), attrs)
         if op_type is None:  # folded away entirely (e.g. BatchNormalization → Mul/Add emitted by the rewrite)
             return
         if op_type not in REGISTRY:
-            raise CompileError(f"unsupported op {node.op_type!r} at node {node.name!r}; "
-                               f"supported: {', '.join(sorted(supported_onnx_ops()))}")
+            raise CompileError(unsupported_message(node))
         self.add(op_type, inputs, list(node.output), attrs, node)
+
+    def fold(self, node: onnx.NodeProto) -> None:
+        """Evaluate a node whose inputs are all constants with ONNX's reference implementation."""
+        try:
+            op = load_op(node.domain or "", node.op_type, self.opset)(node, _REFERENCE_PARAMS)
+            results = op.run(*(self.values[i] if i else None for i in node.input))
+        except Exception as exc:  # the reference raises whatever its numpy code raises
+            if not _is_reference_op(node.op_type, self.opset):
+                raise CompileError(unsupported_message(node)) from None
+            raise CompileError(f"node {node.name!r} ({node.op_type}): cannot fold it at compile time "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        for out, value in zip(node.output, results if isinstance(results, tuple) else (results,)):
+            if out:
+                self._constant(out, np.asarray(value))
 
     def add(self, op_type: str, inputs: list[str], outputs: list[str], attrs: dict[str, Any],
             node: onnx.NodeProto, name: str | None = None) -> None:
@@ -175,6 +215,25 @@ class _Importer:
         weights = [i for i in inputs if i in self.values and self.tensors[i].role == Role.FROZEN]
         self.nodes.append(Node(self.node_names(name or node.name or op_type), op_type, tuple(inputs),
                                tuple(outputs), attrs, "forward", layer_of(node, weights)))
+
+
+_REFERENCE_PARAMS = {"log": lambda *args: None, "opsets": {"": 21}, "verbose": 0, "new_ops": None,
+                     "evaluator_cls": None}
+
+
+def _is_reference_op(op_type: str, opset: int) -> bool:
+    try:
+        load_op("", op_type, opset)
+        return True
+    except Exception:  # noqa: BLE001 - onnx raises several types for unknown ops
+        return False
+
+
+def unsupported_message(node: onnx.NodeProto) -> str:
+    module = module_path(node)
+    origin = f"PyTorch module {module!r}" if module else "no PyTorch module recorded"
+    return (f"node {node.name!r}: op {node.op_type!r} ({origin}) is not supported; the supported ops are "
+            "listed in docs/ops.md")
 
 
 def _attr(a: onnx.AttributeProto) -> Any:
@@ -246,6 +305,16 @@ def _axes_input(op_type):
     return rewrite
 
 
+def _clip(imp, node, attrs):
+    """Clip's bounds are inputs from opset 11 on (attributes before); absent ones stay at ±FLT_MAX."""
+    new = dict(attrs)
+    for index, key in ((1, "min"), (2, "max")):
+        value = imp.const_value(node, index, key)
+        if value is not None:
+            new[key] = float(np.asarray(value).reshape(()))
+    return "Clip", [node.input[0]], new
+
+
 def _expand(imp, node, attrs):
     return "Expand", [node.input[0]], {"shape": _ints(imp.const_value(node, 1, "shape"))}
 
@@ -288,6 +357,7 @@ REWRITES: dict[str, Rewrite] = {
     "Reshape": _reshape, "Flatten": _flatten, "Slice": _slice, "Split": _split,
     "Squeeze": _axes_input("Squeeze"), "Unsqueeze": _axes_input("Unsqueeze"),
     "ReduceMean": _axes_input("ReduceMean"), "ReduceSum": _axes_input("ReduceSum"),
+    "ReduceMax": _axes_input("ReduceMax"), "Clip": _clip,
     "Expand": _expand, "Dropout": _dropout, "BatchNormalization": _batchnorm, "Softmax": _softmax_legacy,
 }
 
@@ -301,8 +371,10 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto, batch: int) -> Grap
     """Read, check and import an ONNX model with the batch dimension fixed to ``batch``."""
     if batch < 1:
         raise CompileError(f"batch must be >= 1, got {batch}")
-    graph = _Importer(read_model(source), batch).run()
+    model, recovery = recover_names(read_model(source))
+    graph = _Importer(model, batch).run()
     graph = fuse_gelu(graph).pruned(keep=graph.outputs)
+    graph = graph.replace(origin={**graph.origin, **recovery.to_dict()})
     graph.check()
     return graph
 

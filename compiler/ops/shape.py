@@ -312,6 +312,33 @@ class ReduceSum(Op):
         return _reduce_args(site)
 
 
+class ReduceMax(Op):
+    name = "ReduceMax"
+    kind = "reduction"
+    c_call = "ef_reduce_max(${y}, ${x}, ${ny}, ${rank}, ${shape}, ${sy})"
+
+    def infer(self, x, *, axes=None, keepdims=1):
+        return ReduceMean.infer(self, x, axes=axes, keepdims=keepdims)
+
+    def forward(self, x, *, axes=None, keepdims=1):
+        return np.max(x, axis=_axes(x.ndim, axes), keepdims=bool(keepdims))
+
+    def gradient(self, g, x, y, dy, *, axes=None, keepdims=1):
+        """dy spread evenly over the positions holding the maximum (PyTorch's amax rule for ties)."""
+        shape = g.shape(x[0])
+        axes = _axes(len(shape), axes)
+        kept = tuple(1 if i in axes else d for i, d in enumerate(shape))
+        mask = g.emit("EqualMask", [x[0], g.reshape(y[0], kept)])
+        count = g.emit("ReduceSum", [mask], axes=axes, keepdims=1)
+        return (g.emit("Mul", [mask, g.emit("Div", [g.reshape(dy[0], kept), count])]),)
+
+    def flops(self, out_shapes, x, **attrs):
+        return size(x)
+
+    def c_args(self, site: Site):
+        return _reduce_args(site)
+
+
 class ReduceSumTo(Op):
     """Sum a broadcast result back down to ``shape`` (the one place where gradients are un-broadcast)."""
     name = "ReduceSumTo"
@@ -393,6 +420,12 @@ class Gather(Op):
     def forward(self, data, indices, *, axis=0):
         return np.take(data, indices, axis=axis)
 
+    def gradient(self, g, x, y, dy, *, axis=0):  # scatter-add dy back to the rows it was read from
+        return g.emit("GatherGrad", [dy[0], x[1]], shape=g.shape(x[0]), axis=axis), None
+
+    def flops(self, out_shapes, *in_shapes, **attrs):
+        return 0
+
     def c_args(self, site: Site):
         data, indices, y = site.input(0), site.input(1), site.outputs[0]
         if site.dtype(indices) not in ("int64", "int32"):
@@ -402,6 +435,74 @@ class Gather(Op):
         return dict(y=Ref(y), data=Ref(data), indices=Ref(indices), esize=esize(site, data),
                     idx64=int(site.dtype(indices) == "int64"), outer=outer, axis_len=axis_len, inner=inner,
                     nidx=size(site.shape(indices)))
+
+
+class GatherGrad(Op):
+    """dData from (dY, indices): zeros of the data's shape with every dY row added at the index it was read
+    from (repeated indices accumulate)."""
+    name = "GatherGrad"
+    kind = "data"
+    backward_only = True
+    c_call = "ef_gather_grad(${dx}, ${dy}, ${indices}, ${idx64}, ${outer}, ${axis_len}, ${inner}, ${nidx})"
+
+    def infer(self, dy, indices, *, shape, axis=0):
+        return tuple(shape)
+
+    def forward(self, dy, indices, *, shape, axis=0):
+        axis = norm_axis(axis, len(shape))
+        dx = np.zeros(shape, dy.dtype)
+        idx = np.where(indices < 0, indices + shape[axis], indices).reshape(-1)
+        rows = dy.reshape(*shape[:axis], idx.size, *shape[axis + 1:])
+        np.add.at(dx, (slice(None),) * axis + (idx,), rows)
+        return dx
+
+    def flops(self, out_shapes, dy, *rest, **attrs):
+        return size(dy)
+
+    def c_args(self, site: Site):
+        dy, indices, dx = site.input(0), site.input(1), site.outputs[0]
+        site.require("float32", dy, dx)
+        if site.dtype(indices) not in ("int64", "int32"):
+            raise site.error(f"indices {indices!r} must be int64 or int32, not {site.dtype(indices)}")
+        shape = tuple(site.attr("shape"))
+        outer, axis_len, inner = split_at(shape, norm_axis(int(site.attr("axis")), len(shape)))
+        return dict(dx=Ref(dx), dy=Ref(dy), indices=Ref(indices), idx64=int(site.dtype(indices) == "int64"),
+                    outer=outer, axis_len=axis_len, inner=inner, nidx=size(site.shape(indices)))
+
+
+class Where(Op):
+    """y = a where cond else b, broadcasting; the condition is a constant (a mask known at compile time)."""
+    name = "Where"
+    c_call = "ef_where(${y}, ${cond}, ${a}, ${b}, ${rank}, ${shape}, ${sc}, ${sa}, ${sb})"
+
+    def infer(self, cond, a, b):
+        return tuple(np.broadcast_shapes(cond, a, b))
+
+    def out_dtypes(self, dtypes):
+        return dtypes[1]
+
+    def forward(self, cond, a, b):
+        return np.where(cond, a, b).astype(np.result_type(a, b), copy=False)
+
+    def gradient(self, g, x, y, dy):
+        if g.needs(x[0]):
+            raise CompileError("Where: the condition cannot be trained")
+        zero = g.const(0.0, "zero", g.dtype(dy[0]))
+        da = g.emit("Where", [x[0], dy[0], zero]) if g.needs(x[1]) else None
+        db = g.emit("Where", [x[0], zero, dy[0]]) if g.needs(x[2]) else None
+        return None, da, db
+
+    def c_args(self, site: Site):
+        cond, a, b, y = site.input(0), site.input(1), site.input(2), site.outputs[0]
+        site.require("float32", a, b, y)
+        site.require("bool", cond)
+        out = site.shape(y)
+        try:
+            shape, _, sc, sa, sb = coalesce(out, contiguous_strides(out), *(broadcast_strides(site.shape(t), out)
+                                                                            for t in (cond, a, b)))
+        except ValueError as exc:
+            raise site.error(str(exc)) from None
+        return dict(y=Ref(y), cond=Ref(cond), a=Ref(a), b=Ref(b), rank=len(shape), shape=shape, sc=sc, sa=sa, sb=sb)
 
 
 class Unsqueeze(Op):

@@ -149,6 +149,26 @@ def _lora_cases() -> dict[str, list[KCase]]:
     return {"LoraLinear": fwd, "LoraLinearGrad": grad}
 
 
+def spread(*shape: int) -> Make:
+    """Values from -25 to 25: every piece of a piecewise activation (and Softplus's threshold)."""
+    return lambda rng: (np.linspace(-25, 25, int(np.prod(shape))) + rng.uniform(-0.1, 0.1, shape).reshape(-1)
+                        ).reshape(shape).astype(np.float32)
+
+
+ACTIVATIONS = [  # (op, attrs): forward and backward cases each
+    ("Clip", dict(min=0.0, max=6.0)), ("Clip", dict(min=-0.5)), ("LeakyRelu", dict(alpha=0.1)),
+    ("HardSigmoid", dict(alpha=1 / 6, beta=0.5)), ("HardSwish", {}), ("Elu", dict(alpha=0.7)), ("Softplus", {}),
+]
+
+
+def _activation_cases() -> dict[str, list[KCase]]:
+    out: dict[str, list[KCase]] = {}
+    for op, attrs in ACTIVATIONS:
+        out.setdefault(op, []).append(KCase((spread(4, 25),), attrs, str(attrs)))
+        out.setdefault(op + "Grad", []).append(KCase((spread(4, 25), normal(4, 25)), attrs, str(attrs)))
+    return out
+
+
 def _window_attrs(attrs: dict) -> dict:
     return {k_: v for k_, v in attrs.items() if k_ != "kernel_shape"}
 
@@ -222,6 +242,12 @@ CASES: dict[str, list[KCase]] = {
     "TanhGrad": [k(unit(3, 7), (3, 7))],
     "ErfGrad": [k((3, 7), (3, 7))],
     "GeluGrad": [k((3, 7), (3, 7)), k((3, 7), (3, 7), approximate="tanh", id="tanh")],
+    **_activation_cases(),
+    "PRelu": [k((2, 3, 4, 4), (3, 1, 1)), k((3, 5), (5,), id="row")],
+    "EqualMask": [k(fixed(np.array([[1, 3, 3, 0], [2, 2, 2, -1]], np.float32)),
+                    fixed(np.array([[3], [2]], np.float32)), id="ties"), k((3, 4), (3, 4), id="no ties")],
+    "Where": [k(fixed(np.array([[True, False, True, False]] * 3)), (3, 4), (3, 4)),
+              k(fixed(np.array([True, False, True, True])), (2, 3, 4), (1,), id="broadcast")],
     # GEMM
     "Gemm": [k((3, 5), (5, 4)), k((3, 5), (5, 4), (4,), id="bias row"),
              k((3, 5), (4, 5), (3, 1), transB=1, id="transB bias column"),
@@ -256,9 +282,13 @@ CASES: dict[str, list[KCase]] = {
     "Gather": [k((4, 3), fixed(np.array([3, 0, 3], np.int64)), axis=0),
                k((4, 3), fixed(np.array([[1], [2]], np.int64)), axis=1, id="axis 1"),
                k((4, 3), fixed(np.array([-1, 1], np.int32)), id="int32 negative")],
+    "GatherGrad": [k((3, 3), fixed(np.array([3, 0, 3], np.int64)), shape=(4, 3), axis=0, id="repeated"),
+                   k((2, 1, 3), fixed(np.array(0, np.int64)), shape=(2, 5, 3), axis=1, id="class token"),
+                   k((4, 2), fixed(np.array([-1, 1], np.int32)), shape=(4, 3), axis=1, id="int32 negative")],
     # reductions
     "ReduceSum": [k((2, 3, 4), axes=(1,)), k((2, 3, 4), axes=(0, -1), keepdims=0, id="drop"), k((2, 3), id="all"),
                   k((4, 8, 5, 5), axes=(0, 2, 3), keepdims=0, id="conv bias")],
+    "ReduceMax": [k((2, 3, 4), axes=(1,)), k((2, 3, 4), axes=(0, -1), keepdims=0, id="drop"), k((2, 3), id="all")],
     "ReduceMean": [k((2, 3, 4), axes=(1,)), k((2, 3, 4), axes=(0, -1), keepdims=0, id="drop"), k((2, 3), id="all")],
     "ReduceSumTo": [k((2, 3, 4), shape=(3, 1)), k((2, 3, 4), shape=(4,), id="bias"), k((2, 3, 4), shape=(1, 3, 1)),
                     k((2, 3, 4), shape=(2, 3, 4), id="same"), k((64, 32), shape=(32,), id="rows")],

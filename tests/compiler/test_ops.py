@@ -94,6 +94,19 @@ CASES: dict[str, list[Case]] = {
     "Sqrt": [case(pos(3, 4))],
     "Exp": [case((3, 4))],
     "Pow": [case(pos(3, 4), fixed(3.0)), case(pos(3, 4), fixed(0.5), id="sqrt")],
+    "Clip": [case((3, 4), min=-0.5, max=0.5), case((3, 4), min=0.0, max=6.0, id="relu6"),
+             case((3, 4), min=0.0, id="min only")],
+    "LeakyRelu": [case((3, 4)), case((3, 4), alpha=0.2, id="alpha")],
+    "HardSigmoid": [case((3, 4)), case(Input((3, 4), "fixed", value=np.linspace(-5, 5, 12).reshape(3, 4) + 0.01),
+                                       alpha=1 / 6, id="torch", grad=False), case((3, 4), alpha=1 / 6, id="torch grad")],
+    "HardSwish": [case(Input((3, 4), "fixed", value=np.linspace(-5, 5, 12).reshape(3, 4) + 0.01), grad=False,
+                       id="all pieces"), case((4, 5))],
+    "Elu": [case((3, 4)), case((3, 4), alpha=0.5, id="alpha")],
+    "Softplus": [case((3, 4)), case(Input((2, 3), "fixed", value=np.array([[-30.0, -1, 0], [1, 19.5, 25]])),
+                                    grad=False, id="thresholds")],
+    "PRelu": [case((2, 3, 4, 4), (3, 1, 1)), case((3, 5), (5,), id="row slope")],
+    "Where": [case(fixed(np.array([[True, False, True, False]] * 3)), (3, 4), (3, 4)),
+              case(fixed(np.array([True, False, True, True])), (2, 3, 4), (1,), id="broadcast")],
     # linear
     "MatMul": [case((3, 4), (4, 5)), case((2, 3, 4), (4, 5), id="batch x 2-D"),
                case((2, 3, 4), (2, 4, 5), id="batched")],
@@ -118,9 +131,12 @@ CASES: dict[str, list[Case]] = {
                    case((2, 3), id="all")],
     "ReduceSum": [case((2, 3, 4), axes=(1,)), case((2, 3, 4), axes=(0, -1), keepdims=0, id="drop"),
                   case((2, 3), id="all")],
+    "ReduceMax": [case((2, 3, 4), axes=(1,)), case((2, 3, 4), axes=(0, -1), keepdims=0, id="drop"),
+                  case((2, 3), id="all")],
     "Expand": [case((3, 1), shape=(2, 3, 4))],
     "Shape": [case((2, 3, 4)), case((2, 3, 4), start=-2, end=-1, id="range")],
-    "Gather": [case((4, 3), fixed([3, 0, 3]), axis=0), case((4, 3), fixed([[1], [2]]), axis=1, id="axis 1")],
+    "Gather": [case((4, 3), fixed([3, 0, 3]), axis=0), case((4, 3), fixed([[1], [2]]), axis=1, id="axis 1"),
+               case((2, 5, 3), fixed(0), axis=1, id="class token"), case((3, 2, 4), fixed(-1), axis=0, id="negative")],
     "Unsqueeze": [case((3, 4), axes=(0, -1))],
     "Squeeze": [case((3, 1, 4, 1), axes=(1,)), case((3, 1, 4, 1), id="all")],
     "Cast": [case((3, 4), to=11)],
@@ -180,8 +196,9 @@ ONNX_NAMES = {"SoftmaxCrossEntropy": "SoftmaxCrossEntropyLoss"}
 ONNX_INPUT_ATTRS = {
     "Reshape": ("shape",), "Expand": ("shape",), "Split": ("split",), "Squeeze": ("axes",),
     "Unsqueeze": ("axes",), "ReduceMean": ("axes",), "ReduceSum": ("axes",),
-    "Slice": ("starts", "ends", "axes", "steps"),
+    "Slice": ("starts", "ends", "axes", "steps"), "Clip": ("min", "max"), "ReduceMax": ("axes",),
 }
+FLOAT_INPUT_ATTRS = {"Clip"}  # the rest are int64
 
 
 # ---- PyTorch references (attributes arrive resolved: every default filled in) ---------------------------
@@ -289,6 +306,18 @@ TORCH = {
     "Sqrt": torch.sqrt,
     "Exp": torch.exp,
     "Pow": torch.pow,
+    "Clip": lambda x, *, min, max: torch.clamp(x, min, max),
+    "LeakyRelu": lambda x, *, alpha: F.leaky_relu(x, alpha),
+    "HardSigmoid": lambda x, *, alpha, beta: torch.clamp(x * alpha + beta, 0, 1),
+    "HardSwish": F.hardswish,
+    "Elu": lambda x, *, alpha: F.elu(x, alpha),
+    "Softplus": F.softplus,
+    "PRelu": lambda x, slope: torch.where(x > 0, x, x * slope),
+    "Where": torch.where,
+    "ReduceMax": lambda x, *, axes, keepdims: torch.amax(x, dim=tuple(axes) if axes else tuple(range(x.dim())),
+                                                          keepdim=bool(keepdims)),
+    "Gather": lambda d, i, *, axis: d.index_select(axis, (i % d.shape[axis]).reshape(-1)).reshape(
+        *d.shape[:axis], *i.shape, *d.shape[axis + 1:]),
     "MatMul": torch.matmul,
     "Gemm": t_gemm,
     "LoraLinear": t_lora_linear,
@@ -458,7 +487,8 @@ def onnx_model(op_name: str, c: Case, values: list[np.ndarray]) -> onnx.ModelPro
         value = attrs.pop(key, None)
         names.append("" if value is None else key)
         if value is not None:
-            initializers.append(numpy_helper.from_array(np.asarray(value, np.int64), key))
+            dtype = np.float32 if op_name in FLOAT_INPUT_ATTRS else np.int64
+            initializers.append(numpy_helper.from_array(np.asarray(value, dtype), key))
     while names[-1] == "":
         names.pop()
     specs = op.output_specs([v.shape for v in values], [str(v.dtype) for v in values], op.resolve_attrs(dict(c.attrs)))
@@ -573,3 +603,13 @@ def test_sgd_matches_torch():
         np.testing.assert_allclose(new[0], p.detach().numpy(), rtol=1e-12)
         if velocity:
             np.testing.assert_allclose(new[1], sgd.state[p]["momentum_buffer"].numpy(), rtol=1e-12)
+
+
+def test_reduce_max_gradient_splits_ties_like_torch_amax():
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, -1.0]])
+    graph = loss_graph("ReduceMax", case((2, 4), axes=(1,)), [x], [np.array([[1.5], [-2.0]])])
+    trained, grads = differentiate(graph, graph.outputs[0], None)
+    env = evaluate(trained, {}, dtype="float64")
+    tx = torch.tensor(x, requires_grad=True)
+    (torch.amax(tx, dim=1, keepdim=True) * torch.tensor([[1.5], [-2.0]], dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(env[grads["x0"]], tx.grad.numpy(), rtol=1e-12)

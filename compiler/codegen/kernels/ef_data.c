@@ -1,5 +1,6 @@
 /* Data-movement kernels (any dtype), reductions, Cast, Shape and Gather. Every N-d walk uses the same
  * odometer: the last axis is the inner loop, the others advance a counter per axis. */
+#include <math.h>
 #include <string.h>
 
 #include "ef_kernels.h"
@@ -158,4 +159,44 @@ void ef_reduce_mean(float *y, const float *x, int ny, int rank, const int *shape
 
 void ef_reduce_sum_to(float *y, const float *x, int ny, int rank, const int *shape, const int *sy) {
     ef_reduce_sum(y, x, ny, rank, shape, sy);
+}
+
+/* Gather's gradient: dx (outer, axis_len, inner) = 0, then each dy row added at the index it was read from. */
+void ef_gather_grad(float *dx, const float *dy, const void *indices, int idx64, int outer, int axis_len,
+                    int inner, int nidx) {
+    memset(dx, 0, sizeof(float) * (size_t)outer * axis_len * inner);
+    for (int o = 0; o < outer; o++) {
+        for (int t = 0; t < nidx; t++) {
+            long i = idx64 ? (long)((const int64_t *)indices)[t] : (long)((const int32_t *)indices)[t];
+            if (i < 0) i += axis_len;
+            float *row = dx + ((size_t)o * axis_len + (size_t)i) * inner;
+            const float *src = dy + ((size_t)o * nidx + (size_t)t) * inner;
+            for (int j = 0; j < inner; j++) row[j] += src[j];
+        }
+    }
+}
+
+/* The odometer over x's N-d index with y's offset Σ i_d·sy_d: calls BODY(i, off) for every element. */
+#define EF_REDUCE_WALK(BODY)                                                                                \
+    do {                                                                                                    \
+        int idx_[EF_MAX_RANK] = {0};                                                                        \
+        long outer_ = 1, off_ = 0, i_ = 0;                                                                  \
+        for (int d = 0; d < rank - 1; d++) outer_ *= shape[d];                                              \
+        for (long o = 0; o < outer_; o++) {                                                                 \
+            for (int j = 0; j < shape[rank - 1]; j++, i_++) {                                               \
+                const long off = off_ + (long)j * sy[rank - 1], i = i_;                                     \
+                BODY;                                                                                       \
+            }                                                                                               \
+            for (int d = rank - 2; d >= 0; d--) {                                                           \
+                off_ += sy[d];                                                                              \
+                if (++idx_[d] < shape[d]) break;                                                            \
+                off_ -= (long)sy[d] * shape[d];                                                             \
+                idx_[d] = 0;                                                                                \
+            }                                                                                               \
+        }                                                                                                   \
+    } while (0)
+
+void ef_reduce_max(float *y, const float *x, int ny, int rank, const int *shape, const int *sy) {
+    for (int k = 0; k < ny; k++) y[k] = -INFINITY;
+    EF_REDUCE_WALK(if (x[i] > y[off]) y[off] = x[i]);
 }

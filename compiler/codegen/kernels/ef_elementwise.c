@@ -117,3 +117,102 @@ void ef_gelu_grad(float *dx, const float *x, const float *dy, int n, int approxi
         dx[i] = dy[i] * d;
     }
 }
+
+/* ---- activations (compiler/ops/activation.py); backward helpers read the forward input x ------------ */
+#define SOFTPLUS_THRESHOLD 20.0f
+
+EF_BINARY(ef_prelu, u > 0.0f ? u : u * v)
+EF_BINARY(ef_equal_mask, u == v ? 1.0f : 0.0f)
+
+void ef_clip(float *y, const float *x, int n, float lo, float hi) {
+    for (int i = 0; i < n; i++) y[i] = x[i] < lo ? lo : (x[i] > hi ? hi : x[i]);
+}
+
+void ef_clip_grad(float *dx, const float *x, const float *dy, int n, float lo, float hi) {
+    for (int i = 0; i < n; i++) dx[i] = (x[i] >= lo && x[i] <= hi) ? dy[i] : 0.0f;
+}
+
+void ef_leaky_relu(float *y, const float *x, int n, float alpha) {
+    for (int i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : x[i] * alpha;
+}
+
+void ef_leaky_relu_grad(float *dx, const float *x, const float *dy, int n, float alpha) {
+    for (int i = 0; i < n; i++) dx[i] = x[i] > 0.0f ? dy[i] : dy[i] * alpha;
+}
+
+void ef_hard_sigmoid(float *y, const float *x, int n, float alpha, float beta) {
+    for (int i = 0; i < n; i++) {
+        const float v = x[i] * alpha + beta;
+        y[i] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
+    }
+}
+
+void ef_hard_sigmoid_grad(float *dx, const float *x, const float *dy, int n, float alpha, float beta) {
+    for (int i = 0; i < n; i++) {
+        const float v = x[i] * alpha + beta;
+        dx[i] = (v > 0.0f && v < 1.0f) ? dy[i] * alpha : 0.0f;
+    }
+}
+
+void ef_hard_swish(float *y, const float *x, int n) {
+    for (int i = 0; i < n; i++) {
+        const float v = x[i] / 6.0f + 0.5f;
+        y[i] = x[i] * (v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v));
+    }
+}
+
+void ef_hard_swish_grad(float *dx, const float *x, const float *dy, int n) {
+    for (int i = 0; i < n; i++) {
+        const float v = x[i];
+        dx[i] = v < -3.0f ? 0.0f : (v <= 3.0f ? dy[i] * (v / 3.0f + 0.5f) : dy[i]);
+    }
+}
+
+void ef_elu(float *y, const float *x, int n, float alpha) {
+    for (int i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : alpha * expm1f(x[i]);
+}
+
+void ef_elu_grad(float *dx, const float *x, const float *dy, int n, float alpha) {
+    for (int i = 0; i < n; i++) dx[i] = x[i] > 0.0f ? dy[i] : dy[i] * alpha * expf(x[i]);
+}
+
+void ef_softplus(float *y, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] = x[i] > SOFTPLUS_THRESHOLD ? x[i] : log1pf(expf(x[i]));
+}
+
+void ef_softplus_grad(float *dx, const float *x, const float *dy, int n) {
+    for (int i = 0; i < n; i++) {
+        if (x[i] > SOFTPLUS_THRESHOLD) {
+            dx[i] = dy[i];
+        } else {
+            const float z = expf(x[i]);
+            dx[i] = dy[i] * z / (z + 1.0f);
+        }
+    }
+}
+
+/* y[i] = cond[i·sc] ? a[i·sa] : b[i·sb] over an N-d index (cond is bool, one byte per element). */
+void ef_where(float *y, const uint8_t *cond, const float *a, const float *b, int rank, const int *shape,
+              const int *sc, const int *sa, const int *sb) {
+    int idx[EF_MAX_RANK] = {0};
+    const int inner = shape[rank - 1];
+    long outer = 1, offc = 0, offa = 0, offb = 0;
+    for (int d = 0; d < rank - 1; d++) outer *= shape[d];
+    for (long o = 0; o < outer; o++) {
+        float *py = y + o * inner;
+        for (int j = 0; j < inner; j++) {
+            py[j] = cond[offc + (long)j * sc[rank - 1]] ? a[offa + (long)j * sa[rank - 1]]
+                                                        : b[offb + (long)j * sb[rank - 1]];
+        }
+        for (int d = rank - 2; d >= 0; d--) {
+            offc += sc[d];
+            offa += sa[d];
+            offb += sb[d];
+            if (++idx[d] < shape[d]) break;
+            offc -= (long)sc[d] * shape[d];
+            offa -= (long)sa[d] * shape[d];
+            offb -= (long)sb[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+}

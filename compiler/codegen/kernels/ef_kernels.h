@@ -39,6 +39,12 @@ void ef_sub(float *y, const float *a, const float *b, int rank, const int *shape
 void ef_mul(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
 void ef_div(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
 void ef_pow(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_prelu(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa, const int *sb);
+void ef_equal_mask(float *y, const float *a, const float *b, int rank, const int *shape, const int *sa,
+                   const int *sb);
+/* y[i] = cond[i·sc] ? a[i·sa] : b[i·sb] (cond: bool, one byte per element) */
+void ef_where(float *y, const uint8_t *cond, const float *a, const float *b, int rank, const int *shape,
+              const int *sc, const int *sa, const int *sb);
 
 /* ---- elementwise, unary (n elements) ------------------------------------------------------------------- */
 void ef_neg(float *y, const float *x, int n);
@@ -49,6 +55,12 @@ void ef_erf(float *y, const float *x, int n);
 void ef_sqrt(float *y, const float *x, int n);
 void ef_exp(float *y, const float *x, int n);
 void ef_gelu(float *y, const float *x, int n, int approximate_tanh);
+void ef_clip(float *y, const float *x, int n, float lo, float hi);
+void ef_leaky_relu(float *y, const float *x, int n, float alpha);
+void ef_hard_sigmoid(float *y, const float *x, int n, float alpha, float beta);
+void ef_hard_swish(float *y, const float *x, int n);
+void ef_elu(float *y, const float *x, int n, float alpha);
+void ef_softplus(float *y, const float *x, int n);
 
 /* ---- backward helpers: dx from (y or x, dy), n elements --------------------------------------------- */
 void ef_relu_grad(float *dx, const float *y, const float *dy, int n);
@@ -56,6 +68,12 @@ void ef_sigmoid_grad(float *dx, const float *y, const float *dy, int n);
 void ef_tanh_grad(float *dx, const float *y, const float *dy, int n);
 void ef_erf_grad(float *dx, const float *x, const float *dy, int n);
 void ef_gelu_grad(float *dx, const float *x, const float *dy, int n, int approximate_tanh);
+void ef_clip_grad(float *dx, const float *x, const float *dy, int n, float lo, float hi);
+void ef_leaky_relu_grad(float *dx, const float *x, const float *dy, int n, float alpha);
+void ef_hard_sigmoid_grad(float *dx, const float *x, const float *dy, int n, float alpha, float beta);
+void ef_hard_swish_grad(float *dx, const float *x, const float *dy, int n);
+void ef_elu_grad(float *dx, const float *x, const float *dy, int n, float alpha);
+void ef_softplus_grad(float *dx, const float *x, const float *dy, int n);
 
 /* ---- GEMM ---------------------------------------------------------------------------------------------- */
 /* y (M, N) = alpha·A'·B' + beta·C, A' = transA ? Aᵀ : A (A is (K, M) or (M, K)), likewise B';
@@ -101,9 +119,13 @@ void ef_shape(int64_t *y, int n, const int *dims);
 /* np.take along an axis: data (outer, axis_len, inner) and nidx indices (int64 if idx64, else int32). */
 void ef_gather(void *y, const void *data, const void *indices, int esize, int idx64, int outer, int axis_len,
                int inner, int nidx);
+/* Gather's gradient (float32): dx (outer, axis_len, inner) = 0, each dy row added at its index. */
+void ef_gather_grad(float *dx, const float *dy, const void *indices, int idx64, int outer, int axis_len,
+                    int inner, int nidx);
 
 /* ---- reductions: y (ny elements) = Σ x over an N-d index, y read at strides sy (0 on reduced axes) ----- */
 void ef_reduce_sum(float *y, const float *x, int ny, int rank, const int *shape, const int *sy);
+void ef_reduce_max(float *y, const float *x, int ny, int rank, const int *shape, const int *sy);
 void ef_reduce_mean(float *y, const float *x, int ny, int rank, const int *shape, const int *sy, int count);
 void ef_reduce_sum_to(float *y, const float *x, int ny, int rank, const int *shape, const int *sy);
 

@@ -19,6 +19,7 @@ from onnx.reference.ops import load_op
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
 from compiler.names import module_path, recover_names
 from compiler.ops import REGISTRY, get_op
+from compiler.ops.shape import ONNX_DTYPES
 
 ONNX_TO_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
                  onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -315,6 +316,12 @@ def _clip(imp, node, attrs):
     return "Clip", [node.input[0]], new
 
 
+def _cast_like(imp, node, attrs):
+    """CastLike(x, like) casts to like's dtype, which is static: a Cast (folded when x is a constant)."""
+    codes = {dtype: code for code, dtype in ONNX_DTYPES.items()}
+    return "Cast", [node.input[0]], {"to": codes[imp.tensors[node.input[1]].dtype]}
+
+
 def _expand(imp, node, attrs):
     return "Expand", [node.input[0]], {"shape": _ints(imp.const_value(node, 1, "shape"))}
 
@@ -357,7 +364,7 @@ REWRITES: dict[str, Rewrite] = {
     "Reshape": _reshape, "Flatten": _flatten, "Slice": _slice, "Split": _split,
     "Squeeze": _axes_input("Squeeze"), "Unsqueeze": _axes_input("Unsqueeze"),
     "ReduceMean": _axes_input("ReduceMean"), "ReduceSum": _axes_input("ReduceSum"),
-    "ReduceMax": _axes_input("ReduceMax"), "Clip": _clip,
+    "ReduceMax": _axes_input("ReduceMax"), "Clip": _clip, "CastLike": _cast_like,
     "Expand": _expand, "Dropout": _dropout, "BatchNormalization": _batchnorm, "Softmax": _softmax_legacy,
 }
 
@@ -371,12 +378,51 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto, batch: int) -> Grap
     """Read, check and import an ONNX model with the batch dimension fixed to ``batch``."""
     if batch < 1:
         raise CompileError(f"batch must be >= 1, got {batch}")
-    model, recovery = recover_names(read_model(source))
+    model, recovery = recover_names(fuse_softplus_threshold(read_model(source)))
     graph = _Importer(model, batch).run()
     graph = fuse_gelu(graph).pruned(keep=graph.outputs)
     graph = graph.replace(origin={**graph.origin, **recovery.to_dict()})
     graph.check()
     return graph
+
+
+# ---- ONNX rewrites ---------------------------------------------------------------------------------------
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def fuse_softplus_threshold(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The dynamo exporter writes nn.Softplus as Where(x > 20, x, Softplus(x)); our Softplus has that threshold
+    built in (PyTorch's), so the three nodes become one."""
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producers = {o: n for n in graph.node for o in n.output}
+    drop, renames = set(), {}
+    for node in graph.node:
+        if node.op_type != "Where" or len(node.input) != 3:
+            continue
+        greater, soft = producers.get(node.input[0]), producers.get(node.input[2])
+        if greater is None or soft is None or greater.op_type != "Greater" or soft.op_type != "Softplus":
+            continue
+        x = soft.input[0]
+        threshold = consts.get(greater.input[1])
+        if greater.input[0] != x or node.input[1] != x or threshold is None or threshold.size != 1 \
+                or float(threshold.reshape(-1)[0]) != SOFTPLUS_THRESHOLD:
+            continue
+        drop.update({id(node), id(greater)})
+        renames[soft.output[0]] = node.output[0]
+    if not drop:
+        return model
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    nodes = [n for n in graph.node if id(n) not in drop]
+    del fused.graph.node[:]
+    for n in nodes:
+        copy = fused.graph.node.add()
+        copy.CopyFrom(n)
+        copy.output[:] = [renames.get(o, o) for o in copy.output]
+    return fused
 
 
 # ---- IR rewrites -----------------------------------------------------------------------------------------

@@ -22,35 +22,39 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
 ANONYMOUS = re.compile(r"^(onnx::.*|val_\d+|_val_\d+|.*::.*|/.*)$")
-WEIGHT_READERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+WEIGHT_READERS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "PRelu": 1}
 
 
 @dataclass(frozen=True)
 class NameRecovery:
     renamed: dict[str, str] = field(default_factory=dict)   # exporter's name -> module path name
     untied: dict[str, str] = field(default_factory=dict)    # new tensor -> the merged tensor it was a copy of
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"renamed": dict(self.renamed), "untied": dict(self.untied)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NameRecovery":
-        return cls(dict(data.get("renamed", {})), dict(data.get("untied", {})))
+        return {"renamed": dict(self.renamed), "untied": dict(self.untied), "warnings": list(self.warnings)}
 
 
 def _join_scopes(parts: list[str]) -> str:
-    """'blocks', 'blocks.0', 'mlp' -> 'blocks.0.mlp': a part that already starts with the path so far replaces it."""
+    """Scopes to a module path. Dynamo's are full paths ('features', 'features.0', 'features.0.conv'); TorchScript
+    names a Sequential's child by the Sequential's attribute and the index ('features', 'features.0', 'conv',
+    'conv.0'): a part that extends the path so far, or its last component, replaces it."""
     path = ""
     for part in parts:
         if not part:
             continue
+        head, _, last = path.rpartition(".")
         if path and (part == path or part.startswith(path + ".")):
             path = part
+        elif path and part.startswith(last + "."):
+            path = f"{head}.{part}" if head else part
         else:
             path = f"{path}.{part}" if path else part
     return path
@@ -91,6 +95,7 @@ def recover_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NameRecovery
     inits = {i.name: i for i in graph.initializer}
     recovery = NameRecovery()
     _untie_identities(graph, inits, recovery)
+    _restore_removed_biases(graph, inits, recovery)
     paths = [module_path(n) for n in graph.node]
     _untie_across_modules(graph, inits, paths, recovery)
     _name_anonymous(graph, inits, paths, recovery)
@@ -118,11 +123,36 @@ def _untie_identities(graph: onnx.GraphProto, inits: dict, recovery: NameRecover
         graph.node.extend(keep)
 
 
+def _restore_removed_biases(graph: onnx.GraphProto, inits: dict, recovery: NameRecovery) -> None:
+    """The dynamo exporter's optimizer drops a Gemm bias that is all zeros (a fresh nn.MultiheadAttention's
+    out_proj.bias): the parameter is put back, zeros, so it trains as in PyTorch."""
+    for node in graph.node:
+        rules = [p.value for p in node.metadata_props if p.key == RULE_KEY]
+        if node.op_type != "Gemm" or "RemoveOptionalBiasFromGemm" not in rules or len(node.input) != 2:
+            continue
+        weight = node.input[1]
+        layer, suffix = layer_suffix(weight)
+        if weight not in inits or suffix != "weight" or f"{layer}.bias" in inits:
+            continue
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        dims = tuple(inits[weight].dims)
+        bias = numpy_helper.from_array(np.zeros(dims[0] if trans_b else dims[1], np.float32), f"{layer}.bias")
+        graph.initializer.append(bias)
+        inits[bias.name] = bias
+        node.input.append(bias.name)
+        recovery.renamed[f"(removed by the exporter) {bias.name}"] = bias.name
+
+
 def _untie_across_modules(graph: onnx.GraphProto, inits: dict, paths: list[str], recovery: NameRecovery) -> None:
-    """A named parameter read by nodes of other modules than its own: each other module gets a copy."""
+    """A named parameter read by nodes of two or more modules: each module other than its own gets a copy."""
+    readers: dict[str, set[str]] = {}
+    for node, path in zip(graph.node, paths):
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, set()).add(path)
     for node, path in zip(graph.node, paths):
         for index, name in enumerate(node.input):
-            if name not in inits or ANONYMOUS.match(name) or not path:
+            if name not in inits or ANONYMOUS.match(name) or not path or len(readers[name]) < 2:
                 continue
             layer, suffix = layer_suffix(name)
             if not layer or layer == path or path.startswith(layer + ".") or layer.startswith(path + "."):
@@ -133,6 +163,14 @@ def _untie_across_modules(graph: onnx.GraphProto, inits: dict, paths: list[str],
                 recovery.untied[own] = name
             if recovery.untied.get(own) == name:
                 node.input[index] = own
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2].endswith("weight_bias"):
+            recovery.warnings.append(_folded_bn(path or node.name, node.input[1]))
+
+
+def _folded_bn(layer: str, weight: str) -> str:
+    return (f"the weight of {layer!r} ({weight!r}) is not the PyTorch model's: the exporter folded a BatchNorm into "
+            "it, so training it differs from training the PyTorch model; export with do_constant_folding=False "
+            "(TorchScript) or optimize=False (dynamo)")
 
 
 def _name_anonymous(graph: onnx.GraphProto, inits: dict, paths: list[str], recovery: NameRecovery) -> None:
@@ -158,6 +196,8 @@ def _name_anonymous(graph: onnx.GraphProto, inits: dict, paths: list[str], recov
         if target in inits or target in renames.values():
             continue
         renames[weight] = target
+        if node.op_type == "Conv":
+            recovery.warnings.append(_folded_bn(path, weight))
         if node.op_type == "MatMul":  # an anonymous bias added right after
             for j in consumers.get(node.output[0], []):
                 add = graph.node[j]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
-from compiler.ops import get_op
+from compiler.ops import Op, get_op
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,10 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
             raise CompileError(f"internal: no gradient reaches node {node.name!r}")
         op = get_op(node.op)
         g.layer = node.layer
+        if type(op).gradient is Op.gradient:
+            raise CompileError(f"node {node.name!r} (op {node.op}, layer {node.layer or '(top level)'!r}) has no "
+                               "gradient rule, and a trained parameter lies behind it; freeze what comes before it "
+                               "or see docs/ops.md")
         dxs = op.gradient(g, node.inputs, node.outputs, dys, **node.attrs)
         if len(dxs) != len(node.inputs):
             raise CompileError(f"internal: gradient of {node.op} returned {len(dxs)} values for "

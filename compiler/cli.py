@@ -14,7 +14,7 @@ from compiler.frontend import import_onnx
 from compiler.ir import CompileError
 from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
 from compiler.program import Program
-from compiler.report import format_table
+from compiler.report import format_layers, format_table
 from compiler.sparse_search import DEFAULT_STEPS, TaskData, choose_sparse, parse_bytes
 from compiler.tuning import LoraConfig, TuningSpec
 
@@ -59,6 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--build", action="store_true", help="generate C and build the ELF (needs --target and -o)")
     p.add_argument("-o", "--output", help="write the program artifact (manifest.json, params.npz) here")
     p.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/report.md)")
+    p.add_argument("--list-layers", action="store_true",
+                   help="list every layer (PyTorch module path, op, parameter shapes) and what the strategy does "
+                        "with it: full, partial, lora or frozen")
     p.set_defaults(handler=run)
     return p
 
@@ -155,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if args.build and not (args.target and args.output):
         raise CompileError("--build needs --target and -o DIR")
     program = build_program(args)
+    for warning in program.report.get("warnings", []):
+        print(f"edgefleet: warning: {warning}", file=sys.stderr)
+    if args.list_layers:
+        print(format_layers(program.report["layers"]))
+        return 0
     if args.output:
         program.save(args.output)
         if args.build:

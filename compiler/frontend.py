@@ -13,8 +13,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.reference.ops import load_op
-
 
 from compiler.ir import CompileError, Graph, NameGen, Node, Role, TensorSpec
 from compiler.names import module_path, recover_names
@@ -172,6 +170,7 @@ class _Importer:
 
     def fold(self, node: onnx.NodeProto) -> None:
         """Evaluate a node whose inputs are all constants with ONNX's reference implementation."""
+        from onnx.reference.ops import load_op  # ~0.3 s to import: only models with shape subgraphs pay it
         try:
             op = load_op(node.domain or "", node.op_type, self.opset)(node, _REFERENCE_PARAMS)
             results = op.run(*(self.values[i] if i else None for i in node.input))
@@ -223,6 +222,7 @@ _REFERENCE_PARAMS = {"log": lambda *args: None, "opsets": {"": 21}, "verbose": 0
 
 
 def _is_reference_op(op_type: str, opset: int) -> bool:
+    from onnx.reference.ops import load_op
     try:
         load_op("", op_type, opset)
         return True
@@ -381,7 +381,7 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto, batch: int) -> Grap
     model, recovery = recover_names(fuse_softplus_threshold(read_model(source)))
     graph = _Importer(model, batch).run()
     graph = fuse_gelu(graph).pruned(keep=graph.outputs)
-    graph = graph.replace(origin={**graph.origin, **recovery.to_dict()})
+    graph = graph.replace(notes={**graph.notes, **recovery.to_dict()})
     graph.check()
     return graph
 

@@ -90,7 +90,8 @@ class Graph:
     outputs: tuple[str, ...]          # what the graph produces (logits, loss)
     values: Mapping[str, np.ndarray]  # initial values of persistent tensors
     name: str = "model"
-    origin: Mapping[str, Any] = field(default_factory=dict)  # what import did to the model (names, batch)
+    notes: Mapping[str, Any] = field(default_factory=dict)  # what passes report: names recovered at import,
+                                                            # LoRA targets chosen, warnings
 
     def replace(self, **changes: Any) -> "Graph":
         return dataclasses.replace(self, **changes)

@@ -20,7 +20,7 @@ from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
 from compiler.ops import UPDATE_OPS, get_op
 from compiler.plan import MemoryPlan, check_plan, plan_memory
 from compiler.program import Phase, Program, Step, TensorInfo
-from compiler.report import build_report
+from compiler.report import build_report, layer_table
 from compiler.tuning import TuningSpec, apply_tuning
 
 LOSSES = ("auto", "cross_entropy", "mse", "mse_input")
@@ -112,7 +112,8 @@ def _phase(graph: Graph, plan: MemoryPlan, results: Sequence[str]) -> Phase:
 
 def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", task_hint: str = "auto") -> Program:
     """Compile an imported graph (batch ``options.batch``, or batch·devices with a device axis)."""
-    graph = add_device_axis(apply_tuning(graph, options.tuning), options.devices)
+    tuned = apply_tuning(graph, options.tuning)
+    graph = add_device_axis(tuned, options.devices)
     forward, loss, label, task = add_loss(graph, options.loss, task_hint)
     forward, loss = scale_loss(forward, loss, options.devices)
     train, _ = differentiate(forward, loss, options.sgd)
@@ -138,7 +139,7 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         tuning=options.tuning.to_dict(),
         optimizer={"kind": "sgd", "lr": options.sgd.lr, "momentum": options.sgd.momentum,
                    "weight_decay": options.sgd.weight_decay}, devices=options.devices)
-    return program.replace(report=build_report(program, train_plan))
+    return program.replace(report=build_report(program, train_plan, tuned.notes, layer_table(tuned)))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",

@@ -8,6 +8,7 @@ from compiler.ir import Role
 from compiler.ops import get_op
 
 if TYPE_CHECKING:  # pragma: no cover
+    from compiler.ir import Graph
     from compiler.plan import MemoryPlan
     from compiler.program import Program
 
@@ -17,7 +18,44 @@ def _bytes(program: "Program", *roles: Role) -> int:
     return sum(t.nbytes for n, t in program.tensors.items() if t.role in wanted and n in program.values)
 
 
-def build_report(program: "Program", plan: "MemoryPlan") -> dict[str, Any]:
+def layer_table(graph: "Graph") -> list[dict[str, Any]]:
+    """Every parametrized layer of a tuned forward graph: its module path, ops, parameters with their shapes, and
+    what the strategy does with it: "full" (every parameter trains), "partial", "lora" (adapted), "frozen"."""
+    layers: dict[str, dict[str, Any]] = {}
+    for node in graph.nodes:
+        params = [i for i in node.inputs if i in graph.tensors and graph.tensors[i].role in (Role.FROZEN, Role.TRAINABLE)]
+        if not params:
+            continue
+        entry = layers.setdefault(node.layer or node.name, {"layer": node.layer or node.name, "ops": [], "params": {}})
+        if node.op not in entry["ops"]:
+            entry["ops"].append(node.op)
+        for name in params:
+            entry["params"][name] = list(graph.tensors[name].shape)
+    for entry in layers.values():
+        roles = [graph.tensors[n].role for n in entry["params"] if not n.endswith((".lora_a", ".lora_b"))]
+        if "LoraLinear" in entry["ops"]:
+            entry["status"] = "lora"
+        elif roles and all(r == Role.TRAINABLE for r in roles):
+            entry["status"] = "full"
+        elif any(r == Role.TRAINABLE for r in roles):
+            entry["status"] = "partial"
+        else:
+            entry["status"] = "frozen"
+    return list(layers.values())
+
+
+def format_layers(layers: list[Mapping[str, Any]]) -> str:
+    rows = [("layer", "op", "parameters", "tuning")]
+    for entry in layers:
+        params = ", ".join(f"{n.rpartition('.')[2] if '.' in n else n} {tuple(shape)}"
+                           for n, shape in entry["params"].items())
+        rows.append((entry["layer"] or "(top level)", "/".join(entry["ops"]), params, entry["status"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
+
+
+def build_report(program: "Program", plan: "MemoryPlan", notes: Mapping[str, Any] | None = None,
+                 layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     params = {n: t for n, t in program.tensors.items() if t.role in (Role.FROZEN.value, Role.TRAINABLE.value)}
     trainable = {n: t for n, t in params.items() if t.role == Role.TRAINABLE.value}
     grad_bytes = 0
@@ -29,7 +67,16 @@ def build_report(program: "Program", plan: "MemoryPlan") -> dict[str, Any]:
     flops = {"forward": 0, "backward": 0, "update": 0}
     for step in program.train.steps:
         flops[step.phase] += step.flops
-    return {
+    notes = dict(notes or {})
+    extra: dict[str, Any] = {
+        "import": {"renamed": dict(notes.get("renamed", {})), "untied": dict(notes.get("untied", {})),
+                   "rebatched": dict(notes.get("rebatched", {}))},
+        "warnings": list(notes.get("warnings", [])),
+        "layers": list(layers or []),
+    }
+    if "lora_targets" in notes:
+        extra["lora_targets"] = list(notes["lora_targets"])
+    return {**extra,
         "model": program.model, "batch": program.batch, "task": program.task, "tuning": dict(program.tuning),
         "params": {"total": sum(t.nbytes // 4 for t in params.values()),
                    "trainable": sum(updated.get(n, t.nbytes // 4) for n, t in trainable.items()),
@@ -69,6 +116,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("model", f"{report['model']} (batch {report['batch']}, {report['task']})"),
         ("tuning", _tuning_text(report["tuning"])),
+        *((("LoRA layers", ", ".join(report["lora_targets"]) or "none"),) if "lora_targets" in report else ()),
         ("parameters", f"{report['params']['total']:,} total, {report['params']['trainable']:,} trainable "
                        f"({100 * report['params']['trainable'] / max(report['params']['total'], 1):.2f} %)"),
     ]
@@ -90,6 +138,10 @@ def format_table(report: Mapping[str, Any]) -> str:
             rows += [(label, _target_text(key, report[key]))]
     if "memory_by_level" in report:
         rows += [("memory by level", ", ".join(f"{k} {_kib(v)}" for k, v in report["memory_by_level"].items()))]
+    untied = report.get("import", {}).get("untied", {})
+    if untied:
+        rows += [("untied", f"{len(untied)} tensor(s) the exporter had merged: " + ", ".join(sorted(untied)))]
+    rows += [("warning", w) for w in report.get("warnings", [])]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 

@@ -177,9 +177,11 @@ def _is_folded_bn(name: str) -> bool:
 
 
 def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
-    """Mark the parameters that train fully (Role.TRAINABLE); everything else stays frozen."""
+    """Mark the parameters that train fully (Role.TRAINABLE); everything else stays frozen. A pattern that
+    selects part of a layer (its bias without its weight) is a warning naming both (``notes["warnings"]``)."""
     weights = _weights(graph)
     chosen: set[str] = set()
+    warnings: list[str] = []
     if spec.strategy == "full":
         chosen = set(weights)
     for pattern in spec.train:
@@ -187,6 +189,7 @@ def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
         if not hits:
             raise CompileError(f"train pattern {pattern!r} matches no parameter; parameters: "
                                f"{_listing(weights)}")
+        warnings += _partial_layers(pattern, hits, weights)
         chosen |= hits
     if spec.bias_only:
         hits = {w for w in weights if w.endswith(BIAS_SUFFIXES)}
@@ -201,7 +204,26 @@ def select_trainable(graph: Graph, spec: TuningSpec) -> Graph:
     for name, channels in sparse_parameters(graph, weights, spec.sparse).items():
         if name not in chosen:  # a parameter trained fully by a train pattern stays fully trained
             tensors[name] = dataclasses.replace(tensors[name], role=Role.TRAINABLE, train_channels=channels)
-    return graph.replace(tensors=tensors)
+    return graph.replace(tensors=tensors, notes=_noted(graph, warnings=warnings))
+
+
+def _noted(graph: Graph, **lists: list[str]) -> dict[str, Any]:
+    notes = dict(graph.notes)
+    for key, values in lists.items():
+        notes[key] = list(notes.get(key, [])) + list(values)
+    return notes
+
+
+def _partial_layers(pattern: str, hits: set[str], weights: list[str]) -> list[str]:
+    """Warnings for layers of which ``pattern`` selects some parameters but not all."""
+    out = []
+    for layer in sorted({weight_layer(w) for w in hits}):
+        params = [w for w in weights if weight_layer(w) == layer and not _is_folded_bn(w)]
+        left = [w for w in params if w not in hits]
+        if left:
+            out.append(f"train pattern {pattern!r} selects {', '.join(sorted(w for w in params if w in hits))} "
+                       f"but not {', '.join(left)} of layer {layer!r}")
+    return out
 
 
 def sparse_layers(graph: Graph) -> dict[str, tuple[str | None, str | None]]:
@@ -301,14 +323,35 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
-def lora_layers(graph: Graph) -> dict[str, Node]:
-    """MatMul/Gemm nodes with a 2-D frozen weight, by layer name: the layers LoRA can adapt."""
-    found: dict[str, Node] = {}
+@dataclass(frozen=True)
+class LoraSite:
+    """A layer LoRA can adapt: its GEMM node and its weight, read as is or through a Transpose."""
+    node: Node
+    weight: str
+    transposed: bool = False  # MatMul(x, Transpose(W)): W is (out, in), PyTorch's layout
+
+
+def _is_weight(graph: Graph, name: str) -> bool:
+    spec = graph.tensors.get(name)
+    return spec is not None and spec.role in (Role.FROZEN, Role.TRAINABLE) and len(spec.shape) == 2
+
+
+def lora_layers(graph: Graph) -> dict[str, LoraSite]:
+    """GEMM nodes with a 2-D weight, by layer name: the layers LoRA can adapt. A weight is an initializer read
+    directly (Gemm, MatMul(x, W)) or through a 2-D Transpose (MatMul(x, Transpose(W)), as TorchScript exports a
+    3-D nn.Linear without constant folding). Convolutions are not adapted here (a hook for LoRA on Conv)."""
+    producers = graph.producers()
+    found: dict[str, LoraSite] = {}
     for node in graph.nodes:
-        if node.op in ("MatMul", "Gemm") and len(node.inputs) >= 2:
-            spec = graph.tensors[node.inputs[1]]
-            if spec.role in (Role.FROZEN, Role.TRAINABLE) and len(spec.shape) == 2:
-                found.setdefault(node.layer or node.name, node)
+        if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        if _is_weight(graph, node.inputs[1]):
+            found.setdefault(node.layer or node.name, LoraSite(node, node.inputs[1]))
+            continue
+        source = producers.get(node.inputs[1])
+        if node.op == "MatMul" and source is not None and source.op == "Transpose" and \
+                _is_weight(graph, source.inputs[0]) and source.attrs.get("perm") in (None, (1, 0), [1, 0]):
+            found.setdefault(node.layer or node.name, LoraSite(node, source.inputs[0], transposed=True))
     return found
 
 
@@ -320,9 +363,10 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
     are new trainables.
     ``exclude``: patterns of layers trained fully, which "auto" leaves without adapters."""
     layers = lora_layers(graph)
-    targets: dict[str, Node] = {}
+    targets: dict[str, LoraSite] = {}
     if cfg.targets == ("auto",):
-        auto = {k: v for k, v in layers.items() if any(fnmatchcase(k, p) for p in AUTO_TARGETS)}
+        auto = {k: v for k, v in layers.items() if any(fnmatchcase(k, p) for p in AUTO_TARGETS)
+                and not any(fnmatchcase(k, p) for p in exclude)}
         if not auto:
             auto = {k: v for k, v in layers.items() if not any(fnmatchcase(k, p) for p in exclude)}
         if not auto:
@@ -341,16 +385,17 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
     for node in graph.nodes:
         nodes.append(node)
         layer = node.layer or node.name
-        if targets.get(layer) is None or targets[layer].name != node.name:
+        if targets.get(layer) is None or targets[layer].node.name != node.name:
             continue
-        x, w = node.inputs[0], node.inputs[1]
+        site = targets[layer]
+        x, w = node.inputs[0], site.weight
         w_shape = graph.tensors[w].shape
         if node.op == "Gemm":
             if node.attrs.get("transA", 0):
                 raise CompileError(f"LoRA on layer {layer!r}: Gemm with transA=1 is not supported")
             d_out, d_in = w_shape if node.attrs.get("transB", 0) else w_shape[::-1]
         else:
-            d_in, d_out = w_shape
+            d_in, d_out = w_shape[::-1] if site.transposed else w_shape
         if cfg.rank > min(d_in, d_out):
             raise CompileError(f"LoRA rank {cfg.rank} is larger than layer {layer!r} allows "
                                f"(min(in, out) = {min(d_in, d_out)})")
@@ -365,8 +410,11 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         if node.op == "Gemm":
             attrs.update(transB=int(node.attrs.get("transB", 0)), alpha=float(node.attrs.get("alpha", 1.0)),
                          beta=float(node.attrs.get("beta", 1.0)))
+        elif site.transposed:
+            attrs.update(transB=1)  # the Transpose node is left without readers and pruned
         nodes[-1] = dataclasses.replace(node, op="LoraLinear", inputs=(x, w, a, b, *node.inputs[2:]), attrs=attrs)
-    return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes))
+    return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes),
+                         notes={**graph.notes, "lora_targets": sorted(targets), "lora_auto": cfg.targets == ("auto",)})
 
 
 def _lora_init(rng: np.random.Generator, cfg: LoraConfig, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:

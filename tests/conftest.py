@@ -15,10 +15,11 @@ os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance (2 CPUs), shared by the fleet tests of this session."""
+    """A real local Ray instance (2 CPUs, loopback, token authentication), shared by the fleet tests of this
+    session."""
     import ray
+    from fleet.cluster import start_local_ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
+        start_local_ray(2)
     yield ray
     # left running for later tests in the session; tests that need another cluster shut it down

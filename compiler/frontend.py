@@ -35,17 +35,34 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if not os.path.isfile(path):
             raise CompileError(f"{path}: no such file")
         try:
-            model = onnx.load(path)
+            model = onnx.load(path, load_external_data=False)
         except Exception as exc:  # protobuf raises DecodeError and friends
             raise CompileError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
         if not model.graph.node:
             raise CompileError(f"{path}: not an ONNX model (no graph nodes)")
+        _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
         raise CompileError(f"corrupt ONNX model: {first}") from None
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Tensors stored beside the model (ONNX external data): each file must exist in the model's directory."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    base = os.path.dirname(os.path.abspath(path))
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if not os.path.isfile(os.path.join(base, location)):
+                raise CompileError(f"{path}: tensor {tensor.name!r} is stored in {os.path.join(base, location)}, "
+                                   "which is missing")
+    try:
+        onnx.load_external_data_for_model(model, base)
+    except Exception as exc:  # a short or unreadable data file
+        raise CompileError(f"{path}: cannot read its external data ({type(exc).__name__}: {exc})") from None
 
 
 def layer_of(node: onnx.NodeProto, weight_names: list[str]) -> str:
@@ -73,7 +90,12 @@ class _Importer:
         self.names = NameGen([])        # tensor names
         self.node_names = NameGen([])   # node names (ONNX allows empty and repeated ones)
         for init in graph.initializer:
-            self._constant(init.name, numpy_helper.to_array(init), weight=True)
+            value = numpy_helper.to_array(init)
+            if value.dtype.kind == "f" and not np.isfinite(value).all():  # a weight, never a mask: refuse
+                nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+                raise CompileError(f"initializer {init.name!r} holds non-finite values ({nan} NaN, {inf} Inf "
+                                   f"of {value.size})")
+            self._constant(init.name, value, weight=True)
         init_names = {i.name for i in graph.initializer}
         self.inputs = [i for i in graph.input if i.name not in init_names]
         self.rebatched: dict[str, tuple[int, ...]] = {}  # input -> its exported shape, when its batch was fixed

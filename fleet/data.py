@@ -486,6 +486,50 @@ def _check_arrays(file: Path, arrays: dict[str, np.ndarray]) -> DeviceData:
                         for key in NPZ_KEYS))
 
 
+def check_npz_files(spec: DataSpec, device_count: int) -> None:
+    """Before a run builds anything: every device_<i>.npz exists, holds the keys, has the same array shapes as
+    device_0.npz (the hosts stack devices) and samples shaped like global.npz's (when there is one); only the
+    .npy headers are read. The first problem is one DataError naming the file."""
+    directory = _npz_dir(spec)
+    first: dict[str, tuple[int, ...]] | None = None
+    reference = _npz_shapes(directory / "global.npz") if (directory / "global.npz").exists() else None
+    for name in [f"device_{i}.npz" for i in range(device_count)]:
+        shapes = _npz_shapes(directory / name)
+        for key in ("x_train", "x_test"):
+            if reference is not None and shapes[key][1:] != reference["x_train"][1:]:
+                raise DataError(f"{directory / name}: {key}: samples of shape {shapes[key][1:]} differ from "
+                                f"global.npz's {reference['x_train'][1:]}")
+        if first is None:
+            first = shapes
+        for key in NPZ_KEYS:
+            if shapes[key] != first[key]:
+                raise DataError(f"{directory / name}: {key}: shape {shapes[key]} differs from device_0.npz's "
+                                f"{first[key]}; every device needs the same shapes")
+
+
+def _npz_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    shapes = {}
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = set(archive.namelist())
+            for key in NPZ_KEYS:
+                if f"{key}.npy" not in names:
+                    raise DataError(f"{file}: missing key '{key}' (expected {', '.join(NPZ_KEYS)})")
+                with archive.open(f"{key}.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                if dtype.hasobject:
+                    raise DataError(f"{file}: {key}: an object array needs pickle, which is refused")
+                shapes[key] = tuple(shape)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{file}: cannot read: {error}") from None
+    return shapes
+
+
 def _stack_npz(spec: DataSpec, indices: list[int]) -> DeviceData:
     directory = _npz_dir(spec)
     loaded = [_load_npz(directory / f"device_{i}.npz") for i in indices]

@@ -43,6 +43,7 @@ ZOO_MODELS = ("cct-digits", "cct-2-3x2", "deep-ae", "ds-cnn")
 TUNING_STRATEGIES = ("full", "selective", "lora")
 LORA_INITS = ("zero_b", "zero_a")
 AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                          "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
                           "fedit", "ffa-lora", "flexlora", "hetlora")
 LORA_AGGREGATIONS = ("fedit", "ffa-lora", "flexlora", "hetlora")       # need tuning.strategy = "lora"
 MIXED_RANK_AGGREGATIONS = ("flexlora", "hetlora")                     # can combine adapters of different rank
@@ -63,18 +64,32 @@ TUNING_KEYS = {
 }
 # The optional [aggregation] keys each strategy reads, with their defaults (Flower's, except FedAvgM's
 # momentum: 0.0 would make it plain FedAvg).
-AGGREGATION_DEFAULTS: dict[str, dict[str, float]] = {
+AGGREGATION_DEFAULTS: dict[str, dict[str, float | int]] = {
     "fedavg": {},
     "fedprox": {"proximal_mu": 0.01},
     "fedadam": {"server_lr": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9},
     "fedyogi": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
     "fedadagrad": {"server_lr": 0.1, "tau": 1e-9},
     "fedavgm": {"server_lr": 1.0, "server_momentum": 0.9},
+    "fedmedian": {},
+    "fedtrimmedavg": {"beta": 0.2},
+    "krum": {"num_malicious_nodes": 0},
+    "multikrum": {"num_malicious_nodes": 0, "num_nodes_to_select": 1},
+    "bulyan": {"num_malicious_nodes": 0},
     "fedit": {},
     "ffa-lora": {},
     "flexlora": {},
     "hetlora": {},
 }
+# Server-side differential privacy ([aggregation.dp]): Flower's wrappers, the keys each reads (None: required).
+DP_CLIPPING = ("fixed", "adaptive")
+DP_KEYS: dict[str, dict[str, float | None]] = {
+    "fixed": {"noise_multiplier": None, "clipping_norm": None},
+    "adaptive": {"noise_multiplier": None, "initial_clipping_norm": 0.1, "target_clipped_quantile": 0.5,
+                 "clip_norm_lr": 0.2, "clipped_count_stddev": None},
+}
+_DP_TABLE_KEYS = ("clipping", "noise_multiplier", "clipping_norm", "num_sampled_clients", "initial_clipping_norm",
+                  "target_clipped_quantile", "clip_norm_lr", "clipped_count_stddev")
 # The optional [data] keys each kind reads.
 DATA_KEYS = {
     "digits": ("dirichlet_alpha", "samples_per_device", "test_samples_per_device", "writer_strength"),
@@ -97,7 +112,8 @@ _SECTION_KEYS = {
     "tuning": ("strategy", "rank", "alpha", "targets", "train", "last_k", "bias_only", "init",
                "rank_from_memory"),
     "training": ("rounds", "fraction", "local_steps", "local_epochs", "batch_size", "lr", "momentum"),
-    "aggregation": ("strategy", "proximal_mu", "server_lr", "server_momentum", "beta_1", "beta_2", "tau"),
+    "aggregation": ("strategy", "proximal_mu", "server_lr", "server_momentum", "beta_1", "beta_2", "tau", "beta",
+                    "num_malicious_nodes", "num_nodes_to_select", "max_update_norm", "dp"),
     "data": ("kind", "path", "dirichlet_alpha", "samples_per_device", "test_samples_per_device",
              "writer_strength", "anomaly_fraction"),
     "fleet": ("groups",),
@@ -159,6 +175,27 @@ class AggregationSpec:
     beta_1: float | None = None          # fedadam, fedyogi
     beta_2: float | None = None          # fedadam, fedyogi
     tau: float | None = None             # fedadam, fedyogi, fedadagrad
+    beta: float | None = None            # fedtrimmedavg: share cut from each end
+    num_malicious_nodes: int | None = None  # krum, multikrum, bulyan
+    num_nodes_to_select: int | None = None  # multikrum
+    max_update_norm: float | None = None  # any: replies whose update (reply - sent) is longer are left out
+    dp: "DPSpec | None" = None           # any: Flower's server-side DP clipping wrapper around the strategy
+
+
+@dataclass(frozen=True)
+class DPSpec:
+    """Central differential privacy with server-side clipping (Flower's DifferentialPrivacyServerSide*)."""
+    clipping: str                        # fixed | adaptive
+    noise_multiplier: float
+    clipping_norm: float | None = None   # fixed
+    num_sampled_clients: int | None = None  # None: the devices sampled per round (fraction x devices)
+    initial_clipping_norm: float | None = None  # adaptive
+    target_clipped_quantile: float | None = None
+    clip_norm_lr: float | None = None
+    clipped_count_stddev: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _DP_TABLE_KEYS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -301,9 +338,11 @@ def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise ScenarioError(f"{source}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ScenarioError(f"{source}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -385,11 +424,30 @@ def _parse_training(t: _Table, data: DataSpec) -> TrainingSpec:
 def _parse_aggregation(t: _Table) -> AggregationSpec:
     strategy = t.choice("strategy", AGGREGATION_STRATEGIES, default="fedavg")
     defaults = AGGREGATION_DEFAULTS[strategy]
-    t.only_for("strategy", strategy, {name: tuple(options) for name, options in AGGREGATION_DEFAULTS.items()})
+    common = ("max_update_norm", "dp")
+    t.only_for("strategy", strategy, {name: tuple(options) + common for name, options in AGGREGATION_DEFAULTS.items()})
     limits = {"proximal_mu": {"minimum": 0}, "server_lr": {"above": 0}, "server_momentum": {"minimum": 0, "below": 1},
-              "beta_1": {"minimum": 0, "below": 1}, "beta_2": {"minimum": 0, "below": 1}, "tau": {"above": 0}}
-    options = {key: t.number(key, default=default, **limits[key]) for key, default in defaults.items()}
-    return AggregationSpec(strategy=strategy, **options)
+              "beta_1": {"minimum": 0, "below": 1}, "beta_2": {"minimum": 0, "below": 1}, "tau": {"above": 0},
+              "beta": {"minimum": 0, "below": 0.5}, "num_malicious_nodes": {"minimum": 0},
+              "num_nodes_to_select": {"minimum": 1}}
+    options = {key: (t.integer if isinstance(default, int) else t.number)(key, default=default, **limits[key])
+               for key, default in defaults.items()}
+    return AggregationSpec(strategy=strategy, **options,
+                           max_update_norm=t.number("max_update_norm", default=None, above=0),
+                           dp=_parse_dp(t.table("dp")) if t.given("dp") else None)
+
+
+def _parse_dp(t: _Table) -> DPSpec:
+    clipping = t.choice("clipping", DP_CLIPPING)
+    t.only_for("clipping", clipping, {k: tuple(keys) + ("num_sampled_clients",) for k, keys in DP_KEYS.items()})
+    limits = {"noise_multiplier": {"minimum": 0}, "clipping_norm": {"above": 0}, "initial_clipping_norm": {"above": 0},
+              "target_clipped_quantile": {"minimum": 0, "maximum": 1}, "clip_norm_lr": {"above": 0},
+              "clipped_count_stddev": {"minimum": 0}}
+    required = ("noise_multiplier", "clipping_norm")
+    values = {key: t.number(key, **({} if key in required else {"default": default}), **limits[key])
+              for key, default in DP_KEYS[clipping].items()}
+    return DPSpec(clipping=clipping, num_sampled_clients=t.integer("num_sampled_clients", default=None, minimum=1),
+                  **values)
 
 
 def _parse_data(t: _Table, base: Path | None) -> DataSpec:
@@ -493,6 +551,9 @@ def _check_across_sections(s: Scenario, source: str) -> None:
     if s.tuning.rank_from_memory and strategy not in MIXED_RANK_AGGREGATIONS:
         fail("tuning.rank_from_memory", "devices of different rank need aggregation.strategy "
                                         f'"flexlora" or "hetlora", got "{strategy}"')
+    if s.aggregation.dp is not None and strategy in MIXED_RANK_AGGREGATIONS:
+        fail("aggregation.dp", f'DP clipping compares each reply with the global adapters and needs one rank for '
+                               f'every device; "{strategy}" mixes ranks')
     if strategy == "ffa-lora" and s.tuning.init != "zero_b":
         fail("tuning.init", f'"ffa-lora" keeps A frozen at its random start and needs init = "zero_b", '
                             f'got "{s.tuning.init}"')
@@ -568,12 +629,20 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
         "model": fields(s.model, _SECTION_KEYS["model"]),
         "tuning": fields(s.tuning, ("strategy",) + TUNING_KEYS[s.tuning.strategy]),
         "training": fields(s.training, _SECTION_KEYS["training"]),
-        "aggregation": fields(s.aggregation, ("strategy",) + tuple(AGGREGATION_DEFAULTS[s.aggregation.strategy])),
+        "aggregation": _aggregation_dict(s.aggregation),
         "data": fields(s.data, ("kind",) + DATA_KEYS[s.data.kind]),
         "fleet": {"groups": groups},
         "ray": fields(s.ray, _SECTION_KEYS["ray"]),
         "metrics": fields(s.metrics, _SECTION_KEYS["metrics"]),
     }
+
+
+def _aggregation_dict(a: AggregationSpec) -> dict[str, Any]:
+    keys = ("strategy",) + tuple(AGGREGATION_DEFAULTS[a.strategy]) + ("max_update_norm",)
+    out = {key: getattr(a, key) for key in keys if getattr(a, key) is not None}
+    if a.dp is not None:
+        out["dp"] = a.dp.to_dict()
+    return out
 
 
 def _toml_document(document: Mapping[str, Any]) -> str:
@@ -747,6 +816,8 @@ class _Table:
 def _allowed_keys(path: str) -> tuple[str, ...]:
     if path in _SECTION_KEYS:
         return _SECTION_KEYS[path]
+    if path == "aggregation.dp":
+        return _DP_TABLE_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]", path):
         return _GROUP_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]\.availability", path):
@@ -765,6 +836,7 @@ def _known_paths(near: str) -> list[str]:
     paths += [f"{group}.{key}" for key in _GROUP_KEYS]
     paths += [f"{group}.availability.{key}" for key in _AVAILABILITY_TABLE_KEYS]
     paths += [f"{group}.faults.{key}" for key in _FAULT_TABLE_KEYS]
+    paths += [f"aggregation.dp.{key}" for key in _DP_TABLE_KEYS]
     return paths
 
 

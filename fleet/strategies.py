@@ -24,7 +24,10 @@ Config keys the ClientApp must honor (besides Flower's "server-round"):
 
 Faults: ``Guarded(strategy)`` (or ``filter_replies``) leaves out replies that
 carry an error, are malformed, have other keys or shapes than what was sent,
-or hold NaN/Inf, and counts them by cause in ``rejected`` / ``rejected_total``.
+hold NaN/Inf, or (with ``max_update_norm``) move the arrays further than that
+from what was sent, and counts them by cause in ``rejected`` / ``rejected_total``.
+Guarded is the outermost wrapper, so no strategy (robust, DP or other) ever
+sees such a reply.
 """
 
 from __future__ import annotations
@@ -40,12 +43,19 @@ from flwr.serverapp import Grid
 
 from fleet.arrays import from_array, from_record, to_record
 from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -56,7 +66,7 @@ LORA_B_SUFFIX = ".lora_b"
 FREEZE_LORA_A_KEY = "freeze-lora-a"
 LORA_RANK_KEY = "lora-rank"
 PRUNE_GAMMA_KEY = "lora-prune-gamma"
-REJECT_CAUSES = ("nan", "shape", "error")
+REJECT_CAUSES = ("nan", "shape", "norm", "error")
 
 State = dict[str, np.ndarray]
 Shape = tuple[int, ...]
@@ -253,13 +263,27 @@ def _finite(value: object) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def update_norm(got: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """‖reply − sent‖₂ over all arrays; a lower-rank LoRA reply is compared with the sent factors' leading
+    columns/rows (what the device was given at its rank)."""
+    total = 0.0
+    for key, value in got.items():
+        base = np.asarray(sent[key])[tuple(slice(0, n) for n in np.shape(value))]
+        diff = np.asarray(value, np.float64) - base
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
 def check_reply(
     reply: Message,
     sent: Mapping[str, Shape] | None,
     weighted_by_key: str = "num-examples",
     rank_flexible: bool = False,
+    sent_arrays: Mapping[str, np.ndarray] | None = None,
+    max_update_norm: float | None = None,
 ) -> tuple[str, str] | None:
-    """(cause, reason) if a train reply must be left out of aggregation, else None."""
+    """(cause, reason) if a train reply must be left out of aggregation, else None. With ``max_update_norm``
+    (and the ``sent_arrays``), a reply further than that from what was sent is left out as "norm"."""
     if reply.has_error():
         return "error", f"client error {reply.error.code}: {reply.error.reason}"
     if not reply.has_content():
@@ -277,12 +301,17 @@ def check_reply(
     problem = _shape_problem(shapes_of(record), sent, rank_flexible)
     if problem:
         return "shape", problem
-    bad = [k for k, v in record.items() if not np.isfinite(from_array(v)).all()]
+    got = {k: from_array(v) for k, v in record.items()}
+    bad = [k for k, v in got.items() if not np.isfinite(v).all()]
     bad += [k for k, v in metrics.items() if not _finite(v)]
     if bad:
         return "nan", f"non-finite values in {bad}"
     if weight <= 0:
         return "error", f"{weighted_by_key!r} is {weight}"
+    if max_update_norm is not None and sent_arrays is not None:
+        norm = update_norm(got, sent_arrays)
+        if norm > max_update_norm:
+            return "norm", f"update norm {norm:.4g} > max_update_norm {max_update_norm:g}"
     return None
 
 
@@ -299,6 +328,8 @@ def filter_replies(
     weighted_by_key: str = "num-examples",
     rank_flexible: bool = False,
     server_round: int = 0,
+    sent_arrays: Callable[[int], Mapping[str, np.ndarray] | None] | None = None,
+    max_update_norm: float | None = None,
 ) -> tuple[list[Message], Counter]:
     """Split train replies into those fit to aggregate and counts of the rest by cause.
 
@@ -306,8 +337,9 @@ def filter_replies(
     ``{node_id: {key: shape}}`` (what each node was sent). With ``rank_flexible``
     a reply may carry LoRA factors at a lower rank than sent. Replies whose record
     names or metric keys differ from the majority are left out as "error" too, as
-    Flower's FedAvg would otherwise refuse the whole round. One log line per
-    rejected reply.
+    Flower's FedAvg would otherwise refuse the whole round. With
+    ``max_update_norm``, ``sent_arrays(node_id)`` gives what that node was sent.
+    One log line per rejected reply.
     """
     uniform = bool(expected_shapes) and all(isinstance(k, str) for k in expected_shapes)
     good: list[Message] = []
@@ -322,7 +354,9 @@ def filter_replies(
 
     for reply in replies:
         sent = expected_shapes if uniform else expected_shapes.get(reply.metadata.src_node_id)
-        verdict = check_reply(reply, sent, weighted_by_key, rank_flexible)
+        node = reply.metadata.src_node_id
+        base = sent_arrays(node) if (sent_arrays is not None and max_update_norm is not None) else None
+        verdict = check_reply(reply, sent, weighted_by_key, rank_flexible, base, max_update_norm)
         if verdict:
             reject(reply, *verdict)
         else:
@@ -355,8 +389,12 @@ class Guarded(Strategy):
     config, never the caller's.
     """
 
-    def __init__(self, strategy: Strategy, *, rank_flexible: bool | None = None) -> None:
+    def __init__(self, strategy: Strategy, *, rank_flexible: bool | None = None,
+                 max_update_norm: float | None = None) -> None:
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
         self.strategy = strategy
+        self.max_update_norm = max_update_norm
         if rank_flexible is None:
             rank_flexible = getattr(strategy, "rank_flexible", False)
         self.rank_flexible = rank_flexible
@@ -364,13 +402,26 @@ class Guarded(Strategy):
         self.rejected: Counter = Counter()
         self.rejected_total: Counter = Counter()
         self._sent: dict[int, dict[str, Shape]] = {}
+        self._sent_records: dict[int, RecordDict] = {}  # node → what it was sent (shared between nodes)
+        self._decoded: dict[int, State] = {}            # id(RecordDict) → its arrays, decoded once
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, _copy_config(config), grid))
         self._sent = {m.metadata.dst_node_id: _sent_shapes(m) for m in messages}
+        self._sent_records = {m.metadata.dst_node_id: m.content for m in messages}
+        self._decoded = {}
         return messages
+
+    def _sent_arrays(self, node_id: int) -> State | None:
+        content = self._sent_records.get(node_id)
+        if content is None:
+            return None
+        if id(content) not in self._decoded:
+            self._decoded[id(content)] = {k: from_array(v) for record in content.array_records.values()
+                                          for k, v in record.items()}
+        return self._decoded[id(content)]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -381,7 +432,10 @@ class Guarded(Strategy):
             weighted_by_key=self.weighted_by_key,
             rank_flexible=self.rank_flexible,
             server_round=server_round,
+            sent_arrays=self._sent_arrays,
+            max_update_norm=self.max_update_norm,
         )
+        self._sent_records, self._decoded = {}, {}
         self.rejected_total.update(self.rejected)
         if not good:
             logger.warning("round %d: no valid train reply, global arrays unchanged", server_round)
@@ -630,6 +684,11 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
     "fedit": FedIT,
     "ffa-lora": FFALoRA,
     "flexlora": FlexLoRA,
@@ -637,11 +696,20 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 }
 
 
-def make_strategy(name: str, *, guard: bool = True, **options) -> Strategy:
+# Flower's server-side DP wrappers, by the name [aggregation.dp] clipping gives.
+DP_WRAPPERS: dict[str, Callable[..., Strategy]] = {
+    "fixed": DifferentialPrivacyServerSideFixedClipping,
+    "adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
+}
+
+
+def make_strategy(name: str, *, guard: bool = True, max_update_norm: float | None = None,
+                  dp: Mapping[str, object] | None = None, **options) -> Strategy:
     """Build a strategy by name with its constructor's keyword ``options``.
 
-    Stock names give Flower's strategies unchanged; with ``guard`` (default)
-    the result is wrapped in ``Guarded``.
+    Stock names give Flower's strategies unchanged. ``dp`` ({"clipping": "fixed" | "adaptive", and the
+    wrapper's keyword arguments}) wraps it in Flower's server-side DP clipping. With ``guard`` (default) the
+    result is wrapped in ``Guarded`` (outermost, enforcing ``max_update_norm``).
     """
     factory = STRATEGIES.get(name.lower())
     if factory is None:
@@ -650,4 +718,37 @@ def make_strategy(name: str, *, guard: bool = True, **options) -> Strategy:
         strategy = factory(**options)
     except TypeError as err:
         raise TypeError(f"strategy {name!r}: {err}") from err
-    return Guarded(strategy) if guard else strategy
+    if dp is not None:
+        dp = dict(dp)
+        wrapper = DP_WRAPPERS.get(str(dp.pop("clipping", "")))
+        if wrapper is None:
+            raise ValueError(f"unknown DP clipping {dp!r}; known: {', '.join(DP_WRAPPERS)}")
+        strategy = wrapper(strategy, **dp)
+    if not guard:
+        if max_update_norm is not None:
+            raise ValueError("max_update_norm is enforced by the guard: needs guard=True")
+        return strategy
+    return Guarded(strategy, max_update_norm=max_update_norm)
+
+
+def strategy_from_spec(aggregation, *, fraction: float, devices: int,
+                       node_ranks: Mapping[int, int] | None = None) -> Strategy:
+    """The strategy a scenario's ``[aggregation]`` table (``fleet.scenario.AggregationSpec``) names, guarded,
+    for a fleet of ``devices`` of which ``fraction`` train each round."""
+    a = aggregation
+    options: dict[str, object] = {"fraction_train": fraction, "fraction_evaluate": fraction,
+                                  "min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    if a.strategy == "fedavgm":
+        extra = {"server_learning_rate": a.server_lr, "server_momentum": a.server_momentum}
+    else:
+        extra = {"proximal_mu": a.proximal_mu, "eta": a.server_lr, "beta_1": a.beta_1, "beta_2": a.beta_2,
+                 "tau": a.tau, "beta": a.beta, "num_malicious_nodes": a.num_malicious_nodes,
+                 "num_nodes_to_select": a.num_nodes_to_select}
+    options.update({k: v for k, v in extra.items() if v is not None})
+    if a.strategy in ("flexlora", "hetlora"):
+        options["node_ranks"] = dict(node_ranks or {})
+    dp = None
+    if a.dp is not None:
+        dp = {k: v for k, v in a.dp.to_dict().items()}
+        dp.setdefault("num_sampled_clients", max(1, int(fraction * devices)))  # Flower samples int(f·n)
+    return make_strategy(a.strategy, max_update_norm=a.max_update_norm, dp=dp, **options)

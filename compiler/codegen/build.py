@@ -6,6 +6,11 @@ link the generic HAL (hal/generic). ``siracusa`` links the pulp HAL (hal/pulp) a
 rules (``build_siracusa``), which must be installed and sourced.
 A build directory holds program.c, the executable and firmware.json (board, memory map, fingerprint, the
 content key); ``build_elf`` reuses it when the key matches.
+
+The object cache (the kernel library, HAL and firmware entry compiled once per board, sources and flags) is
+private: its directory is created 0700 and refused when another user owns it or can write to it; each cached
+object set is keyed by the hash of its sources and flags and carries objects.json with every object's
+SHA-256, checked before the objects are linked (an object that does not match is rebuilt, never linked).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from compiler.ir import CompileError
+from compiler.private_dir import PrivateDirError, private_dir
 from compiler.program import Program
 from compiler.codegen.emit import generate
 
@@ -31,6 +37,7 @@ HAL_DIR = CODEGEN_DIR / "hal"
 GENERIC_L1_BYTES = 64 * 1024   # the generic HAL's static L1 pool (hal/generic: EF_HAL_L1_BYTES)
 BUILD_TIMEOUT_S = 300.0
 MANIFEST = "firmware.json"
+OBJECTS_MANIFEST = "objects.json"
 COMMON_CFLAGS = ("-std=gnu11", "-Wall")
 
 MIB = 1 << 20
@@ -181,13 +188,19 @@ def firmware_key(source: str, board: Board, memory: MemoryMap | None, extra_cfla
 
 
 def default_cache_dir() -> Path:
-    """Where content-addressed build products are shared: $EDGEFLEET_FIRMWARE_CACHE, else
-    $EDGEFLEET_CACHE/firmware (the project's cache root), else <tmp>/edgefleet-firmware-<uid>."""
+    """Where content-addressed build products are kept, private to this user (0700, owner checked):
+    $EDGEFLEET_FIRMWARE_CACHE, else $EDGEFLEET_CACHE/firmware (the project's cache root), else
+    $XDG_CACHE_HOME/edgefleet/firmware (~/.cache/edgefleet/firmware)."""
     if "EDGEFLEET_FIRMWARE_CACHE" in os.environ:
-        return Path(os.environ["EDGEFLEET_FIRMWARE_CACHE"])
-    if "EDGEFLEET_CACHE" in os.environ:
-        return Path(os.environ["EDGEFLEET_CACHE"]) / "firmware"
-    return Path(tempfile.gettempdir()) / f"edgefleet-firmware-{os.getuid()}"
+        path = Path(os.environ["EDGEFLEET_FIRMWARE_CACHE"])
+    elif "EDGEFLEET_CACHE" in os.environ:
+        path = Path(os.environ["EDGEFLEET_CACHE"]) / "firmware"
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgefleet" / "firmware"
+    try:
+        return private_dir(path, "firmware cache")
+    except PrivateDirError as error:
+        raise CompileError(str(error)) from None
 
 
 def _include_flags(board: Board) -> list[str]:
@@ -200,16 +213,18 @@ def _library_objects(cc: str, board: Board, timeout_s: float, extra_cflags: Sequ
     sources = board.sources
     flags = [*board.cflags, *extra_cflags]
     key = hashlib.sha256((_sources_digest(sources + board.headers) + cc + " ".join(flags)).encode()).hexdigest()
-    cache = default_cache_dir() / "objects" / f"{board.name}-{key[:16]}"
+    root = private_dir(default_cache_dir() / "objects", "firmware cache")
+    cache = root / f"{board.name}-{key[:16]}"
     objects = [cache / f"{src.stem}.o" for src in sources]   # stems are unique across kernels, hal, boards
-    if all(o.exists() for o in objects):
+    if verified_objects(cache, key, objects):
         return objects
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(cache, ignore_errors=True)  # incomplete (someone removed files): rebuild it whole
-    work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=cache.parent))
+    shutil.rmtree(cache, ignore_errors=True)  # incomplete or not what we built: rebuild it whole
+    work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=root))
     try:
         cmd = [cc, *flags, *COMMON_CFLAGS, *_include_flags(board), "-c", *map(str, sources)]
         _compile(cmd, work / "build.log", f"building the kernel library for {board.name}", timeout_s, cwd=work)
+        digests = {o.name: _file_digest(work / o.name) for o in objects}
+        (work / OBJECTS_MANIFEST).write_text(json.dumps({"key": key, "objects": digests}, indent=1))
         try:
             os.replace(work, cache)
         except OSError:  # another build got there first (same content)
@@ -217,6 +232,21 @@ def _library_objects(cc: str, board: Board, timeout_s: float, extra_cflags: Sequ
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return objects
+
+
+def verified_objects(cache: Path, key: str, objects: Sequence[Path]) -> bool:
+    """The cached objects are the ones built for ``key``: objects.json names the key and every object's SHA-256
+    matches. Anything else (missing, planted, truncated, another key) → False (the caller rebuilds)."""
+    try:
+        manifest = json.loads((cache / OBJECTS_MANIFEST).read_text())
+        return (manifest.get("key") == key and set(manifest["objects"]) == {o.name for o in objects}
+                and all(_file_digest(o) == manifest["objects"][o.name] for o in objects))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _require_toolchain(board: Board) -> str:
@@ -277,16 +307,19 @@ def build_elf(program: Program, out_dir: str | os.PathLike, board: str = "rv32-q
 
 
 def write_manifest(out: Path, info: dict) -> None:
+    """firmware.json for the executable ``info["executable"]`` in ``out``, with its SHA-256 (``reusable``)."""
+    info = {**info, "sha256": _file_digest(out / info["executable"])}
     tmp_manifest = out / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp_manifest.write_text(json.dumps(info, indent=1))
     os.replace(tmp_manifest, out / MANIFEST)
 
 
 def reusable(out: Path, executable: str, key: str) -> bool:
-    """``out`` holds an executable built from the same content key."""
+    """``out`` holds the executable built from the same content key (its SHA-256 as recorded)."""
     try:
-        return (out / executable).exists() and json.loads((out / MANIFEST).read_text()).get("key") == key
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((out / MANIFEST).read_text())
+        return info.get("key") == key and info.get("sha256") == _file_digest(out / executable)
+    except (OSError, json.JSONDecodeError, AttributeError):
         return False
 
 

@@ -21,7 +21,6 @@ import os
 import secrets
 import socket
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +58,7 @@ def start_ray(scenario: Any, actors: int) -> RaySession | None:
     if address:
         ray.init(address=address, **INIT_OPTIONS)
         return RaySession(ray.get_runtime_context().gcs_address, False, True)
-    cpus = os.cpu_count() or 1
-    if actors > cpus:
-        warnings.warn(f"ray.actors = {actors} is more than this machine's {cpus} cores: the actors will share "
-                      f"them (a round is no faster than with {cpus})", stacklevel=2)
-    return start_local_ray(max(actors, cpus))
+    return start_local_ray(max(actors, os.cpu_count() or 1))  # fleet.limits warns when actors > cores
 
 
 def start_local_ray(num_cpus: int) -> RaySession:

@@ -12,6 +12,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description="Run a scenario (TOML) end to end, or resume a killed run.")
     p.add_argument("scenario", nargs="?", help="scenario TOML file (e.g. scenarios/quickstart.toml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last finished round")
+    p.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
+                   help="with --resume: accept these edited scenario keys (only keys safe to change, e.g. "
+                        "training.rounds)")
     p.add_argument("--rounds", type=int, help="override training.rounds")
     p.add_argument("--devices", type=int, help="override the fleet size (groups scaled in proportion)")
     p.add_argument("--run-dir", help="where the run is written (default: the scenario's run_dir)")
@@ -23,10 +26,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from fleet.engine import run_scenario
+    from fleet.limits import preflight
+    from fleet.runs import RunDir
     from fleet.scenario import load_scenario
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes goes with --resume RUN_DIR")
     if args.resume:
         if args.scenario or args.rounds or args.devices:
             raise ValueError("--resume takes only the run directory: the run's own scenario is used")
+        resumed = RunDir(args.resume).resume(args.allow_changes)  # lock, verify, newest valid checkpoint
+        for problem in resumed.problems:
+            print(f"edgefleet: {problem}", file=sys.stderr)
         summary = run_scenario(None, args.resume, resume=True, progress=not args.quiet, actors=args.actors)
     else:
         if not args.scenario:
@@ -34,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario)
         run_dir = args.run_dir or _free_dir(scenario.run_dir)  # an explicit --run-dir is never reused
         scenario = scenario.with_overrides(rounds=args.rounds, devices=args.devices, run_dir=run_dir)
+        for warning in preflight(scenario, args.actors):  # before anything is written
+            print(f"edgefleet: warning: {warning}", file=sys.stderr)
         print(f"run directory: {run_dir}", file=sys.stderr)
         summary = run_scenario(scenario, scenario.run_dir, progress=not args.quiet, actors=args.actors)
     p = summary["personalization"]

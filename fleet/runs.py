@@ -159,7 +159,8 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class Resume:
-    """Where a resumed run continues: the newest round whose checkpoint is valid, and what was wrong."""
+    """Where a resumed run continues: the newest round whose checkpoint is valid (round 0 with no arrays when
+    the run was stopped before its first checkpoint), and what was wrong."""
     scenario_toml: str
     rounds_completed: int
     arrays: dict[str, np.ndarray]
@@ -220,7 +221,11 @@ class RunDir:
         self.accept_scenario(text, allow_changes)
         problems: list[str] = []
         done = int(state["rounds_completed"])
+        arrays: dict[str, np.ndarray] = {}
+        strategy_state: dict[str, np.ndarray] = {}
         for round_ in range(done, -1, -1):
+            if round_ == 0 and self.checkpoint_path(0).name not in self.manifest()["checkpoints"]:
+                break  # killed before the first checkpoint: the run starts over from its initial arrays
             try:
                 arrays, strategy_state = self.load_checkpoint(round_)
                 break

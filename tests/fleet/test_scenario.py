@@ -114,7 +114,10 @@ def test_strategy_defaults_are_resolved_and_others_left_unset():
     assert (s.aggregation.server_lr, s.aggregation.beta_1, s.aggregation.tau) == (0.1, 0.9, 1e-9)
     assert s.aggregation.proximal_mu is None and s.aggregation.server_momentum is None
     assert set(AGGREGATION_DEFAULTS) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                                        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
                                         "fedit", "ffa-lora", "flexlora", "hetlora"}
+    from fleet.strategies import STRATEGIES
+    assert set(STRATEGIES) == set(AGGREGATION_DEFAULTS)  # every name a scenario can choose can be built
 
 
 def test_local_epochs_replaces_local_steps():

@@ -1,0 +1,177 @@
+"""The fault matrix, end to end through `python -m fleet.cli run` in subprocesses: kill -9 of the orchestrator
+at seeded random points then --resume ends bit-identical to an uninterrupted run; a killed host actor; an
+edited scenario; two processes on one run directory. (Run-directory faults on their own — torn metrics, full
+disk, damaged checkpoints — are in test_runs.py; hostile devices in test_hostile.py; limits in
+test_limits.py; listeners in test_cluster.py.)"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.cluster import descendants
+from fleet.runs import RunDir
+
+SCENARIO = """
+name = "faults"
+seed = 5
+
+[model]
+name = "cct-digits"
+pretrain_steps = 20
+
+[tuning]
+strategy = "lora"
+rank = 2
+targets = ["*attn*"]
+train = ["classifier.*"]
+
+[training]
+rounds = 4
+fraction = 0.5
+local_steps = 2
+batch_size = 8
+lr = 0.05
+
+[aggregation]
+strategy = "fedavgm"
+
+[data]
+kind = "digits"
+samples_per_device = 16
+test_samples_per_device = 16
+
+[[fleet.groups]]
+name = "g"
+count = 10
+"""
+TIMEOUT_S = 300
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.getcwd(), "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def _cli(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fleet.cli", "run", *args, "--quiet"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    return proc.returncode, err
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k not in ("wall_s",)} for r in records]
+
+
+def _same_run(a: Path, b: Path, rounds: int = 4) -> None:
+    ra, rb = RunDir(a), RunDir(b)
+    assert ra.state() == rb.state() == {"rounds_completed": rounds, "finished": True}
+    for r in range(rounds + 1):
+        xa, sa = ra.load_checkpoint(r)
+        xb, sb = rb.load_checkpoint(r)
+        assert xa.keys() == xb.keys() and sa.keys() == sb.keys()
+        for key in xa:
+            np.testing.assert_array_equal(xa[key], xb[key], err_msg=f"round {r} {key}")
+        for key in sa:
+            np.testing.assert_array_equal(sa[key], sb[key], err_msg=f"round {r} strategy {key}")
+    assert _comparable(ra.metrics()) == _comparable(rb.metrics())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    (root / "scenario.toml").write_text(SCENARIO)
+    start = time.perf_counter()
+    code, err = _finish(_cli(str(root / "scenario.toml"), "--run-dir", str(root / "full"), "--actors", "0"))
+    assert code == 0, err
+    return root, time.perf_counter() - start
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_9_at_random_points_then_resume_is_bit_identical(uninterrupted):
+    root, full_s = uninterrupted
+    run_dir = root / "killed"
+    rng = random.Random(9)
+    proc = _cli(str(root / "scenario.toml"), "--run-dir", str(run_dir), "--actors", "0")
+    kills = 0
+    for attempt in range(3):
+        _wait_for(run_dir / "checkpoints" / "round-0000.npz", proc)
+        time.sleep(rng.uniform(0.0, 0.5 * full_s))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        proc = _cli("--resume", str(run_dir), "--actors", "0")
+    code, err = _finish(proc)
+    assert code == 0, err
+    assert kills >= 1
+    _same_run(root / "full", run_dir)
+
+
+def test_a_killed_host_actor_stops_with_one_line_then_resumes_identical(uninterrupted):
+    root, _ = uninterrupted
+    run_dir = root / "actor"
+    proc = _cli(str(root / "scenario.toml"), "--run-dir", str(run_dir), "--actors", "1")
+    _wait_for(run_dir / "checkpoints" / "round-0001.npz", proc)
+    hosts = [p for p in descendants(proc.pid) if b"DeviceHost" in _cmdline(p)]
+    assert hosts, "no host actor process found"
+    os.kill(hosts[0], signal.SIGKILL)
+    code, err = _finish(proc)
+    if code != 0:  # stopped: one line naming the cause
+        lines = [ln for ln in err.splitlines() if ln.startswith("edgefleet: error:")]
+        assert len(lines) == 1 and ("actor" in lines[0].lower() or "died" in lines[0].lower()), err
+        code, err = _finish(_cli("--resume", str(run_dir), "--actors", "1"))
+        assert code == 0, err
+    _same_run(root / "full", run_dir)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_an_edited_scenario_is_refused_and_two_processes_cannot_share_a_run(uninterrupted):
+    root, _ = uninterrupted
+    run_dir = root / "edited"
+    first = _cli(str(root / "scenario.toml"), "--run-dir", str(run_dir), "--actors", "0")
+    _wait_for(run_dir / "checkpoints" / "round-0000.npz", first)
+    first.send_signal(signal.SIGSTOP)  # alive, holding the run, but not finishing while we look
+    second = _cli("--resume", str(run_dir), "--actors", "0")
+    code, err = _finish(second)
+    assert code == 2 and f"in use by process {first.pid}" in err, err
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    scenario = run_dir / "scenario.toml"
+    scenario.write_text(scenario.read_text().replace("seed = 5", "seed = 6"))
+    code, err = _finish(_cli("--resume", str(run_dir), "--actors", "0"))
+    assert code == 2 and err.strip().endswith("changed since the run started: seed"), err
+
+
+def test_a_fleet_beyond_memory_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "scenario.toml").write_text(SCENARIO)
+    proc = _cli(str(tmp_path / "scenario.toml"), "--run-dir", str(tmp_path / "run"), "--devices", "100000000")
+    code, err = _finish(proc)
+    lines = [ln for ln in err.splitlines() if ln.startswith("edgefleet:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "100,000,000 devices need about" in lines[0] and "devices fit" in lines[0]
+    assert not (tmp_path / "run").exists()

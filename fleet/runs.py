@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import time
 import tomllib
 import zlib
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ SCENARIO = "scenario.toml"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
 SUMMARY = "summary.json"
+LOG = "run.log"
 MANIFEST = "manifest.json"
 LOCK = "lock"
 CHECKPOINTS = "checkpoints"
@@ -128,6 +130,11 @@ def decode_record(line: bytes) -> dict[str, Any] | None:
     return record
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Inf)."""
+    return _finite_only(value, "", {})
+
+
 def _finite_only(value: Any, path: str, flags: dict[str, str]) -> Any:
     if isinstance(value, Mapping):
         return {k: _finite_only(v, f"{path}.{k}" if path else str(k), flags) for k, v in value.items()}
@@ -214,9 +221,7 @@ class RunDir:
         if not (self.path / STATE).exists() and not (self.path / SCENARIO).exists():
             raise RunError(f"{self.path}: not an edgefleet run directory (no {STATE})")
         self.lock()
-        state = self.state()
-        if state.get("finished"):
-            raise RunError(f"run {self.path} already finished ({state['rounds_completed']} rounds)")
+        state = self.state()  # a finished run is verified too (the caller may extend it with more rounds)
         text = self.scenario_text()
         self.accept_scenario(text, allow_changes)
         problems: list[str] = []
@@ -238,6 +243,7 @@ class RunDir:
             problems.append(cut)
         if round_ != done:
             self.write_state({"rounds_completed": round_, "finished": False})
+            self.log(f"resuming from round {round_}: " + "; ".join(problems))
         return Resume(text, round_, arrays, strategy_state, problems)
 
     def scenario_text(self) -> str:
@@ -270,6 +276,19 @@ class RunDir:
         atomic_write(self.path / SCENARIO, scenario_toml.encode())
         manifest["scenario"] = entry
         self._write_manifest(manifest)
+
+    def write_scenario(self, scenario_toml: str) -> None:
+        """The run's scenario after an allowed change (more rounds); the manifest follows it."""
+        self.accept_scenario(scenario_toml, SAFE_CHANGES)
+
+    def log(self, line: str) -> None:
+        """One timestamped line in run.log: what happened to the run, for people reading it later."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.path / LOG, "a", encoding="utf-8") as f:
+                f.write(f"{stamp} {line}\n")
+        except OSError:
+            pass  # a note for people: never the reason a run stops
 
     def _scenario_entry(self, scenario_toml: str) -> dict[str, Any]:
         try:
@@ -406,8 +425,7 @@ class RunDir:
         return arrays, state
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY, json.dumps(_finite_only(summary, "", {}), indent=1,
-                                                     default=_plain).encode())
+        atomic_write(self.path / SUMMARY, json.dumps(finite_json(summary), indent=1, default=_plain).encode())
 
 
 def _differing_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from fleet.runs import RunDir  # noqa: E402
 
 BASELINE_COMMIT = "1533576"
-ROUNDS = 5
+ROUNDS = 9
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "run_integrity.json"
 TOML = 'name = "bench"\nseed = 0\n\n[training]\nrounds = 5\n'
 

@@ -55,8 +55,10 @@ class RunError(RuntimeError):
 
 # ---- atomic files -------------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """``path`` holds either its old content or ``data``, whatever happens (power loss included)."""
+def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """``path`` holds either its old content or ``data``, whatever happens (power loss included). With
+    ``sync_dir`` False the rename is made durable by a later directory fsync (``save_checkpoint`` batches
+    them: a checkpoint or manifest entry lost to a power cut falls back to the previous round on resume)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -67,7 +69,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise RunError(f"{path}: cannot write ({error.strerror or error})") from None
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,9 +110,8 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
         clean = _finite_only(record, "", flags)
         clean[NONFINITE_KEY] = flags
         body = json.dumps(clean, allow_nan=False, default=_plain, separators=(",", ":"))
-    head = body[:-1] + ("," if len(body) > 2 else "")
-    crc = zlib.crc32(head.encode())
-    return f'{head}"{CRC_KEY}":"{crc:08x}"}}\n'.encode()
+    head = (body[:-1] + ("," if len(body) > 2 else "")).encode()
+    return b'%s"%s":"%08x"}\n' % (head, CRC_KEY.encode(), zlib.crc32(head))
 
 
 def decode_record(line: bytes) -> dict[str, Any] | None:
@@ -178,6 +180,7 @@ class Resume:
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._manifest: dict[str, Any] | None = None  # manifest.json as last written by this process
 
     # ---- lock -------------------------------------------------------------------------------------------
     def lock(self) -> None:
@@ -299,6 +302,8 @@ class RunDir:
 
     # ---- manifest ---------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
+        if self._manifest is not None:
+            return self._manifest
         path = self.path / MANIFEST
         try:
             return json.loads(path.read_bytes())
@@ -307,8 +312,9 @@ class RunDir:
         except ValueError as error:
             raise RunError(f"{path}: corrupt ({error})") from None
 
-    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    def _write_manifest(self, manifest: dict[str, Any], sync_dir: bool = True) -> None:
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), sync_dir)
+        self._manifest = manifest if self.path.resolve() in _HELD_LOCKS else None  # cached while we own the run
 
     def check_base(self, base: Mapping[str, np.ndarray]) -> None:
         """Record the base model's digest (first call) or verify it (resume): a resumed run must train the
@@ -397,10 +403,12 @@ class RunDir:
         np.savez(buffer, **{f"arrays/{k}": v for k, v in arrays.items()},
                  **{f"strategy/{k}": v for k, v in strategy_state.items()})
         data = buffer.getvalue()
-        atomic_write(path, data)
+        atomic_write(path, data, sync_dir=False)
         manifest = self.manifest()
         manifest["checkpoints"][path.name] = hashlib.sha256(data).hexdigest()
-        self._write_manifest(manifest)
+        self._write_manifest(manifest, sync_dir=False)
+        _fsync_dir(path.parent)
+        _fsync_dir(self.path)
         return path
 
     def load_checkpoint(self, round_: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

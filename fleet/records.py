@@ -9,7 +9,6 @@ the round driver wrote. Lines of a round without its "round" line (a killed roun
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import fields
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from fleet.roundlog import DeviceRecord, RoundLog
-from fleet.runs import METRICS, RunError
+from fleet.runs import RunError
 
 NAN = float("nan")
 _FLOAT_FIELDS = frozenset(f.name for f in fields(DeviceRecord) if f.type in ("float", float))
@@ -48,17 +47,9 @@ def round_logs_from_records(records: Iterable[Mapping[str, Any]]) -> list[RoundL
 
 
 def read_round_logs(run_dir: str | os.PathLike) -> list[RoundLog]:
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{path}:{number}: not JSON ({exc.msg})") from None
-    return round_logs_from_records(records)
+    """The RoundLogs of the intact records (each line's CRC checked; a torn tail is left out, fleet.runs)."""
+    from fleet.runs import RunDir
+    return round_logs_from_records(RunDir(run_dir).metrics())
 
 
 def _json_safe(value: Any) -> Any:

@@ -137,6 +137,16 @@ def finite_json(value: Any) -> Any:
     return _finite_only(value, "", {})
 
 
+def _decode_legacy(line: bytes) -> dict[str, Any] | None:
+    """A line of a metrics.jsonl written before records carried a CRC: whole lines of JSON."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _finite_only(value: Any, path: str, flags: dict[str, str]) -> Any:
     if isinstance(value, Mapping):
         return {k: _finite_only(v, f"{path}.{k}" if path else str(k), flags) for k, v in value.items()}
@@ -366,8 +376,9 @@ class RunDir:
         except FileNotFoundError:
             return
         offset = 0
+        legacy = not data.startswith(b"{") or f'"{CRC_KEY}":"'.encode() not in data.split(b"\n", 1)[0]
         for line in data.splitlines(keepends=True):
-            record = decode_record(line)
+            record = _decode_legacy(line) if legacy else decode_record(line)
             if record is None:
                 return
             offset += len(line)

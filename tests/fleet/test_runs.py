@@ -181,3 +181,10 @@ def test_a_full_disk_during_metrics_and_checkpoints_loses_nothing_written(tmp_pa
         resumed = run.resume()  # after a crash here: round 1 runs again from checkpoint 0
         assert resumed.rounds_completed == 0 and resumed.arrays["w"].shape == (4,)
         assert run.metrics() == [] and os.path.getsize(os.path.join(mount, "run", "metrics.jsonl")) == 0
+
+
+def test_metrics_written_before_checksums_are_still_read(tmp_path):
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"type": "round", "round": 1}\n{"type": "round", "round": 2}\n{"ty')
+    assert [r["round"] for r in run.metrics()] == [1, 2]

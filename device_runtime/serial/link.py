@@ -75,7 +75,7 @@ class SerialTransport:
             raise Disconnected(f"{self.url}: {what} failed: {_reason(exc)}") from None
 
     def send(self, data: bytes) -> None:
-        self._io("write", lambda: (self.port.write(data), self.port.flush()))
+        self._io("write", lambda: self.port.write(data))   # no tcdrain: it waits on the reader, not the line
 
     def receive(self, timeout_s: float) -> bytes:
         def read() -> bytes:

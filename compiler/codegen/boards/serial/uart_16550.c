@@ -43,7 +43,7 @@ int ef_serial_port_init(void) {
     *reg(DLL) = (uint8_t)divisor;
     *reg(DLM) = (uint8_t)(divisor >> 8);
     *reg(LCR) = 0x03;                      /* 8 data bits, no parity, 1 stop bit */
-    *reg(FCR) = 0x07;                      /* FIFOs on and cleared */
+    *reg(FCR) = 0xC7;                      /* FIFOs on and cleared, receive trigger at 14 bytes */
     *reg(MCR) = 0x03;                      /* DTR, RTS */
     paint_stack();
     return 0;

@@ -50,7 +50,10 @@ def test_board_refuses_uncommitted_or_corrupt_parameters_and_batches(mlp_program
     client.hello()
     size = mlp_program.tensors[mlp_program.input].nbytes + mlp_program.tensors[mlp_program.label].nbytes
     batch_crc = fr.crc32(bytes(size))                          # the staged batch is all zeros at boot
-    client.run(fr.MODE_TRAIN, 1, batch_crc)                    # the initial image is usable
+    with pytest.raises(BoardError, match="parameters not committed"):
+        client.run(fr.MODE_TRAIN, 1, batch_crc)                # nothing loaded yet
+    client.commit(fr.PARAMS, [(0, 64)], fr.crc32(client.read(fr.PARAMS, 0, 64)))
+    client.run(fr.MODE_TRAIN, 1, batch_crc)
     client.write(fr.PARAMS, 0, bytes(64))                      # a transfer that is never committed ...
     with pytest.raises(BoardError, match="parameters not committed"):
         client.run(fr.MODE_TRAIN, 1, batch_crc)
@@ -72,6 +75,7 @@ def test_a_repeated_frame_is_answered_from_the_cache_not_run_twice(mlp_program, 
     link = BoardLink(SerialTransport(qemu_board.url))
     client = BoardClient(link, run_step_timeout_s=10)
     client.hello()
+    client.commit(fr.PARAMS, [(0, 64)], fr.crc32(client.read(fr.PARAMS, 0, 64)))
     size = mlp_program.tensors[mlp_program.input].nbytes + mlp_program.tensors[mlp_program.label].nbytes
     wire = fr.DELIMITER + fr.encode_frame(fr.Frame(fr.RUN, 4242, fr.run_payload(fr.MODE_TRAIN, 1, fr.crc32(bytes(size)))))
     replies = []

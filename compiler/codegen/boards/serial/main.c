@@ -2,9 +2,10 @@
  * docs/boards.md) around the generated training program. The same source builds for every board with a
  * serial port (serial/uart_16550.c: QEMU virt and 16550-compatible UARTs; serial/uart_pulp.c: Siracusa).
  *
- * The parameter region starts out holding the program's initial values. Any WRITE into it makes it unusable
- * until a COMMIT whose CRC-32 over the written spans matches: a transfer cut short or corrupted is never
- * trained on. A RUN carries the CRC-32 of its batch (input bytes, then label bytes) and is refused when the
+ * The parameter region starts zeroed (the generated program holds no values) and unusable: RUN is refused
+ * until the host has written it and a COMMIT's CRC-32 over the written spans matched. Any later WRITE into it
+ * makes it unusable again until the next matching COMMIT: a transfer cut short or corrupted is never trained
+ * on. A RUN carries the CRC-32 of its batch (input bytes, then label bytes) and is refused when the
  * staged batch does not match. */
 #include <stdint.h>
 #include <string.h>
@@ -19,7 +20,7 @@ static uint8_t tx_packet[EF_SERIAL_ENCODED_MAX + 1];
 static uint32_t tx_packet_len;            /* the cached reply to the last frame */
 static uint32_t last_request_crc;
 static uint16_t last_seq = EF_SERIAL_SEQ_NONE;
-static int params_valid = 1;              /* the initial image is valid; a WRITE invalidates until COMMIT */
+static int params_valid;                  /* set by a matching COMMIT; a WRITE clears it */
 static uint64_t total_cycles, total_instructions;
 static uint32_t total_steps;
 

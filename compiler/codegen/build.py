@@ -2,8 +2,8 @@
 
 Boards are a data table. ``rv32-qemu`` cross-compiles for QEMU virt (rv32imf, picolibc, semihosting) with a
 memory map sized to the program; ``host`` compiles the same sources with the host gcc (tests, debugging); both
-link the generic HAL (hal/generic). ``siracusa`` links the pulp HAL (hal/pulp) and is built by the PULP SDK's make
-rules (``build_siracusa``), which must be installed and sourced.
+link the generic HAL (hal/generic). ``siracusa`` links the pulp HAL (hal/pulp) bare metal for Siracusa's FC and cluster
+and is built with zig's clang (``compiler/codegen/siracusa.py``).
 A build directory holds program.c, the executable and firmware.json (board, memory map, fingerprint, the
 content key); ``build_elf`` reuses it when the key matches.
 
@@ -84,7 +84,8 @@ class Board:
     max_ram_bytes: int = 1024 * MIB
     hal: str = "generic"        # hal/<hal>/: the HAL implementation linked in
     main: str = "main.c"        # the firmware entry, relative to boards/
-    builder: str = "gcc"        # "gcc": one compiler call here; "pulp-sdk": the PULP SDK's make rules
+    builder: str = "gcc"        # "gcc": compile and link here; "ziglang": compiler/codegen/siracusa.py;
+                                # "pulp-sdk": the PULP SDK's make rules (compiler/codegen/pulp_sdk.py)
     extra_sources: tuple[str, ...] = ()   # more firmware sources, relative to boards/ (their folders are included)
 
     @property
@@ -114,18 +115,19 @@ BOARDS: dict[str, Board] = {
                         "--crt0=semihost"),
                        "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True),
     "host": Board("host", "gcc", ("-O2",), "host", "firmware", "gcc", False),
-    # Built by the PULP SDK (pulp-platform/pulp-sdk): its rules add -march for the chip and the link script.
-    "siracusa": Board("siracusa", PULP_GCC, ("-O3",), "siracusa", "firmware.elf",
-                      "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp",
-                      main="siracusa/main.c", builder="pulp-sdk"),
+    # Bare metal FC + cluster, built with zig's clang (compiler/codegen/siracusa.py), run by GVSoC.
+    "siracusa": Board("siracusa", "ziglang", ("-O2",), "siracusa", "firmware.elf",
+                      "the PyPI package ziglang, gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf", False,
+                      hal="pulp", main="siracusa/main.c", builder="ziglang"),
     # Boards on a serial line (docs/boards.md): the serial protocol's command loop instead of the job files.
     "rv32-qemu-serial": Board("rv32-qemu-serial", "riscv64-unknown-elf-gcc",
                               ("-march=rv32imf", "-mabi=ilp32f", "-O2", "--specs=picolibc.specs", "--oslib=semihost",
                                "--crt0=semihost"),
                               "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True, main="serial/main.c",
                               extra_sources=("serial/ef_serial.c", "serial/uart_16550.c")),
-    "siracusa-serial": Board("siracusa-serial", PULP_GCC, ("-O3",), "siracusa", "firmware.elf",
-                             "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp",
+    # Built by the PULP SDK (compiler/codegen/pulp_sdk.py) on the PULP runtime: the pmsis HAL (hal/pulp_pmsis).
+    "siracusa-serial": Board("siracusa-serial", PULP_GCC, ("-O3",), "siracusa_sdk", "firmware.elf",
+                             "the PULP SDK (pulp-platform/pulp-sdk) and PULP GCC", False, hal="pulp_pmsis",
                              main="serial/main.c", builder="pulp-sdk",
                              extra_sources=("serial/ef_serial.c", "serial/uart_pulp.c")),
 }
@@ -280,9 +282,12 @@ def build_elf(program: Program, out_dir: str | os.PathLike, board: str = "rv32-q
     ``extra_cflags`` go to every compile (e.g. ``-DEF_NAIVE_GEMM`` for the benchmark's baseline); they are part of
     the content key."""
     spec = get_board(board)
-    if spec.builder == "pulp-sdk":
+    if spec.builder == "ziglang":
         from compiler.codegen.siracusa import build_siracusa
         return build_siracusa(program, out_dir, spec, timeout_s=timeout_s, reuse=reuse, extra_cflags=extra_cflags)
+    if spec.builder == "pulp-sdk":
+        from compiler.codegen.pulp_sdk import build_pulp_sdk
+        return build_pulp_sdk(program, out_dir, spec, timeout_s=timeout_s, reuse=reuse, extra_cflags=extra_cflags)
     source, mark = generate(program)
     memory = memory_map(program, spec)
     key = firmware_key(source, spec, memory, extra_cflags)

@@ -219,7 +219,10 @@ def _storage(program: Program) -> list[str]:
         f"#define EF_PARAMS_BYTES {program.params_bytes}u",
         f"#define EF_ARENA_BYTES {arena}u /* train {program.train.arena_bytes}, evaluate "
         f"{program.evaluate.arena_bytes}: the phases never run at once */",
-        "static uint8_t ef_params[EF_PARAMS_BYTES ? EF_PARAMS_BYTES : 1] __attribute__((aligned(16)));",
+        "#ifndef EF_PARAMS_SECTION /* a board that loads the parameter region with the executable names a section */",
+        "#define EF_PARAMS_SECTION",
+        "#endif",
+        "static uint8_t ef_params[EF_PARAMS_BYTES ? EF_PARAMS_BYTES : 1] EF_PARAMS_SECTION __attribute__((aligned(16)));",
         "static uint8_t ef_arena[EF_ARENA_BYTES ? EF_ARENA_BYTES : 1] __attribute__((aligned(16)));",
         "",
     ]

@@ -1,35 +1,68 @@
-"""The ``siracusa`` board: program.c + kernels + the pulp HAL + boards/siracusa/main.c, built by the PULP SDK.
+"""The ``siracusa`` board: a bare-metal ELF for Siracusa's fabric controller and 8-core cluster (GVSoC's
+``siracusa`` target), built with the clang of the PyPI package ``ziglang``.
 
-The SDK is not a Debian package, so the build checks for it first and names what is missing in one line:
+Debian's GCC cannot generate Zfinx code (the cluster cores keep floats in the integer registers); zig's clang can.
+Two instruction sets go into one ELF, both with the ilp32 ABI:
 
-    PULP_SDK_HOME      the pulp-sdk checkout, with configs/siracusa.sh sourced (which sets RULES_DIR and
-                       TARGET_CHIP=SIRACUSA)
-    riscv32-unknown-elf-gcc   PULP GCC (pulp-riscv-gnu-toolchain), on PATH or in $PULP_RISCV_GCC_TOOLCHAIN/bin
-    make
+    FC       crt0.S, fc.c                              rv32imc (the FC has no F)
+    cluster  program.c, kernels/, hal/*.c, hal/pulp/,   rv32imc + Zfinx
+             boards/siracusa/main.c
 
-With all three, ``build_siracusa`` copies the sources into ``out_dir/src``, writes a pulp-sdk application Makefile
-(``APP``, ``APP_SRCS``, ``APP_CFLAGS``, ``include $(RULES_DIR)/pmsis_rules.mk``) and runs
-``make -C out_dir all platform=gvsoc``; the SDK's rules put the executable in ``out_dir/build/firmware/firmware``,
-copied to ``out_dir/firmware.elf``. The out directory is self-contained: it can be built on another machine
-with ``source $PULP_SDK_HOME/configs/siracusa.sh && make -C DIR all platform=gvsoc`` (``make run`` runs GVSoC).
+linked by zig's lld with boards/siracusa/siracusa.ld (code and data in L2 from 0x1C010000, stacks and the HAL's
+L1 pool in the TCDM at 0x10000000) against picolibc's rv32imac/ilp32 libc (which holds its libm) and GCC's libgcc for the same
+multilib (Debian packages picolibc-riscv64-unknown-elf, gcc-riscv64-unknown-elf).
+
+The job goes into the ELF, not through files: the parameter region is the section ``.ef_params`` and
+``.ef_job`` holds batches.bin (room for ``job_steps`` steps); ``device_runtime.gvsoc`` writes both into a copy of
+the ELF before each run (``patch_section``). The reply comes back on the stdout peripheral (boards/siracusa/main.c).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
-from compiler.codegen.build import BUILD_TIMEOUT_S, PULP_GCC, Board, firmware_key, reusable, write_manifest
+from compiler.codegen.build import (BOARD_DIR, BUILD_TIMEOUT_S, HAL_DIR, KERNEL_DIR, Board, _compile, _sources_digest,
+                                    firmware_key, hal_sources, kernel_sources, reusable, write_manifest)
 from compiler.codegen.emit import generate
 from compiler.ir import CompileError
 from compiler.program import Program
 
-APP = "firmware"
-SDK_HINT = (f"siracusa build needs the PULP SDK: set PULP_SDK_HOME (source $PULP_SDK_HOME/configs/siracusa.sh) "
-            f"and put {PULP_GCC} (PULP GCC, $PULP_RISCV_GCC_TOOLCHAIN/bin) on PATH")
-MAKE_ARGS = ("all", "platform=gvsoc")
+BOARD_SRC = BOARD_DIR / "siracusa"
+LINK_SCRIPT = BOARD_SRC / "siracusa.ld"
+ZIG_TARGET = "riscv32-freestanding-none"
+FC_CPU = "generic_rv32+m+c+zicsr"
+CLUSTER_CPU = "generic_rv32+m+c+zfinx+zicsr"
+PICOLIBC = Path("/usr/lib/picolibc/riscv64-unknown-elf")
+PICOLIBC_MULTILIB = "rv32imac/ilp32"
+GCC_LIB_ROOT = Path("/usr/lib/gcc/riscv64-unknown-elf")
+COMMON_FLAGS = ("-O2", "-ffp-contract=off", "-fno-math-errno", "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables", "-ffunction-sections", "-fdata-sections", "-std=gnu11", "-Wall")
+L2_ORIGIN = 0x1C010000
+L2_BYTES = 0x180000
+L1_ORIGIN = 0x10000000
+L1_BYTES = 0x40000
+CORE_STACK_BYTES = 4096
+STACK_SLOTS = 9                    # the cluster has 9 cores; 8 run, the 9th slot is spare
+FC_STACK_BYTES = 4096
+JOB_STEPS = 8                      # steps one run can take (the job region's size)
+BATCHES_HEADER_BYTES = 32
+MEMORY_MAP = {"L2": (L2_ORIGIN, L2_BYTES), "L1": (L1_ORIGIN, L1_BYTES)}
+ZIG_HINT = "the siracusa build needs the PyPI package ziglang (pip install ziglang)"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    zig: tuple[str, ...]           # the command that runs zig (python -m ziglang)
+    libc: Path                     # picolibc's rv32imac/ilp32 directory (libc.a holds the math functions)
+    libgcc: Path
+    include: Path
 
 
 def check_program(program: Program) -> None:
@@ -44,89 +77,160 @@ def check_program(program: Program) -> None:
                            f"(first: {in_l3[0]!r}); use a smaller batch or model")
 
 
-def find_pulp_sdk(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The SDK's paths, or CompileError naming exactly what is missing."""
-    env = os.environ if environ is None else environ
-    missing: list[str] = []
-    sdk = env.get("PULP_SDK_HOME", "")
-    if not sdk or not (Path(sdk) / "configs" / "siracusa.sh").is_file():
-        missing.append("PULP_SDK_HOME" if not sdk else f"PULP_SDK_HOME ({sdk} has no configs/siracusa.sh)")
-    elif not (Path(env.get("RULES_DIR", "/nonexistent")) / "pmsis_rules.mk").is_file() or \
-            env.get("TARGET_CHIP") != "SIRACUSA":
-        missing.append("the siracusa configuration (RULES_DIR, TARGET_CHIP=SIRACUSA: source "
-                       "$PULP_SDK_HOME/configs/siracusa.sh)")
-    toolchain = env.get("PULP_RISCV_GCC_TOOLCHAIN", "")
-    gcc = shutil.which(PULP_GCC, path=env.get("PATH"))
-    if gcc is None and toolchain and (Path(toolchain) / "bin" / PULP_GCC).is_file():
-        gcc = str(Path(toolchain) / "bin" / PULP_GCC)
-    if gcc is None:
-        missing.append(PULP_GCC)
-    make = shutil.which("make", path=env.get("PATH"))
-    if make is None:
-        missing.append("make (Debian package make)")
-    if missing:
-        raise CompileError(f"{SDK_HINT}; missing: {', '.join(missing)}")
-    return {"sdk": sdk, "gcc": gcc, "make": make}
+def find_toolchain() -> Toolchain:
+    """zig (from the ziglang package), picolibc and libgcc for rv32imac/ilp32, or CompileError naming what is
+    missing."""
+    try:
+        import ziglang  # noqa: F401  (only its presence: zig runs as ``python -m ziglang``)
+    except ImportError:
+        raise CompileError(ZIG_HINT) from None
+    libc = PICOLIBC / "lib" / PICOLIBC_MULTILIB
+    libgcc = sorted(GCC_LIB_ROOT.glob(f"*/{PICOLIBC_MULTILIB}/libgcc.a"))
+    if not (libc / "libc.a").is_file() or not libgcc:
+        raise CompileError("the siracusa build links picolibc and libgcc for rv32imac/ilp32: install the Debian "
+                           "packages gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf")
+    return Toolchain((sys.executable, "-m", "ziglang"), libc, libgcc[-1], PICOLIBC / "include")
 
 
-def _sources(board: Board) -> list[Path]:
-    return board.sources + board.headers
+def out_ranges(program: Program) -> list[tuple[int, int]]:
+    """(offset, bytes) of the parameter region the firmware sends back after training: trainable tensors and
+    optimizer state, adjacent ones merged."""
+    spans = sorted((program.param_offsets[n], program.tensors[n].nbytes) for n, t in program.tensors.items()
+                   if t.role in ("trainable", "optimizer_state") and n in program.param_offsets)
+    merged: list[list[int]] = []
+    for off, size in spans:
+        if merged and merged[-1][0] + merged[-1][1] == off:
+            merged[-1][1] += size
+        else:
+            merged.append([off, size])
+    return [(o, s) for o, s in merged]
 
 
-def makefile(board: Board, sources: Sequence[Path], extra_cflags: Sequence[str]) -> str:
-    c_files = ["program.c"] + [f"src/{p.name}" for p in sources if p.suffix == ".c"]
+def job_bytes(program: Program, steps: int = JOB_STEPS) -> int:
+    def per_step(phase_label: bool) -> int:
+        label = program.tensors[program.label].nbytes if program.label and phase_label else 0
+        return program.tensors[program.input].nbytes + label
+    return BATCHES_HEADER_BYTES + steps * per_step(True)
+
+
+def job_header(program: Program, steps: int = JOB_STEPS) -> str:
+    ranges = out_ranges(program) or [(0, 0)]
     return "\n".join([
-        "# edgefleet program for Siracusa (board siracusa). Generated by compiler.codegen; do not edit.",
-        "# Build: source $PULP_SDK_HOME/configs/siracusa.sh && make all platform=gvsoc   (run: make run ...)",
-        f"APP = {APP}",
-        "APP_SRCS = " + " \\\n    ".join(c_files),
-        "APP_CFLAGS += " + " ".join([*board.cflags, "-std=gnu11", "-Wall", "-Isrc", *extra_cflags]),
-        "APP_LDFLAGS += -lm",
-        "",
-        "include $(RULES_DIR)/pmsis_rules.mk",
+        "/* Generated by compiler.codegen.siracusa for this program; do not edit. */",
+        f"#define EF_JOB_BYTES {job_bytes(program, steps)}u   /* batches.bin for up to {steps} steps */",
+        "#define EF_OUT_RANGES " + ", ".join(f"{{{o}u, {s}u}}" for o, s in ranges),
         "",
     ])
 
 
+def _cluster_sources() -> list[Path]:
+    return kernel_sources() + hal_sources() + sorted((HAL_DIR / "pulp").glob("*.c")) + [BOARD_SRC / "main.c"]
+
+
+def _fc_sources() -> list[Path]:
+    return [BOARD_SRC / "crt0.S", BOARD_SRC / "fc.c"]
+
+
+def board_sources() -> list[Path]:
+    """Everything the siracusa build compiles besides program.c (for the content key)."""
+    headers = (sorted(KERNEL_DIR.glob("*.h")) + sorted(HAL_DIR.glob("*.h")) + sorted((HAL_DIR / "pulp").glob("*.h"))
+               + sorted(BOARD_SRC.glob("*.h")))
+    return _cluster_sources() + _fc_sources() + headers + [LINK_SCRIPT]
+
+
+def _includes(out: Path, tools: Toolchain) -> list[str]:
+    return [f"-I{out}", f"-I{KERNEL_DIR}", f"-I{HAL_DIR}", f"-I{HAL_DIR / 'pulp'}", f"-I{BOARD_SRC}",
+            "-isystem", str(tools.include)]
+
+
 def build_siracusa(program: Program, out_dir: str | os.PathLike, board: Board, *,
-                   timeout_s: float = BUILD_TIMEOUT_S, reuse: bool = True, extra_cflags: Sequence[str] = ()) -> Path:
+                   timeout_s: float = BUILD_TIMEOUT_S, reuse: bool = True, extra_cflags: Sequence[str] = (),
+                   job_steps: int = JOB_STEPS) -> Path:
     check_program(program)
     source, mark = generate(program)
-    key = firmware_key(source, board, None, extra_cflags)
+    header = job_header(program, job_steps)
+    key = firmware_key(source + header + _sources_digest(board_sources()), board, None,
+                       [*extra_cflags, f"job_steps={job_steps}"])
     out = Path(out_dir)
     exe = out / board.executable
     if reuse and reusable(out, board.executable, key):
         return exe
-    sdk = find_pulp_sdk()
-    src = out / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    sources = _sources(board)
-    names = [p.name for p in sources]
-    if len(set(names)) != len(names):
-        raise CompileError("siracusa build: two sources share a file name (they are copied into one folder)")
-    for path in sources:
-        shutil.copyfile(path, src / path.name)
+    tools = find_toolchain()
+    obj = out / "obj"
+    shutil.rmtree(obj, ignore_errors=True)
+    obj.mkdir(parents=True)
     (out / "program.c").write_text(source)
-    (out / "Makefile").write_text(makefile(board, sources, extra_cflags))
-    cmd = [sdk["make"], "-C", str(out), *MAKE_ARGS]
-    env = {**os.environ, "PATH": f"{Path(sdk['gcc']).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    (out / "ef_siracusa_job.h").write_text(header)
+    defines = [f"-DEF_SIRACUSA_CORE_STACK_BYTES={CORE_STACK_BYTES}",
+               '-DEF_PARAMS_SECTION=__attribute__((section(".ef_params")))']
+    cc = [*tools.zig, "cc", "-target", ZIG_TARGET]
+    flags = [*COMMON_FLAGS, *defines, *_includes(out, tools), *extra_cflags]
     log = out / "build.log"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        raise CompileError(f"building {program.model!r} for siracusa: make did not finish within {timeout_s:g} s") \
-            from None
-    log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-    built = out / "build" / APP / APP
-    if proc.returncode != 0 or not built.is_file():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()]
-        cause = (lines or [f"no executable at {built}"])[0].strip()
-        raise CompileError(f"building {program.model!r} for siracusa failed: {cause} (full log: {log})")
-    shutil.copyfile(built, exe)
+    what = f"building {program.model!r} for siracusa"
+    jobs = [(f"-mcpu={FC_CPU}", src) for src in _fc_sources()] + \
+           [(f"-mcpu={CLUSTER_CPU}", src) for src in [out / "program.c", *_cluster_sources()]]
+
+    def compile_one(job: tuple[str, Path]) -> None:   # zig cc -c compiles only the first of several inputs
+        cpu, src = job
+        _compile([*cc, cpu, *flags, "-c", str(src), "-o", str(obj / f"{src.stem}.o")],
+                 obj / f"{src.stem}.log", what, timeout_s)
+
+    names = [src.stem for _, src in jobs]
+    if len(set(names)) != len(names):
+        raise CompileError("siracusa build: two sources share a file name (their objects would collide)")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(compile_one, jobs))
+    tmp = out / f"{board.executable}.tmp-{os.getpid()}"
+    script = out / "link.ld"       # zig's linker driver takes no --defsym: the sizes go first in the script
+    script.write_text(f"__l1_stacks_bytes = {CORE_STACK_BYTES * STACK_SLOTS};\n__fc_stack_bytes = {FC_STACK_BYTES};\n"
+                      + LINK_SCRIPT.read_text())
+    link = [*cc, f"-mcpu={CLUSTER_CPU}", "-nostdlib", "-static", "-T", str(script), "-Wl,--gc-sections",
+            *sorted(map(str, obj.glob("*.o"))), str(tools.libc / "libc.a"),
+            str(tools.libgcc), "-o", str(tmp)]
+    _compile(link, log.with_name("link.log"), what, timeout_s)
+    os.replace(tmp, exe)
     write_manifest(out, {"board": board.name, "model": program.model, "fingerprint": mark, "key": key,
-                         "executable": board.executable, "memory": None, "sdk": sdk["sdk"],
-                         "make": " ".join(["make", "-C", str(out), *MAKE_ARGS])})
+                         "executable": board.executable, "memory": None, "job_steps": job_steps,
+                         "job_bytes": job_bytes(program, job_steps), "out_ranges": out_ranges(program)})
     return exe
 
 
-__all__ = ["build_siracusa", "check_program", "find_pulp_sdk", "makefile"]
+# ---- the ELF's sections (no I/O beyond bytes; used by device_runtime.gvsoc and the tests) -----------------
+@dataclass(frozen=True)
+class Section:
+    name: str
+    address: int
+    size_bytes: int
+    file_offset: int
+    loaded: bool                   # PROGBITS (its bytes are in the file), not NOBITS
+
+
+def sections(elf: bytes) -> dict[str, Section]:
+    """The sections of a little-endian ELF32 image."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 1 or elf[5] != 1:
+        raise CompileError("not a little-endian 32-bit ELF")
+    shoff, = struct.unpack_from("<I", elf, 0x20)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x2E)
+    headers = [struct.unpack_from("<IIIIIIIIII", elf, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx]
+    names = elf[strtab[4]: strtab[4] + strtab[5]]
+    out = {}
+    for name_off, kind, _flags, addr, offset, size, *_ in headers:
+        name = names[name_off: names.index(b"\0", name_off)].decode()
+        if name:
+            out[name] = Section(name, addr, size, offset, kind == 1)
+    return out
+
+
+def patch_section(elf: bytearray, name: str, data: bytes) -> None:
+    """Write ``data`` at the start of section ``name`` (PROGBITS) of ``elf``, in place."""
+    section = sections(bytes(elf)).get(name)
+    if section is None or not section.loaded:
+        raise CompileError(f"the ELF has no loaded section {name!r}")
+    if len(data) > section.size_bytes:
+        raise CompileError(f"{len(data)} bytes do not fit section {name!r} ({section.size_bytes} bytes)")
+    elf[section.file_offset: section.file_offset + len(data)] = data
+
+
+__all__ = ["MEMORY_MAP", "Section", "build_siracusa", "check_program", "find_toolchain", "job_bytes", "out_ranges",
+           "patch_section", "sections"]

@@ -1,16 +1,16 @@
-/* The pulp HAL: ef_hal.h on the PULP cluster of Siracusa (8 cores, MCHAN cluster DMA, RedMulE in the HWPE slot).
+/* The pulp HAL: ef_hal.h on the PULP cluster of Siracusa, bare metal (no runtime): board siracusa.
  *
- *   fork, core id, team size, L1 pool, cycle counter   the PULP runtime's pmsis API (pulp-sdk)
- *   barrier, event waits                                 event-unit registers (core demux area)
- *   DMA                                                  MCHAN command/status registers
- *   RedMulE                                              its HWPE register file, FP32 format
+ *   fork / join, barrier   a mailbox in L1 that cores 1-7 poll (ef_hal_worker); per-core arrival counters
+ *                          (single writer each, so no atomics: the cluster cores have no A extension)
+ *   DMA                    MCHAN command/status registers, completion polled
+ *   RedMulE                EF_HAL_REDMULE defined: its HWPE register file (FP32 format); otherwise (GVSoC's
+ *                          `siracusa` model has no RedMulE) the job runs on all cores, each output element summed
+ *                          over n in order, as RedMulE's semantics and the generic HAL's C loop define it
+ *   cycles                 mcycle of the calling core (cluster clock domain), widened to 64 bits
+ *   L1 pool                a static buffer in the TCDM (.l1 section of boards/siracusa/siracusa.ld)
  * Register offsets and their sources: ef_hal_pulp_regs.h.
  *
- * Runs on the cluster: ef_hal_init() and every DMA / RedMulE call come from the core that runs the program
- * (the cluster task's core 0), so no lock guards the DMA command FIFO or the accelerator.
- *
- * Not run here: it builds only with the PULP SDK (`build_elf(..., board="siracusa")`); the test suite
- * type-checks it with riscv64-unknown-elf-gcc against the pmsis declarations below.
+ * ef_hal_init(), DMA and RedMulE calls come from core 0, the core that runs the program.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -18,74 +18,52 @@
 #include "ef_hal.h"
 #include "ef_hal_pulp_regs.h"
 
-#if defined(__has_include)
-#if __has_include(<pmsis.h>)
-#include <pmsis.h>
-#define EF_HAL_HAVE_PMSIS 1
-#endif
-#endif
-
-#ifndef EF_HAL_HAVE_PMSIS
-/* The pmsis entry points used here, declared as pulp-sdk's rtos/pmsis/pmsis_api headers declare them
- * (cluster_team/cl_team.h, rtos/malloc/cl_l1_malloc.h, drivers/perf.h, chips/default.h), so that this file
- * type-checks without the SDK. With the SDK, <pmsis.h> above provides the real ones. */
-struct pi_device;
-void pi_cl_team_fork(int nb_cores, void (*entry)(void *), void *arg);
-int pi_cl_team_nb_cores(void);
-int pi_cl_cluster_nb_cores(void);
-uint32_t pi_core_id(void);
-void *pi_cl_l1_malloc(struct pi_device *device, uint32_t size);
-void pi_cl_l1_free(struct pi_device *device, void *chunk, uint32_t size);
-void pi_perf_conf(unsigned events);
-void pi_perf_reset(void);
-void pi_perf_start(void);
-unsigned int pi_perf_read(int id);
-#define PI_PERF_CYCLES 17
-#endif
-
 #ifndef EF_HAL_L1_BYTES
-#define EF_HAL_L1_BYTES (160u * 1024u)   /* of Siracusa's 256 KiB TCDM; the rest: stacks and runtime data */
+#define EF_HAL_L1_BYTES (160u * 1024u)   /* of Siracusa's 256 KiB TCDM; the rest: stacks and the mailbox */
 #endif
-#define EF_HAL_L1_MIN_BYTES (16u * 1024u)
+#ifndef EF_HAL_CORES
+#define EF_HAL_CORES 8
+#endif
 #define L1_ALIGN_BYTES 16u
-
 #define COMPILER_BARRIER() __asm__ __volatile__("" : : : "memory")
 
 static inline void reg_write(uint32_t addr, uint32_t value) { *(volatile uint32_t *)(uintptr_t)addr = value; }
 static inline uint32_t reg_read(uint32_t addr) { return *(volatile uint32_t *)(uintptr_t)addr; }
 
-/* Sleep until `event` arrives (or has arrived: the event unit buffers it), then clear the buffer. */
-static void eu_wait_event(uint32_t event) {
-    reg_write(EF_PULP_EU_DEMUX_ADDR + EF_EU_CORE_MASK_OR, 1u << event);
-    (void)reg_read(EF_PULP_EU_DEMUX_ADDR + EF_EU_CORE_EVENT_WAIT_CLEAR);
-    reg_write(EF_PULP_EU_DEMUX_ADDR + EF_EU_CORE_MASK_AND, 1u << event);
+static inline uint32_t core_id(void) {
+    uint32_t id;
+    __asm__ volatile("csrr %0, mhartid" : "=r"(id));
+    return id & 0x1fu;
 }
 
-/* ---- life cycle, L1 pool, cycles ---------------------------------------------------------------------- */
-static uint8_t *l1_pool;
-static uint32_t l1_pool_bytes, l1_top;
+/* ---- L1: the pool and the fork mailbox ------------------------------------------------------------------ */
+static uint8_t l1_pool[EF_HAL_L1_BYTES] __attribute__((section(".l1"), aligned(16)));
+static uint32_t l1_top;
+
+typedef struct {
+    volatile ef_hal_task_t task;
+    void *volatile arg;
+    volatile uint32_t team;          /* cores taking part in the current fork */
+    volatile uint32_t generation;    /* bumped by core 0 for each fork */
+    volatile uint32_t done[EF_HAL_CORES];      /* core i: the generation it finished */
+    volatile uint32_t arrivals[EF_HAL_CORES];  /* core i: barriers it reached in the current fork */
+    volatile uint32_t in_fork[EF_HAL_CORES];
+} mailbox_t;
+static mailbox_t mailbox __attribute__((section(".l1"), aligned(16)));
+
 static uint32_t cycles_last, cycles_high;
 
 int ef_hal_init(void) {
-    if (l1_pool) return 0;
-    for (uint32_t bytes = EF_HAL_L1_BYTES; bytes >= EF_HAL_L1_MIN_BYTES; bytes /= 2) {
-        l1_pool = (uint8_t *)pi_cl_l1_malloc(NULL, bytes);
-        if (l1_pool) {
-            l1_pool_bytes = bytes;
-            break;
-        }
-    }
-    if (!l1_pool) return -1;
-    l1_top = (uint32_t)(-(uintptr_t)l1_pool & (L1_ALIGN_BYTES - 1));
+    l1_top = 0;
+#ifdef EF_HAL_REDMULE
     reg_write(EF_REDMULE_BASE + EF_REDMULE_SOFT_CLEAR, 0);
-    pi_perf_conf(1u << PI_PERF_CYCLES);
-    pi_perf_reset();
-    pi_perf_start();
+#endif
     return 0;
 }
 
 uint64_t ef_hal_cycles(void) {
-    const uint32_t now = pi_perf_read(PI_PERF_CYCLES);   /* 32 bits: widened here, read often enough */
+    uint32_t now;
+    __asm__ volatile("csrr %0, mcycle" : "=r"(now));
     if (now < cycles_last) cycles_high++;
     cycles_last = now;
     return ((uint64_t)cycles_high << 32) | now;
@@ -93,7 +71,7 @@ uint64_t ef_hal_cycles(void) {
 
 void *ef_hal_l1_alloc(uint32_t bytes) {
     const uint32_t size = (bytes + L1_ALIGN_BYTES - 1) & ~(L1_ALIGN_BYTES - 1);
-    if (!l1_pool || size < bytes || size > l1_pool_bytes - l1_top) return NULL;
+    if (size < bytes || size > EF_HAL_L1_BYTES - l1_top) return NULL;
     void *p = l1_pool + l1_top;
     l1_top += size;
     return p;
@@ -105,31 +83,71 @@ void ef_hal_l1_release(uint32_t mark) {
     if (mark <= l1_top) l1_top = mark;
 }
 
-uint32_t ef_hal_l1_free_bytes(void) { return l1_pool ? l1_pool_bytes - l1_top : 0; }
+uint32_t ef_hal_l1_free_bytes(void) { return EF_HAL_L1_BYTES - l1_top; }
 
 /* ---- cluster ------------------------------------------------------------------------------------------ */
-int ef_hal_cores(void) { return pi_cl_cluster_nb_cores(); }
+int ef_hal_cores(void) { return EF_HAL_CORES; }
 
-void ef_hal_fork(int cores, ef_hal_task_t task, void *arg) {
-    const int all = ef_hal_cores();
-    pi_cl_team_fork(cores <= 0 || cores > all ? all : cores, task, arg);  /* configures barrier 0 for the team */
+int ef_hal_core_id(void) { return (int)core_id(); }
+
+int ef_hal_team_size(void) { return mailbox.in_fork[core_id()] ? (int)mailbox.team : 1; }
+
+/* Cores 1-7 live here (boards/siracusa/main.c): wait for a new generation, run the task if in the team. */
+void ef_hal_worker(uint32_t core) {
+    uint32_t seen = 0;
+    for (;;) {
+        while (mailbox.generation == seen) {
+        }
+        seen = mailbox.generation;
+        COMPILER_BARRIER();
+        if (core < mailbox.team) {
+            mailbox.in_fork[core] = 1;
+            mailbox.task(mailbox.arg);
+            mailbox.in_fork[core] = 0;
+        }
+        COMPILER_BARRIER();
+        mailbox.done[core] = seen;
+    }
 }
 
-int ef_hal_core_id(void) { return (int)pi_core_id(); }
-
-int ef_hal_team_size(void) { return pi_cl_team_nb_cores(); }
+void ef_hal_fork(int cores, ef_hal_task_t task, void *arg) {
+    const uint32_t team = cores <= 0 || cores > EF_HAL_CORES ? EF_HAL_CORES : (uint32_t)cores;
+    if (team == 1) {                       /* no one else to wake */
+        task(arg);
+        return;
+    }
+    for (uint32_t i = 0; i < EF_HAL_CORES; i++) mailbox.arrivals[i] = 0;
+    mailbox.task = task;
+    mailbox.arg = arg;
+    mailbox.team = team;
+    COMPILER_BARRIER();
+    const uint32_t generation = mailbox.generation + 1;
+    mailbox.generation = generation;       /* the workers start */
+    mailbox.in_fork[0] = 1;
+    task(arg);
+    mailbox.in_fork[0] = 0;
+    for (uint32_t i = 1; i < EF_HAL_CORES; i++)
+        while (mailbox.done[i] != generation) {
+        }
+    COMPILER_BARRIER();
+}
 
 void ef_hal_barrier(void) {
+    const uint32_t me = core_id();
+    const uint32_t team = mailbox.in_fork[me] ? mailbox.team : 1;
     COMPILER_BARRIER();
-    (void)reg_read(EF_PULP_EU_DEMUX_ADDR + EF_EU_BARRIER_DEMUX_OFFSET + EF_EU_HW_BARR_TRIGGER_WAIT_CLEAR);
+    const uint32_t mine = mailbox.arrivals[me] + 1;
+    mailbox.arrivals[me] = mine;
+    for (uint32_t i = 0; i < team; i++)
+        while (mailbox.arrivals[i] < mine) {
+        }
     COMPILER_BARRIER();
 }
 
 /* ---- DMA (MCHAN) ---------------------------------------------------------------------------------------- */
 static uint32_t mchan_cmd(uint32_t bytes, int to_l1, int two_d) {
     return (bytes << EF_MCHAN_CMD_LEN_BIT) | ((uint32_t)(to_l1 != 0) << EF_MCHAN_CMD_TYPE_BIT) |
-           (1u << EF_MCHAN_CMD_INC_BIT) | ((uint32_t)(two_d != 0) << EF_MCHAN_CMD_2D_EXT_BIT) |
-           (1u << EF_MCHAN_CMD_ELE_BIT) | (1u << EF_MCHAN_CMD_BLE_BIT);
+           (1u << EF_MCHAN_CMD_INC_BIT) | ((uint32_t)(two_d != 0) << EF_MCHAN_CMD_2D_EXT_BIT);
 }
 
 static void push_1d(uint32_t l1, uint32_t l2, uint32_t bytes, int to_l1) {
@@ -184,12 +202,14 @@ ef_hal_dma_t ef_hal_dma_out_2d(void *l2, const void *l1, uint32_t row_bytes, uin
 
 void ef_hal_dma_wait(ef_hal_dma_t transfer) {
     const uint32_t bit = 1u << (transfer & 0x1Fu);
-    while (reg_read(EF_PULP_MCHAN_ADDR + EF_MCHAN_STATUS) & bit) eu_wait_event(EF_PULP_EVT_DMA0);
+    while (reg_read(EF_PULP_MCHAN_ADDR + EF_MCHAN_STATUS) & bit) {
+    }
     reg_write(EF_PULP_MCHAN_ADDR + EF_MCHAN_STATUS, bit);   /* free the counter */
     COMPILER_BARRIER();
 }
 
 /* ---- RedMulE ------------------------------------------------------------------------------------------- */
+#ifdef EF_HAL_REDMULE
 static inline void redmule_write(uint32_t offset, uint32_t value) { reg_write(EF_REDMULE_BASE + offset, value); }
 
 void ef_hal_redmule_start(const ef_hal_redmule_job_t *job) {
@@ -215,6 +235,35 @@ void ef_hal_redmule_start(const ef_hal_redmule_job_t *job) {
 }
 
 void ef_hal_redmule_wait(void) {
-    while (reg_read(EF_REDMULE_BASE + EF_REDMULE_STATUS) != 0) eu_wait_event(EF_PULP_EVT_ACC0);
+    while (reg_read(EF_REDMULE_BASE + EF_REDMULE_STATUS) != 0) {
+    }
     COMPILER_BARRIER();
 }
+#else
+/* No RedMulE in the model: Z (m x k) = X (m x n) W (n x k) [+ Y], rows of Z split over the cores; each element
+ * sums from Y (or 0) over n in order, the generic HAL's operations in its order. */
+static const ef_hal_redmule_job_t *core_job;
+
+static void core_job_task(void *arg) {
+    (void)arg;
+    const ef_hal_redmule_job_t *j = core_job;
+    const int cores = ef_hal_team_size(), me = ef_hal_core_id();
+    for (int i = me; i < j->m; i += cores) {
+        float *z = j->z + (uint32_t)i * j->k;
+        const float *x = j->x + (uint32_t)i * j->n;
+        const float *y = j->y ? j->y + (uint32_t)i * j->k : NULL;
+        for (int c = 0; c < j->k; c++) {
+            float acc = y ? y[c] : 0.0f;    /* continue from Y, as the hardware (and the generic HAL) do */
+            for (int t = 0; t < j->n; t++) acc += x[t] * j->w[(uint32_t)t * j->k + c];
+            z[c] = acc;
+        }
+    }
+}
+
+void ef_hal_redmule_start(const ef_hal_redmule_job_t *job) {
+    core_job = job;
+    ef_hal_fork(0, core_job_task, NULL);
+}
+
+void ef_hal_redmule_wait(void) {}
+#endif

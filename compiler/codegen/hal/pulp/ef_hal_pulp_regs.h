@@ -22,8 +22,8 @@
 #define EF_PULP_HWPE_OFFSET 0x00001000u            /* ARCHI_HWCE_OFFSET: the accelerator slot */
 #define EF_PULP_MCHAN_OFFSET 0x00001800u           /* ARCHI_MCHAN_EXT_OFFSET */
 #define EF_PULP_EU_DEMUX_ADDR 0x00204000u          /* ARCHI_DEMUX_PERIPHERALS_OFFSET + ARCHI_EU_DEMUX_OFFSET (per core) */
-/* cluster-local alias: ARCHI_CLUSTER_ADDR = 0 */
-#define EF_PULP_MCHAN_ADDR (EF_PULP_CLUSTER_PERIPH_OFFSET + EF_PULP_MCHAN_OFFSET)
+#define EF_PULP_MCHAN_ADDR (EF_PULP_CLUSTER_GLOBAL_BASE + EF_PULP_CLUSTER_PERIPH_OFFSET + EF_PULP_MCHAN_OFFSET)
+/* 0x10201800, as in GVSoC's pulp/chips/siracusa/cluster.json (peripherals/dma, mchan version 7) */
 
 /* ---- cluster events [SDK-PROP] ------------------------------------------------------------------------------ */
 #define EF_PULP_EVT_DMA0 8u                        /* ARCHI_CL_EVT_DMA0 */

@@ -1,0 +1,183 @@
+"""GvsocDevice: runs a Program's siracusa firmware on GVSoC, the PULP platform's simulator (target ``siracusa``).
+
+GVSoC is not on any package registry: the device finds the executable from, in order, the ``gvsoc`` argument
+(``--gvsoc PATH`` on the command line), the environment variable ``EDGEFLEET_GVSOC``, or ``gvsoc`` on PATH. The
+executable may be GVSoC's own ``install/bin/gvsoc`` (its ``install/python`` is then put on PYTHONPATH) or a
+wrapper script that sets up GVSoC's environment and runs it.
+
+A run: the ELF (built once per program by ``compiler.codegen.build_elf(..., board="siracusa")``) is copied, the
+parameter region is written into its ``.ef_params`` section and batches.bin into ``.ef_job``, and
+``gvsoc --target=siracusa --work-dir DIR --binary X.elf run`` executes it. Cluster core 0 prints the reply as
+``EFO <hex>`` lines (out.bin's layout, the parameter part holding only the trainable and optimizer ranges);
+``parse_transcript`` turns GVSoC's stdout into those bytes. Results are the same types as every other backend's;
+the step counters are cluster cycles (mcycle of cluster core 0) and instructions (PULP counter PCCR1).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.codegen import build_elf, read_manifest
+from compiler.codegen.build import default_cache_dir, firmware_key, get_board
+from compiler.codegen.emit import generate
+from compiler.codegen.siracusa import JOB_STEPS, job_header, patch_section
+from compiler.ir import CompileError
+from compiler.program import Program
+from device_runtime.device import DeviceError
+from device_runtime.qemu import (MODE_TRAIN, OutFile, QemuDevice, _cause, _slug, _view, decode_out,
+                                 encode_batches)
+
+GVSOC_ENV = "EDGEFLEET_GVSOC"
+GVSOC_TARGET = "siracusa"
+RUN_TIMEOUT_S = 1800.0
+REPLY_PREFIX = "EFO "
+GVSOC_HINT = (f"GVSoC not found: pass --gvsoc PATH, set {GVSOC_ENV}=PATH, or put gvsoc on PATH (GVSoC is built "
+              f"from its public sources; see docs/gvsoc.md)")
+
+
+def find_gvsoc(explicit: str | os.PathLike | None = None) -> Path:
+    """The GVSoC executable from the argument, $EDGEFLEET_GVSOC or PATH; DeviceError (one line) if none."""
+    for candidate, origin in ((explicit, "--gvsoc"), (os.environ.get(GVSOC_ENV), GVSOC_ENV)):
+        if candidate:
+            path = Path(candidate)
+            if path.is_file() and os.access(path, os.X_OK):
+                return path.resolve()
+            raise DeviceError(f"{origin} names {candidate}, which is not an executable file; {GVSOC_HINT}")
+    found = shutil.which("gvsoc")
+    if found is None:
+        raise DeviceError(GVSOC_HINT)
+    return Path(found).resolve()
+
+
+def gvsoc_command(gvsoc: Path, elf: Path, work_dir: Path) -> list[str]:
+    return [str(gvsoc), f"--target={GVSOC_TARGET}", "--work-dir", str(work_dir), "--binary", str(elf), "run"]
+
+
+def gvsoc_env(gvsoc: Path) -> dict[str, str]:
+    """GVSoC's Python modules beside an installed executable (install/bin/gvsoc → install/python)."""
+    env = dict(os.environ)
+    python_dir = gvsoc.parent.parent / "python"
+    if python_dir.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(python_dir), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def parse_transcript(text: str) -> bytes:
+    """The reply bytes in GVSoC's stdout: every ``EFO <hex>`` line, in order; other lines are ignored."""
+    parts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.startswith(REPLY_PREFIX):
+            continue
+        digits = line[len(REPLY_PREFIX):].strip()
+        try:
+            parts.append(bytes.fromhex(digits))
+        except ValueError:
+            raise DeviceError(f"GVSoC transcript line {number} is not hex: {digits[:40]!r}") from None
+    if not parts:
+        raise DeviceError("GVSoC transcript holds no reply (no 'EFO' lines)")
+    return b"".join(parts)
+
+
+class GvsocDevice(QemuDevice):
+    """Runs ``program`` (lowered for a siracusa target) on GVSoC; same interface as NumpyDevice and QemuDevice.
+
+    ``workdir``: where builds and run files go (kept); default: builds in the shared cache, runs in a temporary
+    directory. ``last_transcript`` keeps GVSoC's stdout of the last run."""
+
+    kind = "gvsoc"
+
+    def __init__(self, program: Program, workdir: str | os.PathLike | None = None, *, name: str = "gvsoc",
+                 gvsoc: str | os.PathLike | None = None, timeout_s: float = RUN_TIMEOUT_S):
+        self.gvsoc = find_gvsoc(gvsoc)
+        self.name = name
+        self.program = program
+        self.board = get_board("siracusa")
+        self.timeout_s = timeout_s
+        self.icount = False
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.params = np.zeros(program.params_bytes, np.uint8)
+        self.param_views = {n: _view(self.params, off, program.tensors[n]) for n, off in program.param_offsets.items()}
+        for n, value in program.values.items():
+            if n in self.param_views:
+                np.copyto(self.param_views[n], value, casting="same_kind")
+        self.lr_tensors = [n for n, t in program.tensors.items() if t.role == "hyper"]
+        source, self.fingerprint = generate(program)
+        key = firmware_key(source + job_header(program), self.board, None)
+        root = self.workdir / "build" if self.workdir else default_cache_dir()
+        try:
+            self.executable = build_elf(program, root / f"{_slug(program.model)}-siracusa-{key[:16]}", "siracusa")
+        except CompileError as exc:
+            raise DeviceError(f"{name}: cannot build the firmware: {exc}") from None
+        manifest = read_manifest(self.executable)
+        self.job_steps = int(manifest.get("job_steps", JOB_STEPS))
+        self.out_ranges = [tuple(r) for r in manifest.get("out_ranges", [])]
+        self.last_run_s = 0.0
+        self.last_transcript = ""
+        self.last_step_cycles = np.zeros(0, np.uint64)
+        self.last_step_instructions = np.zeros(0, np.uint64)
+
+    def _run(self, mode: int, steps: list) -> OutFile:
+        """Runs of at most ``job_steps`` steps each (the ELF's job region), parameters carried between them."""
+        parts = []
+        for first in range(0, len(steps), self.job_steps):
+            chunk = steps[first: first + self.job_steps]
+            if self.workdir is not None:
+                run_dir = self.workdir / "run"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                parts.append(self._run_chunk(run_dir, mode, chunk))
+            else:
+                with tempfile.TemporaryDirectory(prefix="edgefleet-gvsoc-") as tmp:
+                    parts.append(self._run_chunk(Path(tmp), mode, chunk))
+        return OutFile(np.concatenate([p.losses for p in parts]), np.concatenate([p.cycles for p in parts]),
+                       np.concatenate([p.instructions for p in parts]), b"".join(p.outputs for p in parts),
+                       parts[-1].params)
+
+    def _run_chunk(self, run_dir: Path, mode: int, steps: list) -> OutFile:
+        input_bytes, label_bytes, output_bytes = self._phase_sizes(mode)
+        elf = bytearray(self.executable.read_bytes())
+        try:
+            patch_section(elf, ".ef_params", self.params.tobytes())
+            patch_section(elf, ".ef_job", encode_batches(mode, self.fingerprint, steps, input_bytes, label_bytes))
+        except CompileError as exc:
+            raise DeviceError(f"{self.name}: {exc}") from None
+        binary = run_dir / "job.elf"
+        binary.write_bytes(bytes(elf))
+        cmd = gvsoc_command(self.gvsoc, binary, run_dir / "gvsoc")
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=self.timeout_s, env=gvsoc_env(self.gvsoc))
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"{self.name}: program {self.program.model!r} did not finish within "
+                              f"{self.timeout_s:g} s on GVSoC (timeout)") from None
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: cannot start {cmd[0]}: {exc.strerror}") from None
+        self.last_run_s = time.perf_counter() - start
+        self.last_transcript = proc.stdout
+        (run_dir / "transcript.txt").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise DeviceError(f"{self.name}: GVSoC exited with code {proc.returncode}: "
+                              f"{_cause(proc.returncode, (proc.stdout + proc.stderr).encode())}")
+        return self.decode(parse_transcript(proc.stdout), mode, len(steps), output_bytes)
+
+    def decode(self, reply: bytes, mode: int, steps: int, output_bytes: int) -> OutFile:
+        """The reply's bytes → OutFile with the whole parameter region (the ranges written over the current one)."""
+        range_bytes = sum(size for _, size in self.out_ranges)
+        out = decode_out(reply, mode, self.fingerprint, steps, range_bytes, output_bytes)
+        region = self.params.copy()
+        if mode == MODE_TRAIN:
+            data = np.frombuffer(out.params, np.uint8)
+            at = 0
+            for offset, size in self.out_ranges:
+                region[offset: offset + size] = data[at: at + size]
+                at += size
+        return OutFile(out.losses, out.cycles, out.instructions, out.outputs, region.tobytes())
+
+
+__all__ = ["GVSOC_ENV", "GVSOC_HINT", "GvsocDevice", "find_gvsoc", "gvsoc_command", "parse_transcript"]

@@ -37,6 +37,7 @@ GVSOC_ENV = "EDGEFLEET_GVSOC"
 GVSOC_TARGET = "siracusa"
 RUN_TIMEOUT_S = 1800.0
 REPLY_PREFIX = "EFO "
+PROFILE_PREFIX = "EFP "
 GVSOC_HINT = (f"GVSoC not found: pass --gvsoc PATH, set {GVSOC_ENV}=PATH, or put gvsoc on PATH (GVSoC is built "
               f"from its public sources; see docs/gvsoc.md)")
 
@@ -84,6 +85,21 @@ def parse_transcript(text: str) -> bytes:
     return b"".join(parts)
 
 
+def parse_profile(text: str) -> dict[int, int]:
+    """Cycles per program step index from the ``EFP <index> <cycles>`` lines (hex), summed over the job's steps."""
+    out: dict[int, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.startswith(PROFILE_PREFIX):
+            continue
+        fields = line.split()
+        try:
+            index, cycles = int(fields[1], 16), int(fields[2], 16)
+        except (IndexError, ValueError):
+            raise DeviceError(f"GVSoC transcript line {number} is not a profile line: {line[:60]!r}") from None
+        out[index] = out.get(index, 0) + cycles
+    return out
+
+
 class GvsocDevice(QemuDevice):
     """Runs ``program`` (lowered for a siracusa target) on GVSoC; same interface as NumpyDevice and QemuDevice.
 
@@ -119,12 +135,14 @@ class GvsocDevice(QemuDevice):
         self.out_ranges = [tuple(r) for r in manifest.get("out_ranges", [])]
         self.last_run_s = 0.0
         self.last_transcript = ""
+        self.last_profile: dict[int, int] = {}      # cycles per program step index over the last run's steps
         self.last_step_cycles = np.zeros(0, np.uint64)
         self.last_step_instructions = np.zeros(0, np.uint64)
 
     def _run(self, mode: int, steps: list) -> OutFile:
         """Runs of at most ``job_steps`` steps each (the ELF's job region), parameters carried between them."""
         parts = []
+        self.last_profile = {}
         for first in range(0, len(steps), self.job_steps):
             chunk = steps[first: first + self.job_steps]
             if self.workdir is not None:
@@ -164,6 +182,8 @@ class GvsocDevice(QemuDevice):
         if proc.returncode != 0:
             raise DeviceError(f"{self.name}: GVSoC exited with code {proc.returncode}: "
                               f"{_cause(proc.returncode, (proc.stdout + proc.stderr).encode())}")
+        for index, cycles in parse_profile(proc.stdout).items():
+            self.last_profile[index] = self.last_profile.get(index, 0) + cycles
         return self.decode(parse_transcript(proc.stdout), mode, len(steps), output_bytes)
 
     def decode(self, reply: bytes, mode: int, steps: int, output_bytes: int) -> OutFile:
@@ -180,4 +200,5 @@ class GvsocDevice(QemuDevice):
         return OutFile(out.losses, out.cycles, out.instructions, out.outputs, region.tobytes())
 
 
-__all__ = ["GVSOC_ENV", "GVSOC_HINT", "GvsocDevice", "find_gvsoc", "gvsoc_command", "parse_transcript"]
+__all__ = ["GVSOC_ENV", "GVSOC_HINT", "GvsocDevice", "find_gvsoc", "gvsoc_command", "parse_profile",
+           "parse_transcript"]

@@ -158,7 +158,7 @@ def _phase_body(program: Program, phase_name: str, phase: Phase, symbols: Symbol
         lines.append(_macro(symbols.arena[name], info, "ef_arena", phase.arena_offsets[name], info.role))
     lines.append("")
     lines.append(f"static void ef_{phase_name}_run(void) {{")
-    for step in phase.steps:
+    for index, step in enumerate(phase.steps):
         call = step_call(program, step, symbols)
         where = f"{step.name} [{step.layer}]" if step.layer else step.name
         if call is None:
@@ -166,6 +166,7 @@ def _phase_body(program: Program, phase_name: str, phase: Phase, symbols: Symbol
         else:
             lines.append(f"    /* {_comment(where)} */")
             lines.append(f"    {call}")
+            lines.append(f"    EF_STEP_DONE({index}u);")
     lines.append("}")
     lines.append("")
     return lines
@@ -219,6 +220,12 @@ def _storage(program: Program) -> list[str]:
         f"#define EF_PARAMS_BYTES {program.params_bytes}u",
         f"#define EF_ARENA_BYTES {arena}u /* train {program.train.arena_bytes}, evaluate "
         f"{program.evaluate.arena_bytes}: the phases never run at once */",
+        "#ifdef EF_PROFILE /* the board times each step (siracusa: cycles per step index, for calibration) */",
+        "void ef_profile_mark(uint32_t step);",
+        "#define EF_STEP_DONE(i) ef_profile_mark(i)",
+        "#else",
+        "#define EF_STEP_DONE(i)",
+        "#endif",
         "#ifndef EF_PARAMS_SECTION /* a board that loads the parameter region with the executable names a section */",
         "#define EF_PARAMS_SECTION",
         "#endif",

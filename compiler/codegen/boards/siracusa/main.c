@@ -22,7 +22,18 @@ uint8_t ef_job[EF_JOB_BYTES] __attribute__((section(".ef_job"), aligned(16)));
 static const uint32_t out_ranges[][2] = {EF_OUT_RANGES};
 #define OUT_RANGE_COUNT (sizeof out_ranges / sizeof out_ranges[0])
 
-void ef_hal_worker(uint32_t core);   /* hal/pulp: cores 1-7 wait for forks there, never return */
+void ef_hal_worker(uint32_t core);
+
+/* Cycles of each step of the program (index in the phase's step list), summed over the job's steps; printed as
+ * "EFP <index> <cycles>" lines (hex) after the reply. Calibration (compiler/targets/calibrate.py) reads them. */
+static uint32_t profile[EF_PROFILE_SLOTS];
+static uint32_t profile_last;
+
+void ef_profile_mark(uint32_t step) {
+    const uint32_t now = ef_board_cycles32();
+    if (step < EF_PROFILE_SLOTS) profile[step] += now - profile_last;
+    profile_last = ef_board_cycles32();
+}   /* hal/pulp: cores 1-7 wait for forks there, never return */
 
 static void put_str(const char *s) {
     while (*s) ef_board_putc(*s++);
@@ -49,6 +60,21 @@ static void emit(const void *data, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) {
         line[line_fill++] = p[i];
         if (line_fill == HEX_BYTES_PER_LINE) flush_line();
+    }
+}
+
+static void put_hex(uint32_t v) {
+    static const char digits[] = "0123456789abcdef";
+    for (int shift = 28; shift >= 0; shift -= 4) ef_board_putc(digits[(v >> shift) & 15u]);
+}
+
+static void print_profile(uint32_t steps) {
+    for (uint32_t i = 0; i < steps && i < EF_PROFILE_SLOTS; i++) {
+        put_str("EFP ");
+        put_hex(i);
+        ef_board_putc(' ');
+        put_hex(profile[i]);
+        ef_board_putc('\n');
     }
 }
 
@@ -85,6 +111,7 @@ static int run_job(void) {
         memcpy(phase->input, in, phase->input_bytes);
         if (phase->label_bytes) memcpy(phase->label, in + phase->input_bytes, phase->label_bytes);
         const uint32_t c0 = ef_board_cycles32(), i0 = ef_board_instructions32();
+        profile_last = c0;
         phase->run();
         const uint32_t c1 = ef_board_cycles32(), i1 = ef_board_instructions32();
         step_record_t rec = {*phase->loss, 0u, (uint32_t)(c1 - c0), (uint32_t)(i1 - i0)};
@@ -96,6 +123,7 @@ static int run_job(void) {
     trailer_t end = {{'E', 'F', 'N', 'D'}, job.steps};
     emit(&end, sizeof end);
     flush_line();
+    print_profile(job.mode == MODE_TRAIN ? EF_TRAIN_STEPS : EF_EVALUATE_STEPS);
     return 0;
 }
 

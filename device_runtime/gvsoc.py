@@ -15,6 +15,7 @@ the step counters are cluster cycles (mcycle of cluster core 0) and instructions
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,12 @@ def parse_transcript(text: str) -> bytes:
     if not parts:
         raise DeviceError("GVSoC transcript holds no reply (no 'EFO' lines)")
     return b"".join(parts)
+
+
+def firmware_exit_code(text: str) -> int | None:
+    """The program's exit code as GVSoC reports it ("Platform returned an error (exitcode: N)"), if it does."""
+    match = re.search(r"exitcode: (\d+)\)", text)
+    return int(match.group(1)) if match else None
 
 
 def parse_profile(text: str) -> dict[int, int]:
@@ -180,8 +187,11 @@ class GvsocDevice(QemuDevice):
         self.last_transcript = proc.stdout
         (run_dir / "transcript.txt").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise DeviceError(f"{self.name}: GVSoC exited with code {proc.returncode}: "
-                              f"{_cause(proc.returncode, (proc.stdout + proc.stderr).encode())}")
+            text = proc.stdout + proc.stderr
+            code = firmware_exit_code(text)
+            said = f"the firmware exited with code {code}" if code is not None else \
+                f"GVSoC exited with code {proc.returncode}"
+            raise DeviceError(f"{self.name}: {said}: {_cause(code or proc.returncode, text.encode())}")
         for index, cycles in parse_profile(proc.stdout).items():
             self.last_profile[index] = self.last_profile.get(index, 0) + cycles
         return self.decode(parse_transcript(proc.stdout), mode, len(steps), output_bytes)
@@ -200,5 +210,6 @@ class GvsocDevice(QemuDevice):
         return OutFile(out.losses, out.cycles, out.instructions, out.outputs, region.tobytes())
 
 
-__all__ = ["GVSOC_ENV", "GVSOC_HINT", "GvsocDevice", "find_gvsoc", "gvsoc_command", "parse_profile",
+__all__ = ["GVSOC_ENV", "GVSOC_HINT", "GvsocDevice", "find_gvsoc", "firmware_exit_code", "gvsoc_command",
+           "parse_profile",
            "parse_transcript"]

@@ -169,7 +169,7 @@ class QemuDevice(ParameterAccess):
             return [str(self.executable)]
         if shutil.which(QEMU) is None:
             raise DeviceError(f"{QEMU} not found: install the Debian package {QEMU_PACKAGE}")
-        cmd = [QEMU, "-machine", "virt", "-cpu", "rv32", "-m", f"{self.memory_mib}M", "-bios", "none",
+        cmd = [QEMU, "-machine", "virt", "-cpu", self.board.qemu_cpu, "-m", f"{self.memory_mib}M", "-bios", "none",
                "-nographic", "-monitor", "none", "-semihosting-config", "enable=on,target=native"]
         if self.icount:
             cmd += ["-icount", "shift=0"]

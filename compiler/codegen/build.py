@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +47,20 @@ KIB = 1 << 10
 RISCV_PACKAGES = "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf"
 PULP_GCC = "riscv32-unknown-elf-gcc"
 PICOLIBC_SPECS = Path("/usr/lib/picolibc/riscv64-unknown-elf/picolibc.specs")
+PICOLIBC_INCLUDE = Path("/usr/lib/picolibc/riscv64-unknown-elf/include")
+ZIG_TARGET = "riscv32-freestanding-none"
+ZFINX_CPU = "generic_rv32+m+c+zfinx+zicsr"
+ZFINX_CFLAGS = ("-target", ZIG_TARGET, f"-mcpu={ZFINX_CPU}", "-O2", "-ffp-contract=off",
+                "-isystem", str(PICOLIBC_INCLUDE))
+
+
+def zig_cc() -> list[str]:
+    """zig's C compiler from the PyPI package ziglang."""
+    try:
+        import ziglang  # noqa: F401  (zig runs as ``python -m ziglang``)
+    except ImportError:
+        raise CompileError("building for Zfinx needs the PyPI package ziglang (pip install ziglang)") from None
+    return [sys.executable, "-m", "ziglang", "cc"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class Board:
     builder: str = "gcc"        # "gcc": compile and link here; "ziglang": compiler/codegen/siracusa.py;
                                 # "pulp-sdk": the PULP SDK's make rules (compiler/codegen/pulp_sdk.py)
     extra_sources: tuple[str, ...] = ()   # more firmware sources, relative to boards/ (their folders are included)
+    compile_with: str = ""      # "zig": objects by zig's clang with ``cflags`` (Zfinx), linked by ``cc``
+    link_flags: tuple[str, ...] = ()   # the link's flags when compile_with is set (else ``cflags``)
+    qemu_cpu: str = "rv32"      # QEMU's -cpu for boards that run on qemu-system-riscv32
 
     @property
     def extra_dirs(self) -> tuple[Path, ...]:
@@ -114,6 +133,13 @@ BOARDS: dict[str, Board] = {
                        ("-march=rv32imf", "-mabi=ilp32f", "-O2", "--specs=picolibc.specs", "--oslib=semihost",
                         "--crt0=semihost"),
                        "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True),
+    # The cluster cores' ISA (rv32imc + Zfinx: floats in the integer registers), compiled by zig's clang and
+    # linked with picolibc's rv32imac/ilp32 multilib, run by QEMU with zfinx=true: the siracusa kernels in CI.
+    "rv32-zfinx-qemu": Board("rv32-zfinx-qemu", "riscv64-unknown-elf-gcc", ZFINX_CFLAGS, "rv32_qemu", "firmware.elf",
+                             RISCV_PACKAGES + " and the PyPI package ziglang", True, compile_with="zig",
+                             link_flags=("-march=rv32imac", "-mabi=ilp32", "--specs=picolibc.specs",
+                                         "--oslib=semihost", "--crt0=semihost"),
+                             qemu_cpu="rv32,f=false,d=false,zfinx=true"),
     "host": Board("host", "gcc", ("-O2",), "host", "firmware", "gcc", False),
     # Bare metal FC + cluster, built with zig's clang (compiler/codegen/siracusa.py), run by GVSoC.
     "siracusa": Board("siracusa", "ziglang", ("-O2",), "siracusa", "firmware.elf",
@@ -223,8 +249,12 @@ def _library_objects(cc: str, board: Board, timeout_s: float, extra_cflags: Sequ
     shutil.rmtree(cache, ignore_errors=True)  # incomplete or not what we built: rebuild it whole
     work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=root))
     try:
-        cmd = [cc, *flags, *COMMON_CFLAGS, *_include_flags(board), "-c", *map(str, sources)]
-        _compile(cmd, work / "build.log", f"building the kernel library for {board.name}", timeout_s, cwd=work)
+        what = f"building the kernel library for {board.name}"
+        if board.compile_with == "zig":
+            compile_each(sources, work, [*flags, *COMMON_CFLAGS, *_include_flags(board)], what, timeout_s)
+        else:
+            cmd = [cc, *flags, *COMMON_CFLAGS, *_include_flags(board), "-c", *map(str, sources)]
+            _compile(cmd, work / "build.log", what, timeout_s, cwd=work)
         digests = {o.name: _file_digest(work / o.name) for o in objects}
         (work / OBJECTS_MANIFEST).write_text(json.dumps({"key": key, "objects": digests}, indent=1))
         try:
@@ -251,11 +281,23 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def compile_each(sources: Sequence[Path], out: Path, flags: Sequence[str], what: str, timeout_s: float) -> None:
+    """zig cc -c, one source per call (given several, it compiles only the first), two at a time."""
+    zig = zig_cc()
+
+    def one(src: Path) -> None:
+        _compile([*zig, *flags, "-c", str(src), "-o", str(out / f"{src.stem}.o")], out / f"{src.stem}.log", what,
+                 timeout_s)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(one, sources))
+
+
 def _require_toolchain(board: Board) -> str:
     cc = shutil.which(board.cc)
     if cc is None:
         raise CompileError(f"{board.cc} not found: install the Debian packages {board.packages}")
-    if board.name.startswith("rv32-qemu") and not PICOLIBC_SPECS.exists():
+    if (board.name.startswith("rv32-qemu") or board.name == "rv32-zfinx-qemu") and not PICOLIBC_SPECS.exists():
         raise CompileError(f"picolibc for riscv64-unknown-elf not found ({PICOLIBC_SPECS}): install the Debian "
                            f"packages {board.packages}")
     return cc
@@ -300,9 +342,15 @@ def build_elf(program: Program, out_dir: str | os.PathLike, board: str = "rv32-q
     (out / "program.c").write_text(source)
     tmp = out / f"{spec.executable}.tmp-{os.getpid()}"
     objects = _library_objects(cc, spec, timeout_s, extra_cflags)
-    cmd = [cc, *spec.cflags, *extra_cflags, *COMMON_CFLAGS, *_include_flags(spec),
-           *(memory.linker_flags() if memory else []), str(out / "program.c"), *map(str, objects), "-lm",
-           "-o", str(tmp)]
+    if spec.compile_with == "zig":
+        compile_each([out / "program.c"], out, [*spec.cflags, *extra_cflags, *COMMON_CFLAGS, *_include_flags(spec)],
+                     f"building {program.model!r} for {spec.name}", timeout_s)
+        cmd = [cc, *spec.link_flags, *(memory.linker_flags() if memory else []), str(out / "program.o"),
+               *map(str, objects), "-lm", "-o", str(tmp)]
+    else:
+        cmd = [cc, *spec.cflags, *extra_cflags, *COMMON_CFLAGS, *_include_flags(spec),
+               *(memory.linker_flags() if memory else []), str(out / "program.c"), *map(str, objects), "-lm",
+               "-o", str(tmp)]
     _compile(cmd, out / "build.log", f"building {program.model!r} for {spec.name}", timeout_s)
     os.replace(tmp, exe)
     info = {"board": spec.name, "model": program.model, "fingerprint": mark, "key": key,

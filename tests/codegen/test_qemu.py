@@ -3,6 +3,7 @@ NumpyDevice (parameters and losses within 1e-4 relative); the rdcycle/instret co
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -65,3 +66,22 @@ def test_qemu_refuses_a_job_for_another_program(tmp_path):
     device.fingerprint ^= 1
     with pytest.raises(DeviceError, match=r"exited with code 13 .*another program layout"):
         device.train(x, y, 1)
+
+
+ZFINX_CASES = [c for c in CASES if c[0] in ("deep-ae", "cct-digits")] + [("torch-mlp", "lora+head")]
+
+
+@pytest.mark.parametrize("model, tuning", ZFINX_CASES,
+                         ids=[f"{m}-{t if isinstance(t, str) else 'lora'}" for m, t in ZFINX_CASES])
+def test_zfinx_build_trains_like_numpy_on_qemu(tmp_path, model, tuning):
+    """The kernels built as the siracusa cluster runs them (zig's clang, rv32imc + Zfinx), on QEMU with
+    zfinx=true: same training as the numpy executor."""
+    program = compiled(model, tuning)
+    x, y = data_for(program, 12)
+    device = QemuDevice(program, tmp_path, board="rv32-zfinx-qemu", timeout_s=QEMU_TIMEOUT_S)
+    got = device.train(x, y, K_STEPS)
+    assert_same_training(got, NumpyDevice(program).train(x, y, K_STEPS))
+    objdump = shutil.which("riscv64-unknown-elf-objdump")
+    text = subprocess.run([objdump, "-d", str(device.executable)], capture_output=True, text=True).stdout
+    assert "fmul.s\ta" in text or "fmadd.s\ta" in text, "float ops must use integer registers (Zfinx)"
+    assert "flw\t" not in text and "fsw\t" not in text, "no F registers on the cluster cores"

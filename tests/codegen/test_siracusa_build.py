@@ -4,12 +4,11 @@
   the host gcc into a shared object and called through ctypes: 1-D and 2-D DMA copies, and ef_hal_gemm through
   the RedMulE-job stand-in against numpy (and bit for bit against the core kernel ef_gemm) for shapes that are not
   multiples of the tiles, transposed operands, every bias layout.
-- The pulp HAL (hal/pulp) is only type-checked: riscv64-unknown-elf-gcc -march=rv32imf -mabi=ilp32f -c. It
-  programs Siracusa's event unit, MCHAN DMA and RedMulE registers, which neither this machine nor QEMU has, so it
-  cannot run here.
-- The siracusa build without the PULP SDK fails with one line naming the SDK (build_elf and `edgefleet compile
-  --build`); with a stand-in SDK (a fake pmsis_rules.mk that type-checks every source against the pmsis
-  declarations the sources use) the build writes a complete, self-contained SDK application.
+- The pulp HAL (hal/pulp) compiles for the cluster's ISA (zig's clang, Zfinx) and defines the whole interface; it
+  programs Siracusa's MCHAN DMA (and RedMulE) registers, which QEMU does not have: it runs under GVSoC
+  (tests/device_runtime/test_gvsoc.py, when GVSoC is configured).
+- The siracusa ELF (zig's clang + lld): readelf puts every section in GVSoC's siracusa memory map; the job
+  sections are patched in place.
 - A program lowered for siracusa, built for the host board (generic HAL), trains like NumpyDevice: its RedMulE
   steps go through the HAL kernels (ef_hal_gemm, ef_hal_lora_linear, ...). The LoRA kernels: test_hal_lora.py.
 """
@@ -17,9 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,9 @@ import pytest
 from compiler import compile_model
 from compiler.codegen import HAL_DIR, KERNEL_DIR, build_elf, generate_c
 from compiler.codegen.build import hal_sources
-from compiler.codegen.siracusa import SDK_HINT, find_pulp_sdk
+from compiler.codegen.build import ZFINX_CFLAGS, zig_cc
+from compiler.codegen.siracusa import MEMORY_MAP, job_bytes, patch_section
+from compiler.codegen.siracusa import sections as siracusa_sections
 from compiler.codegen.templates import REDMULE_KERNELS, TEMPLATES
 from compiler.ir import CompileError
 from compiler.targets import load_target, lower_to_target
@@ -37,10 +36,8 @@ from device_runtime.qemu import QemuDevice
 from tests.codegen.hal_harness import HAL_L1_BYTES, HAL_RTOL, Tile, close, ptr, stats
 from tests.codegen.programs import AE_LORA, K_STEPS, data_for, rel_diff
 
-ROOT = Path(__file__).resolve().parents[2]
 HOST_GCC = shutil.which("gcc")
 RISCV_GCC = shutil.which("riscv64-unknown-elf-gcc")
-SDK_VARS = ("PULP_SDK_HOME", "PULP_RISCV_GCC_TOOLCHAIN", "RULES_DIR", "TARGET_CHIP")
 
 needs_gcc = pytest.mark.skipif(HOST_GCC is None, reason="host gcc is not installed")
 needs_riscv = pytest.mark.skipif(RISCV_GCC is None, reason="riscv64-unknown-elf-gcc is not installed "
@@ -163,7 +160,7 @@ def test_batched_mat_mul_with_a_broadcast_operand(hal):
     close(y, a.astype(np.float64) @ b.astype(np.float64))
 
 
-# ---- the pulp HAL: type check only -----------------------------------------------------------------------
+# ---- the pulp HAL and the siracusa ELF ---------------------------------------------------------------------
 def _defined_hal_symbols(obj: Path) -> set[str]:
     nm = shutil.which("riscv64-unknown-elf-nm") or shutil.which("nm")
     out = subprocess.run([nm, "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
@@ -171,18 +168,25 @@ def _defined_hal_symbols(obj: Path) -> set[str]:
 
 
 @needs_riscv
-def test_pulp_hal_compiles_for_rv32_and_implements_the_whole_interface(tmp_path):
-    """Syntax and type check only: the register-level code needs Siracusa (or GVSoC), which is not here."""
+def test_pulp_hal_compiles_for_zfinx_and_implements_the_whole_interface(tmp_path):
+    """Both HALs define the same ef_hal_* interface (the pulp one adds the worker loop of cores 1-7); the pulp HAL
+    compiles without warnings for the cluster's ISA, with and without RedMulE."""
     objs = {}
-    for name, source, extra in (("pulp", HAL_DIR / "pulp" / "ef_hal_pulp.c", ["-ffreestanding"]),
-                                ("generic", HAL_DIR / "generic" / "ef_hal_generic.c", ["--specs=picolibc.specs"])):
+    zig = zig_cc()
+    for name, extra in (("pulp", ["-DEF_HAL_REDMULE"]), ("pulp-cores", [])):
         objs[name] = tmp_path / f"{name}.o"
-        cmd = [RISCV_GCC, "-march=rv32imf", "-mabi=ilp32f", *extra, "-O2", "-std=gnu11", "-Wall", "-Wextra",
-               "-Werror", f"-I{HAL_DIR}", f"-I{HAL_DIR / name}", "-c", str(source), "-o", str(objs[name])]
+        cmd = [*zig, *ZFINX_CFLAGS, *extra, "-std=gnu11", "-Wall", "-Wextra", "-Werror", f"-I{HAL_DIR}",
+               f"-I{HAL_DIR / 'pulp'}", "-c", str(HAL_DIR / "pulp" / "ef_hal_pulp.c"), "-o", str(objs[name])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+    objs["generic"] = tmp_path / "generic.o"
+    proc = subprocess.run([RISCV_GCC, "-march=rv32imf", "-mabi=ilp32f", "--specs=picolibc.specs", "-O2", "-c",
+                           f"-I{HAL_DIR}", f"-I{HAL_DIR / 'generic'}", str(HAL_DIR / "generic" / "ef_hal_generic.c"),
+                           "-o", str(objs["generic"])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
     generic = _defined_hal_symbols(objs["generic"]) - {"ef_hal_generic_stats", "ef_hal_generic_reset_stats"}
-    assert _defined_hal_symbols(objs["pulp"]) == generic
+    assert _defined_hal_symbols(objs["pulp"]) == generic | {"ef_hal_worker"}
+    assert _defined_hal_symbols(objs["pulp-cores"]) == generic | {"ef_hal_worker"}
 
 
 @needs_riscv
@@ -198,156 +202,70 @@ def test_hal_kernels_compile_for_rv32_without_warnings(tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
-# ---- the siracusa build without (and with a stand-in for) the PULP SDK ---------------------------------------
 @pytest.fixture(scope="module")
 def lowered():
     program = compile_model("deep-ae", tuning=AE_LORA, batch=4, lr=0.05)
     return program, lower_to_target(program, load_target("siracusa"))
 
 
-@pytest.fixture
-def no_sdk(monkeypatch, tmp_path):
-    """An environment without the SDK: its variables unset and a PATH holding only make."""
-    for var in SDK_VARS:
-        monkeypatch.delenv(var, raising=False)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    if shutil.which("make"):
-        (bin_dir / "make").symlink_to(shutil.which("make"))
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return dict(os.environ)
+@pytest.fixture(scope="module")
+def siracusa_elf(lowered, tmp_path_factory):
+    return build_elf(lowered[1], tmp_path_factory.mktemp("siracusa") / "out", board="siracusa")
 
 
-def test_siracusa_build_without_the_sdk_names_it_in_one_line(lowered, no_sdk, tmp_path):
-    with pytest.raises(CompileError) as err:
-        build_elf(lowered[1], tmp_path / "out", board="siracusa")
-    message = str(err.value)
-    assert "\n" not in message and message.startswith(SDK_HINT)
-    assert "PULP_SDK_HOME" in message.split("missing:")[1] and "riscv32-unknown-elf-gcc" in message.split("missing:")[1]
-    assert not (tmp_path / "out" / "firmware.elf").exists()
+def _readelf(elf: Path, flag: str) -> str:
+    return subprocess.run(["riscv64-unknown-elf-readelf", flag, "-W", str(elf)], capture_output=True, text=True,
+                          check=True).stdout
 
 
-def test_sdk_check_names_exactly_what_is_missing(tmp_path):
-    sdk = tmp_path / "pulp-sdk"
-    (sdk / "configs").mkdir(parents=True)
-    (sdk / "configs" / "siracusa.sh").write_text("")
-    (sdk / "rules").mkdir()
-    (sdk / "rules" / "pmsis_rules.mk").write_text("")
-    toolchain = tmp_path / "gcc"
-    (toolchain / "bin").mkdir(parents=True)
-    gcc = toolchain / "bin" / "riscv32-unknown-elf-gcc"
-    gcc.write_text("#!/bin/sh\n")
-    gcc.chmod(gcc.stat().st_mode | stat.S_IEXEC)
-    path = os.path.dirname(shutil.which("make") or "/usr/bin/make")
-    sourced = {"PULP_SDK_HOME": str(sdk), "RULES_DIR": str(sdk / "rules"), "TARGET_CHIP": "SIRACUSA", "PATH": path,
-               "PULP_RISCV_GCC_TOOLCHAIN": str(toolchain)}
-    if shutil.which("make"):
-        assert find_pulp_sdk(sourced)["gcc"] == str(gcc)
-    with pytest.raises(CompileError, match=r"missing: the siracusa configuration .*source \$PULP_SDK_HOME"):
-        find_pulp_sdk({**sourced, "TARGET_CHIP": "GAP9"})
-    with pytest.raises(CompileError, match=r"missing: riscv32-unknown-elf-gcc$"):
-        find_pulp_sdk({**sourced, "PULP_RISCV_GCC_TOOLCHAIN": ""})
-    with pytest.raises(CompileError, match=r"missing: PULP_SDK_HOME \(.* has no configs/siracusa.sh\)"):
-        find_pulp_sdk({**sourced, "PULP_SDK_HOME": str(tmp_path)})
+@needs_riscv
+def test_siracusa_elf_lands_in_the_memory_map(lowered, siracusa_elf):
+    """readelf: code and data in L2 shared, stacks and the L1 pool in the TCDM, the job sections sized for the
+    program; the FC part is rv32imc (no float instruction), the cluster part uses Zfinx."""
+    program = lowered[1]
+    found = {}
+    for line in _readelf(siracusa_elf, "-S").splitlines():
+        fields = line.replace("[ ", "[").split()
+        if len(fields) > 6 and fields[0].startswith("[") and fields[1].startswith("."):
+            found[fields[1]] = (int(fields[3], 16), int(fields[5], 16), fields[2])
+    (l2, l2_bytes), (l1, l1_bytes) = MEMORY_MAP["L2"], MEMORY_MAP["L1"]
+    for name in (".text", ".rodata", ".ef_params", ".ef_job", ".bss"):
+        addr, size, _ = found[name]
+        assert l2 <= addr and addr + size <= l2 + l2_bytes, name
+    addr, size, kind = found[".l1"]
+    assert l1 <= addr and addr + size <= l1 + l1_bytes and kind == "NOBITS"
+    assert found[".ef_params"][1:] == (program.params_bytes, "PROGBITS")
+    assert found[".ef_job"][1:] == (job_bytes(program), "PROGBITS")
+    entry = int(_readelf(siracusa_elf, "-h").split("Entry point address:")[1].split()[0], 16)
+    assert entry == found[".text"][0]
+    sections = siracusa_sections(siracusa_elf.read_bytes())
+    assert {n: (s.address, s.size_bytes) for n, s in sections.items() if n in found} == \
+        {n: found[n][:2] for n in found if n in sections}
+    disasm = subprocess.run(["riscv64-unknown-elf-objdump", "-d", str(siracusa_elf)], capture_output=True,
+                            text=True, check=True).stdout
+    fc = disasm.split("<ef_fc_main>:")[1].split("\n\n")[0]
+    assert "ef_fc_main" in disasm and not any(f"{op}.s" in fc for op in ("fadd", "fmul", "fsub", "fdiv"))
+    assert "fmul.s\ta" in disasm or "fmadd.s\ta" in disasm
+
+
+@needs_riscv
+def test_job_patching_writes_the_sections_and_refuses_overflow(lowered, siracusa_elf):
+    elf = bytearray(siracusa_elf.read_bytes())
+    sections = siracusa_sections(bytes(elf))
+    region = np.arange(lowered[1].params_bytes, dtype=np.uint32).astype(np.uint8).tobytes()
+    patch_section(elf, ".ef_params", region)
+    s = sections[".ef_params"]
+    assert bytes(elf[s.file_offset: s.file_offset + s.size_bytes]) == region
+    assert len(elf) == len(siracusa_elf.read_bytes())
+    with pytest.raises(CompileError, match="do not fit section '.ef_job'"):
+        patch_section(elf, ".ef_job", bytes(sections[".ef_job"].size_bytes + 1))
+    with pytest.raises(CompileError, match="no loaded section '.bss'"):
+        patch_section(elf, ".bss", b"x")
 
 
 def test_siracusa_build_needs_a_program_lowered_for_siracusa(lowered, tmp_path):
     with pytest.raises(CompileError, match="needs a program lowered for a siracusa target"):
         build_elf(lowered[0], tmp_path, board="siracusa")
-
-
-def test_cli_compile_build_for_siracusa_exits_2_with_the_sdk_line(no_sdk, tmp_path):
-    out = tmp_path / "tmp"
-    env = {**no_sdk, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", "compile", "deep-ae", "--strategy", "lora", "--target",
-                           "siracusa", "--build", "-o", str(out)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
-    assert proc.returncode == 2, proc.stderr
-    with pytest.raises(CompileError) as expected:
-        find_pulp_sdk(no_sdk)
-    assert proc.stderr.splitlines() == [f"edgefleet: error: {expected.value}"]
-    assert (out / "manifest.json").exists()            # the program artifact is written before the build
-
-
-PMSIS_STUB = """/* Stand-in for the pmsis headers: only the declarations the siracusa sources use, with pulp-sdk's
- * signatures (rtos/pmsis/pmsis_api, pmsis_bsp). For type checking in tests; not the SDK. */
-#pragma once
-#include <stdint.h>
-struct pi_device { void *api, *config, *data; };
-struct pi_cluster_conf { int id; };
-struct pi_cluster_task { void (*entry)(void *); void *arg; void *stacks; uint32_t stack_size, slave_stack_size; };
-struct pi_fs_conf { int type; };
-struct pi_hostfs_conf { struct pi_fs_conf fs; };
-typedef struct pi_fs_file_s pi_fs_file_t;
-enum { PI_PERF_INSTR = 1, PI_PERF_CYCLES = 17, PI_FS_FLAGS_READ = 0, PI_FS_FLAGS_WRITE = 1 };
-void pi_open_from_conf(struct pi_device *device, void *conf);
-void pi_cluster_conf_init(struct pi_cluster_conf *conf);
-int pi_cluster_open(struct pi_device *device);
-int pi_cluster_close(struct pi_device *device);
-struct pi_cluster_task *pi_cluster_task(struct pi_cluster_task *task, void (*entry)(void *), void *arg);
-int pi_cluster_send_task_to_cl(struct pi_device *device, struct pi_cluster_task *task);
-void pi_cl_team_fork(int nb_cores, void (*entry)(void *), void *arg);
-int pi_cl_team_nb_cores(void);
-int pi_cl_cluster_nb_cores(void);
-uint32_t pi_core_id(void);
-void *pi_cl_l1_malloc(struct pi_device *device, uint32_t size);
-void pi_perf_conf(unsigned events);
-void pi_perf_reset(void);
-void pi_perf_start(void);
-void pi_perf_stop(void);
-unsigned int pi_perf_read(int id);
-void pi_hostfs_conf_init(struct pi_hostfs_conf *conf);
-int32_t pi_fs_mount(struct pi_device *device);
-void pi_fs_unmount(struct pi_device *device);
-pi_fs_file_t *pi_fs_open(struct pi_device *device, const char *file, int flags);
-void pi_fs_close(pi_fs_file_t *file);
-int32_t pi_fs_read(pi_fs_file_t *file, void *buffer, uint32_t size);
-int32_t pi_fs_write(pi_fs_file_t *file, void *buffer, uint32_t size);
-int pmsis_kickoff(void *arg);
-void pmsis_exit(int err);
-"""
-
-# The stand-in SDK's rules: type-check every APP_SRCS file for rv32 against the stub, then "link" by touching
-# the executable where the real rules put it (build/$(APP)/$(APP)).
-FAKE_RULES = """all: build/$(APP)/$(APP)
-build/$(APP)/$(APP): $(APP_SRCS)
-\tmkdir -p build/$(APP)
-\tfor f in $(APP_SRCS); do riscv32-unknown-elf-gcc -fsyntax-only -Werror $(APP_CFLAGS) $$f || exit 1; done
-\ttouch $@
-"""
-
-
-@needs_riscv
-def test_siracusa_build_with_a_stand_in_sdk_writes_a_complete_sdk_application(lowered, monkeypatch, tmp_path):
-    sdk = tmp_path / "pulp-sdk"
-    (sdk / "configs").mkdir(parents=True)
-    (sdk / "configs" / "siracusa.sh").write_text("")
-    rules = sdk / "tools" / "rules"
-    rules.mkdir(parents=True)
-    (rules / "pmsis_rules.mk").write_text(FAKE_RULES)
-    stub = tmp_path / "pmsis-stub"
-    (stub / "bsp" / "fs").mkdir(parents=True)
-    (stub / "pmsis.h").write_text(PMSIS_STUB)
-    (stub / "bsp" / "fs.h").write_text('#include "pmsis.h"\n')
-    (stub / "bsp" / "fs" / "hostfs.h").write_text('#include "pmsis.h"\n')
-    bin_dir = tmp_path / "toolchain" / "bin"
-    bin_dir.mkdir(parents=True)
-    gcc = bin_dir / "riscv32-unknown-elf-gcc"   # PULP GCC stand-in: rv32imf with picolibc headers and the stub
-    gcc.write_text(f'#!/bin/sh\nexec {RISCV_GCC} -march=rv32imf -mabi=ilp32f --specs=picolibc.specs -I{stub} "$@"\n')
-    gcc.chmod(gcc.stat().st_mode | stat.S_IEXEC)
-    for var, value in (("PULP_SDK_HOME", sdk), ("RULES_DIR", rules), ("TARGET_CHIP", "SIRACUSA"),
-                       ("PULP_RISCV_GCC_TOOLCHAIN", bin_dir.parent)):
-        monkeypatch.setenv(var, str(value))
-    out = tmp_path / "out"
-    exe = build_elf(lowered[1], out, board="siracusa")
-    assert exe == out / "firmware.elf" and exe.exists()
-    makefile = (out / "Makefile").read_text()
-    for name in ("program.c", "src/ef_linear.c", "src/ef_hal_gemm.c", "src/ef_hal_lora.c", "src/ef_hal_pulp.c",
-                 "src/main.c", "include $(RULES_DIR)/pmsis_rules.mk"):
-        assert name in makefile
-    assert "ef_hal_generic" not in makefile
-    assert any(f"{kernel}(" in (out / "program.c").read_text() for kernel in REDMULE_KERNELS.values())
-    assert build_elf(lowered[1], out, board="siracusa") == exe   # same content: reused, make not run again
 
 
 # ---- a lowered program on the generic HAL -----------------------------------------------------------------

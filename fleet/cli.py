@@ -1,4 +1,4 @@
-"""The `edgefleet` command: compile | run | status | monitor | report."""
+"""The `edgefleet` command: compile | run | status | monitor | report | calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     compiler_cli.add_parser(sub)
-    for module in ("fleet.run_cli", "fleet.status_cli", "fleet.monitor_cli", "fleet.report_cli", "fleet.boards_cli"):
+    for module in ("fleet.run_cli", "fleet.status_cli", "fleet.monitor_cli", "fleet.report_cli", "fleet.boards_cli",
+                   "fleet.calibrate_cli"):
         try:
             __import__(module)
         except ImportError:

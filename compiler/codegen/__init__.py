@@ -7,7 +7,8 @@ step) that links with the kernel library (kernels/) and a board's firmware entry
 
 The op → kernel mapping is the strict template table in ``templates.py``; layouts and the kernel ABI are
 described in docs/codegen.md. GEMM steps lowered onto RedMulE call the HAL's tiled GEMM (``hal/``), which every
-board links: the generic HAL on host and rv32-qemu, the pulp HAL on siracusa (built by the PULP SDK).
+board links: the generic HAL on host, rv32-qemu and rv32-zfinx-qemu, the pulp HAL on siracusa (bare metal, built with
+zig's clang from the PyPI package ziglang, run by GVSoC through device_runtime.gvsoc).
 """
 from compiler.codegen.build import (BOARDS, HAL_DIR, KERNEL_DIR, Board, MemoryMap, board_for_target, build_elf,
                                     build_hal_library, build_kernel_library, memory_map, read_manifest)

@@ -13,8 +13,8 @@
  * Two implementations (docs/codegen.md, "The HAL and the siracusa board"):
  *   generic/  portable and single-threaded: memcpy DMA, a C loop standing in for RedMulE, a static L1 pool.
  *             Linked by the host and rv32-qemu boards, so the tiled GEMM path runs (and is tested) everywhere.
- *   pulp/     register-level code for the PULP cluster of Siracusa: event-unit barrier, MCHAN cluster DMA,
- *             RedMulE's HWPE register file; fork and L1 allocation through the PULP runtime (pmsis).
+ *   pulp/     register-level code for the PULP cluster of Siracusa: L1 mailbox fork and barrier, MCHAN cluster DMA,
+ *             RedMulE's HWPE register file (or the cores where the model has no RedMulE); bare metal.
  *
  * Rules every implementation keeps:
  *   - DMA and RedMulE calls come from one core at a time (the core that runs the program, core 0);

@@ -1,0 +1,297 @@
+"""Calibration of a target's cycle constants against measured cycles (GVSoC): the error table and the fit.
+
+A ``Measurement`` is one program step measured on the simulator (its cycles from the firmware's per-step
+profile) beside the model's cycles for the same step on the same unit. Each step's modelled cycles are governed
+by one constant of the target file (``governing_key``):
+
+    unit redmule                        redmule.fp32_macs_per_cycle        (cycles ~ 1 / value)
+    unit cluster, a GEMM (macs > 0)     cluster.gemm_macs_per_cycle_per_core (cycles ~ 1 / value)
+    unit cluster, op with an override   cluster.op_cycles_per_element.<op> (cycles ~ value)
+    unit cluster, otherwise             cluster.cycles_per_element.<kind>  (cycles ~ value)
+
+``fit`` scales each constant by the ratio of measured to modelled cycles summed over the steps it governs
+(iterated, re-costing the programs, because fork, DMA and pipelining make the model only nearly proportional),
+and ``fitted_toml`` writes the target file with the new values and, beside each, the errors before and after.
+Runs nothing itself: ``fleet.calibrate`` measures on GVSoC and calls these. docs/target.md has the method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+from compiler.program import Program
+from compiler.targets.lower import cost_program
+from compiler.targets.spec import Target, TargetError
+from compiler.targets.tiling import StepCost
+
+INVERSE_KEYS = ("redmule.fp32_macs_per_cycle", "cluster.gemm_macs_per_cycle_per_core")
+FIT_ROUNDS = 4
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    program: str                 # label of the measured program, e.g. "deep-ae/lora"
+    phase: str                   # "train" | "evaluate"
+    index: int                   # the step's index in the phase
+    name: str
+    op: str
+    kind: str                    # the cost model's kind (StepCost.kind)
+    unit: str                    # the unit the firmware ran it on (the lowering's choice)
+    macs: int
+    model_cycles: int            # the model's cycles on that unit, with the target the table was measured for
+    measured_cycles: int         # GVSoC: cycles of cluster core 0 for the step, per training step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Measurement":
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class StepTotal:
+    """One whole training step of a program: measured (mcycle around the step) and modelled."""
+    program: str
+    model_cycles: int
+    measured_cycles: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    target: str                                  # the target the model cycles are for
+    measurements: tuple[Measurement, ...]
+    steps: tuple[StepTotal, ...] = ()
+    simulator: str = ""                          # what measured (e.g. "GVSoC siracusa, gvsoc 209c147")
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": TABLE_VERSION, "target": self.target, "simulator": self.simulator,
+                "notes": dict(self.notes), "measurements": [m.to_dict() for m in self.measurements],
+                "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "calibration table") -> "CalibrationTable":
+        if raw.get("version") != TABLE_VERSION:
+            raise TargetError(f"{where}: version {raw.get('version')!r}, expected {TABLE_VERSION}")
+        try:
+            return cls(raw["target"], tuple(Measurement.from_dict(m) for m in raw["measurements"]),
+                       tuple(StepTotal(**s) for s in raw.get("steps", [])), raw.get("simulator", ""),
+                       MappingProxyType(dict(raw.get("notes", {}))))
+        except (KeyError, TypeError) as exc:
+            raise TargetError(f"{where}: malformed ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationTable":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TargetError(f"{path}: cannot read the calibration table ({exc})") from None
+        return cls.from_dict(raw, str(path))
+
+
+def governing_key(target: Target, unit: str, op: str, kind: str, macs: int) -> str:
+    """The target-file key whose value the step's modelled cycles follow."""
+    if unit == "redmule":
+        return "redmule.fp32_macs_per_cycle"
+    if macs > 0:
+        return "cluster.gemm_macs_per_cycle_per_core"
+    if op in target.op_cycles_per_element:
+        return f"cluster.op_cycles_per_element.{op}"
+    return f"cluster.cycles_per_element.{kind}"
+
+
+def model_cycles_on(cost: StepCost, unit: str) -> int:
+    """The model's cycles for a step on ``unit`` (its choice, or the alternative the cost model priced)."""
+    if cost.unit == unit:
+        return cost.cycles
+    return int(cost.alternatives.get(unit, cost.cycles))
+
+
+def remodel(table: CalibrationTable, programs: Mapping[str, Program], target: Target) -> CalibrationTable:
+    """The table with every step's model cycles recomputed for ``target`` (same units as measured)."""
+    costs = {label: cost_program(program, target) for label, program in programs.items()}
+    rows = tuple(dataclasses.replace(m, model_cycles=model_cycles_on(costs[m.program][m.phase][m.index], m.unit))
+                 for m in table.measurements)
+    totals = {}
+    for m in rows:
+        totals[m.program] = totals.get(m.program, 0) + m.model_cycles
+    steps = tuple(dataclasses.replace(s, model_cycles=totals.get(s.program, s.model_cycles)) for s in table.steps)
+    return dataclasses.replace(table, target=target.name, measurements=rows, steps=steps)
+
+
+def _error_pct(model: float, measured: float) -> float:
+    return round(100.0 * (model - measured) / measured, 1) if measured else 0.0
+
+
+def error_table(table: CalibrationTable, target: Target) -> dict[str, dict[str, Any]]:
+    """Model vs measured per group (the governing key): summed cycles and the error of the sum, in %."""
+    groups: dict[str, dict[str, Any]] = {}
+    for m in table.measurements:
+        key = governing_key(target, m.unit, m.op, m.kind, m.macs)
+        g = groups.setdefault(key, {"steps": 0, "model_cycles": 0, "measured_cycles": 0, "ops": set()})
+        g["steps"] += 1
+        g["model_cycles"] += m.model_cycles
+        g["measured_cycles"] += m.measured_cycles
+        g["ops"].add(m.op)
+    for g in groups.values():
+        g["ops"] = sorted(g["ops"])
+        g["error_pct"] = _error_pct(g["model_cycles"], g["measured_cycles"])
+    return dict(sorted(groups.items()))
+
+
+def step_errors(table: CalibrationTable) -> dict[str, dict[str, Any]]:
+    """Model vs measured per whole training step, per program."""
+    return {s.program: {"model_cycles": s.model_cycles, "measured_cycles": s.measured_cycles,
+                        "error_pct": _error_pct(s.model_cycles, s.measured_cycles)} for s in table.steps}
+
+
+def _value(target: Target, key: str) -> float:
+    if key == "redmule.fp32_macs_per_cycle":
+        return target.redmule.fp32_macs_per_cycle
+    if key == "cluster.gemm_macs_per_cycle_per_core":
+        return target.core_gemm_macs_per_cycle
+    table, name = key.rsplit(".", 1)
+    return (target.op_cycles_per_element if table.endswith("op_cycles_per_element") else target.cycles_per_element)[name]
+
+
+def with_values(target: Target, values: Mapping[str, float]) -> Target:
+    """``target`` with the given keys replaced."""
+    redmule, gemm = target.redmule, target.core_gemm_macs_per_cycle
+    per_kind, per_op = dict(target.cycles_per_element), dict(target.op_cycles_per_element)
+    for key, value in values.items():
+        if key == "redmule.fp32_macs_per_cycle":
+            redmule = dataclasses.replace(redmule, fp32_macs_per_cycle=value) if redmule else None
+        elif key == "cluster.gemm_macs_per_cycle_per_core":
+            gemm = value
+        elif key.startswith("cluster.op_cycles_per_element."):
+            per_op[key.rsplit(".", 1)[1]] = value
+        elif key.startswith("cluster.cycles_per_element."):
+            per_kind[key.rsplit(".", 1)[1]] = value
+        else:
+            raise TargetError(f"calibration cannot set key {key!r}")
+    return dataclasses.replace(target, redmule=redmule, core_gemm_macs_per_cycle=gemm,
+                               cycles_per_element=MappingProxyType(per_kind),
+                               op_cycles_per_element=MappingProxyType(per_op))
+
+
+def fit_step(table: CalibrationTable, target: Target) -> dict[str, float]:
+    """One round: every governing key scaled by measured / modelled over its steps."""
+    values = {}
+    for key, g in error_table(table, target).items():
+        if not g["model_cycles"] or not g["measured_cycles"]:
+            continue
+        ratio = g["measured_cycles"] / g["model_cycles"]
+        old = _value(target, key)
+        values[key] = old / ratio if key in INVERSE_KEYS else old * ratio
+    return values
+
+
+@dataclass(frozen=True)
+class FitResult:
+    target: Target
+    values: Mapping[str, float]                  # the fitted keys and their values
+    before: Mapping[str, Mapping[str, Any]]      # error_table with the original target
+    after: Mapping[str, Mapping[str, Any]]       # error_table with the fitted target
+    steps_before: Mapping[str, Mapping[str, Any]]
+    steps_after: Mapping[str, Mapping[str, Any]]
+    table: CalibrationTable                      # remodelled with the fitted target
+
+
+def fit(table: CalibrationTable, programs: Mapping[str, Program], target: Target,
+        rounds: int = FIT_ROUNDS) -> FitResult:
+    """Scale the governing constants until each group's modelled cycles match the measured sum (``rounds``
+    rounds, re-costing ``programs`` — the programs the table was measured for, by label — each round)."""
+    current = remodel(table, programs, target)
+    before, steps_before = error_table(current, target), step_errors(current)
+    fitted, values = target, {}
+    for _ in range(rounds):
+        values.update(fit_step(current, fitted))
+        fitted = with_values(fitted, values)
+        current = remodel(table, programs, fitted)
+    return FitResult(fitted, MappingProxyType(values), before, error_table(current, fitted), steps_before,
+                     step_errors(current), current)
+
+
+def fit_offline(table: CalibrationTable, target: Target) -> tuple[Target, dict[str, float]]:
+    """One round on the table alone (no programs): the linear estimate of the fitted constants."""
+    values = fit_step(table, target)
+    return with_values(target, values), values
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if not float(value).is_integer() else str(int(value))
+
+
+def fitted_toml(source_text: str, result: FitResult, name: str, simulator: str) -> str:
+    """The target file ``source_text`` with the fitted values and, beside each, its group's errors."""
+    lines, table = [], ""
+    pending = {key: value for key, value in result.values.items()}
+    for line in source_text.splitlines():
+        header = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
+        if header:
+            missing = [k for k in pending if k.rsplit(".", 1)[0] == table]
+            lines += [_fitted_line(k.rsplit(".", 1)[1], pending.pop(k), result, k) for k in missing]
+            table = header.group(1).strip()
+        assignment = re.match(r"^(\s*)([A-Za-z0-9_]+)\s*=\s*([^#]+?)\s*(#.*)?$", line)
+        if assignment and not header:
+            key = f"{table}.{assignment.group(2)}" if table else assignment.group(2)
+            if key == "name":
+                line = f'name = "{name}"'
+            elif key in pending:
+                line = _fitted_line(assignment.group(2), pending.pop(key), result, key,
+                                    was=assignment.group(3))
+        lines.append(line)
+    missing = [k for k in pending if k.rsplit(".", 1)[0] == table]
+    lines += [_fitted_line(k.rsplit(".", 1)[1], pending.pop(k), result, k) for k in missing]
+    head = [f"# Fitted by `edgefleet calibrate` to {simulator}: each fitted constant carries the model-vs-simulator",
+            "# error of the steps it governs (summed cycles), before and after the fit. Per whole training step:"]
+    for program, e in result.steps_after.items():
+        b = result.steps_before.get(program, {})
+        head.append(f"#   {program}: {b.get('error_pct', 0):+.1f}% before, {e['error_pct']:+.1f}% after "
+                    f"({e['measured_cycles']:,} measured cycles)")
+    return "\n".join(head + lines) + "\n"
+
+
+def _fitted_line(key: str, value: float, result: FitResult, full_key: str, was: str | None = None) -> str:
+    b, a = result.before.get(full_key, {}), result.after.get(full_key, {})
+    note = (f"fitted: {b.get('error_pct', 0):+.1f}% -> {a.get('error_pct', 0):+.1f}% over {a.get('steps', 0)} "
+            f"steps ({', '.join(a.get('ops', []))})" + (f"; was {was.strip()}" if was else ""))
+    return f"{key} = {_format(value)}   # {note}"
+
+
+def measurements_for(label: str, program: Program, target: Target, profile: Mapping[int, int], steps: int,
+                     phase: str = "train") -> list[Measurement]:
+    """Rows for one program from a per-step-index profile summed over ``steps`` training steps."""
+    costs = cost_program(program, target)[phase]
+    rows = []
+    for index, (step, cost) in enumerate(zip(getattr(program, phase).steps, costs)):
+        if index not in profile:
+            continue
+        rows.append(Measurement(label, phase, index, step.name, step.op, cost.kind, step.unit or cost.unit,
+                                cost.macs, model_cycles_on(cost, step.unit or cost.unit),
+                                round(profile[index] / steps)))
+    return rows
+
+
+def merge(tables: Iterable[CalibrationTable]) -> CalibrationTable:
+    tables = list(tables)
+    return CalibrationTable(tables[0].target, tuple(m for t in tables for m in t.measurements),
+                            tuple(s for t in tables for s in t.steps), tables[0].simulator)
+
+
+__all__ = ["CalibrationTable", "FitResult", "Measurement", "StepTotal", "error_table", "fit", "fit_offline",
+           "fitted_toml", "governing_key", "measurements_for", "merge", "model_cycles_on", "remodel", "step_errors",
+           "with_values"]

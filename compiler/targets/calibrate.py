@@ -9,8 +9,8 @@ by one constant of the target file (``governing_key``):
     unit cluster, op with an override   cluster.op_cycles_per_element.<op> (cycles ~ value)
     unit cluster, otherwise             cluster.cycles_per_element.<kind>  (cycles ~ value)
 
-``fit`` scales each constant by the ratio of measured to modelled cycles summed over the steps it governs
-(iterated, re-costing the programs, because fork, DMA and pipelining make the model only nearly proportional),
+``fit`` solves, per constant, modelled = measured cycles summed over the steps it governs (a ratio step, then
+secant steps re-costing the programs, because fork, DMA and pipelining make the model affine, not proportional),
 and ``fitted_toml`` writes the target file with the new values and, beside each, the errors before and after.
 Runs nothing itself: ``fleet.calibrate`` measures on GVSoC and calls these. docs/target.md has the method.
 """
@@ -26,11 +26,12 @@ from typing import Any, Iterable, Mapping
 
 from compiler.program import Program
 from compiler.targets.lower import cost_program
+from compiler.targets.placement import place
 from compiler.targets.spec import Target, TargetError
-from compiler.targets.tiling import StepCost
+from compiler.targets.tiling import StepCost, cost_step
 
 INVERSE_KEYS = ("redmule.fp32_macs_per_cycle", "cluster.gemm_macs_per_cycle_per_core")
-FIT_ROUNDS = 4
+FIT_ROUNDS = 8
 TABLE_VERSION = 1
 
 
@@ -121,10 +122,16 @@ def model_cycles_on(cost: StepCost, unit: str) -> int:
 
 
 def remodel(table: CalibrationTable, programs: Mapping[str, Program], target: Target) -> CalibrationTable:
-    """The table with every step's model cycles recomputed for ``target`` (same units as measured)."""
-    costs = {label: cost_program(program, target) for label, program in programs.items()}
-    rows = tuple(dataclasses.replace(m, model_cycles=model_cycles_on(costs[m.program][m.phase][m.index], m.unit))
-                 for m in table.measurements)
+    """The table with every step's model cycles recomputed for ``target``, each on the unit it ran on."""
+    placements = {label: place(program, target) for label, program in programs.items()}
+
+    def cycles(m: Measurement) -> int:
+        program = programs[m.program]
+        step = getattr(program, m.phase).steps[m.index]
+        levels = placements[m.program].phase_levels[m.phase]
+        return model_cycles_on(cost_step(step, program.tensors, levels, target, only_unit=m.unit), m.unit)
+
+    rows = tuple(dataclasses.replace(m, model_cycles=cycles(m)) for m in table.measurements)
     totals = {}
     for m in rows:
         totals[m.program] = totals.get(m.program, 0) + m.model_cycles
@@ -212,13 +219,26 @@ class FitResult:
 
 def fit(table: CalibrationTable, programs: Mapping[str, Program], target: Target,
         rounds: int = FIT_ROUNDS) -> FitResult:
-    """Scale the governing constants until each group's modelled cycles match the measured sum (``rounds``
-    rounds, re-costing ``programs`` — the programs the table was measured for, by label — each round)."""
+    """Solve, for every governing constant, modelled cycles summed over its steps = measured sum: a ratio step
+    first, then secant steps (fork, DMA and pipelining make the model affine or flat, not proportional), each
+    round re-costing ``programs`` — the programs the table was measured for, by label."""
     current = remodel(table, programs, target)
     before, steps_before = error_table(current, target), step_errors(current)
     fitted, values = target, {}
+    history: dict[str, tuple[float, float]] = {}     # key -> (previous value, its modelled sum)
     for _ in range(rounds):
-        values.update(fit_step(current, fitted))
+        groups = error_table(current, fitted)
+        proposal = fit_step(current, fitted)
+        for key, g in groups.items():
+            x, modelled, measured = _value(fitted, key), g["model_cycles"], g["measured_cycles"]
+            if key in history and key in proposal:
+                x0, m0 = history[key]
+                if modelled != m0 and x != x0:
+                    secant = x + (measured - modelled) * (x - x0) / (modelled - m0)
+                    if secant > 0:
+                        proposal[key] = secant
+            history[key] = (x, modelled)
+        values.update(proposal)
         fitted = with_values(fitted, values)
         current = remodel(table, programs, fitted)
     return FitResult(fitted, MappingProxyType(values), before, error_table(current, fitted), steps_before,

@@ -168,7 +168,9 @@ def _compute(step: Step, s: _Shape, grads: str, cfg: _Config, target: Target, un
     return total, int(setup)
 
 
-def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target):
+def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target,
+               only_unit: str | None = None):
+    """``only_unit``: cost the step on that unit only (calibration compares with what ran), not the cheaper."""
     s = _shape(step, tensors)
     forward = step.op == "LoraLinear"
     grads = "" if forward else step.attrs["grads"]
@@ -185,6 +187,7 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
     far_out = sum(tensors[n].nbytes for n in step.outputs if levels.get(n, "L2") == "L3")
     macs = step.flops // 2
     units = ("redmule", "cluster") if target.redmule else ("cluster",)
+    units = tuple(u for u in units if only_unit in (None, u)) or units
     configs = _configs(step, s, grads, c_bytes, target.l1_tile_bytes)
     if not configs:
         far_in = sum(tensors[names[key]].nbytes for key in far if key in names)

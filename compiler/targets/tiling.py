@@ -24,18 +24,19 @@ RESIDENT_FRACTION = 16   # a small broadcast operand (<= 1/16 of the tile space)
 
 
 def cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target,
-              cache: dict | None = None) -> StepCost:
+              cache: dict | None = None, only_unit: str | None = None) -> StepCost:
     """``cache``: shared by the steps of one program on one target; GEMMs of equal shape and placement (the
-    layers of a transformer) are tiled once."""
+    layers of a transformer) are tiled once. ``only_unit``: cost a GEMM or fused step on that unit only (what
+    calibration measured), not the cheaper one."""
     op = get_op(step.op)
     if op.cost == "none":
         return StepCost(step.name, step.op, op.kind, "none", 0)
     if op.cost == "fused":
-        return cost_fused(step, tensors, levels, target)
+        return cost_fused(step, tensors, levels, target, only_unit)
     if op.cost == "gemm":
         view = gemm_view(step, tensors, levels)
-        if cache is None:
-            return _best_gemm(step, view, target)
+        if cache is None or only_unit is not None:
+            return _best_gemm(step, view, target, only_unit)
         key = _anonymous(view)
         if key not in cache:
             cache[key] = _best_gemm(step, view, target)
@@ -140,12 +141,13 @@ def _gemm_flow(view: GemmView, t: _GemmTiling, target: Target, unit: str) -> tup
     return Flow(t.tiles, compute, l2_l1, l1_l2, l3_l2, l2_l3), compute, setup
 
 
-def _best_gemm(step: Step, view: GemmView, target: Target) -> StepCost:
+def _best_gemm(step: Step, view: GemmView, target: Target, only_unit: str | None = None) -> StepCost:
     space = target.l1_tile_bytes
     tilings = [t for mt in candidates(view.m) for nt in candidates(view.n)
                if (t := _tiling(view, mt, nt, space)) is not None]
     least = min(t.bytes for t in tilings)
     units = ("redmule", "cluster") if target.redmule else ("cluster",)
+    units = tuple(u for u in units if only_unit in (None, u)) or units
     best = None
     for t in tilings:
         if t.bytes > least * (1 + 1e-9):

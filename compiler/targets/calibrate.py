@@ -9,8 +9,9 @@ by one constant of the target file (``governing_key``):
     unit cluster, op with an override   cluster.op_cycles_per_element.<op> (cycles ~ value)
     unit cluster, otherwise             cluster.cycles_per_element.<kind>  (cycles ~ value)
 
-``fit`` solves, per constant, modelled = measured cycles summed over the steps it governs (a ratio step, then
-secant steps re-costing the programs, because fork, DMA and pipelining make the model affine, not proportional),
+``fit`` minimises the squared log errors of every group and every whole step over the constants together
+(Levenberg-Marquardt, re-costing the programs: fork, DMA and pipelining make the model affine or flat in a
+constant, and fused steps couple constants),
 and ``fitted_toml`` writes the target file with the new values and, beside each, the errors before and after.
 Runs nothing itself: ``fleet.calibrate`` measures on GVSoC and calls these. docs/target.md has the method.
 """
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 from compiler.program import Program
 from compiler.targets.lower import cost_program
@@ -31,7 +35,11 @@ from compiler.targets.spec import Target, TargetError
 from compiler.targets.tiling import StepCost, cost_step
 
 INVERSE_KEYS = ("redmule.fp32_macs_per_cycle", "cluster.gemm_macs_per_cycle_per_core")
-FIT_ROUNDS = 8
+# constants every step pays, fitted jointly with the governing ones (start values where the file has none)
+GLOBAL_KEYS = {"cluster.fork_cycles": 100.0, "options.step_overhead_cycles": 100.0}
+INTEGER_KEYS = ("cluster.fork_cycles", "options.step_overhead_cycles")
+FIT_ROUNDS = 12
+FD_STEP = 0.05                     # finite-difference step on log(constant)
 TABLE_VERSION = 1
 
 
@@ -166,6 +174,10 @@ def step_errors(table: CalibrationTable) -> dict[str, dict[str, Any]]:
 
 
 def _value(target: Target, key: str) -> float:
+    if key == "cluster.fork_cycles":
+        return float(target.fork_cycles)
+    if key == "options.step_overhead_cycles":
+        return float(target.options.step_overhead_cycles)
     if key == "redmule.fp32_macs_per_cycle":
         return target.redmule.fp32_macs_per_cycle
     if key == "cluster.gemm_macs_per_cycle_per_core":
@@ -178,8 +190,13 @@ def with_values(target: Target, values: Mapping[str, float]) -> Target:
     """``target`` with the given keys replaced."""
     redmule, gemm = target.redmule, target.core_gemm_macs_per_cycle
     per_kind, per_op = dict(target.cycles_per_element), dict(target.op_cycles_per_element)
+    fork, options = target.fork_cycles, target.options
     for key, value in values.items():
-        if key == "redmule.fp32_macs_per_cycle":
+        if key == "cluster.fork_cycles":
+            fork = value
+        elif key == "options.step_overhead_cycles":
+            options = dataclasses.replace(options, step_overhead_cycles=value)
+        elif key == "redmule.fp32_macs_per_cycle":
             redmule = dataclasses.replace(redmule, fp32_macs_per_cycle=value) if redmule else None
         elif key == "cluster.gemm_macs_per_cycle_per_core":
             gemm = value
@@ -189,7 +206,8 @@ def with_values(target: Target, values: Mapping[str, float]) -> Target:
             per_kind[key.rsplit(".", 1)[1]] = value
         else:
             raise TargetError(f"calibration cannot set key {key!r}")
-    return dataclasses.replace(target, redmule=redmule, core_gemm_macs_per_cycle=gemm,
+    return dataclasses.replace(target, redmule=redmule, core_gemm_macs_per_cycle=gemm, fork_cycles=fork,
+                               options=options,
                                cycles_per_element=MappingProxyType(per_kind),
                                op_cycles_per_element=MappingProxyType(per_op))
 
@@ -217,30 +235,54 @@ class FitResult:
     table: CalibrationTable                      # remodelled with the fitted target
 
 
+def _residuals(table: CalibrationTable, target: Target) -> list[float]:
+    """log(model / measured) per governing constant (summed cycles) and per whole training step."""
+    out = [math.log(g["model_cycles"] / g["measured_cycles"]) for g in error_table(table, target).values()
+           if g["model_cycles"] > 0 and g["measured_cycles"] > 0]
+    out += [math.log(e["model_cycles"] / e["measured_cycles"]) for e in step_errors(table).values()
+            if e["model_cycles"] > 0 and e["measured_cycles"] > 0]
+    return out
+
+
 def fit(table: CalibrationTable, programs: Mapping[str, Program], target: Target,
-        rounds: int = FIT_ROUNDS) -> FitResult:
-    """Solve, for every governing constant, modelled cycles summed over its steps = measured sum: a ratio step
-    first, then secant steps (fork, DMA and pipelining make the model affine or flat, not proportional), each
-    round re-costing ``programs`` — the programs the table was measured for, by label."""
+        rounds: int = FIT_ROUNDS, global_keys: bool = True) -> FitResult:
+    """Least squares on the log errors of every group and every whole step, over the log of the governing
+    constants (Levenberg-Marquardt, Jacobian by finite differences, each evaluation re-costing ``programs`` —
+    the programs the table was measured for, by label). Steps couple constants (a fused LoRA step on RedMulE
+    also charges its rank-wide products to the cores' GEMM rate), so the constants are solved together."""
     current = remodel(table, programs, target)
     before, steps_before = error_table(current, target), step_errors(current)
-    fitted, values = target, {}
-    history: dict[str, tuple[float, float]] = {}     # key -> (previous value, its modelled sum)
+    keys = [k for k, g in before.items() if g["model_cycles"] > 0 and g["measured_cycles"] > 0]
+    keys += [k for k in GLOBAL_KEYS if global_keys]
+    x = np.log([_value(target, k) or GLOBAL_KEYS.get(k, 1.0) for k in keys])
+
+    def evaluate(logs: np.ndarray) -> tuple[Target, CalibrationTable, np.ndarray]:
+        t = with_values(target, {k: float(math.exp(v)) for k, v in zip(keys, logs)})
+        remodelled = remodel(table, programs, t)
+        return t, remodelled, np.array(_residuals(remodelled, t))
+
+    fitted, current, r = evaluate(x)
+    damping = 1e-2
     for _ in range(rounds):
-        groups = error_table(current, fitted)
-        proposal = fit_step(current, fitted)
-        for key, g in groups.items():
-            x, modelled, measured = _value(fitted, key), g["model_cycles"], g["measured_cycles"]
-            if key in history and key in proposal:
-                x0, m0 = history[key]
-                if modelled != m0 and x != x0:
-                    secant = x + (measured - modelled) * (x - x0) / (modelled - m0)
-                    if secant > 0:
-                        proposal[key] = secant
-            history[key] = (x, modelled)
-        values.update(proposal)
-        fitted = with_values(fitted, values)
-        current = remodel(table, programs, fitted)
+        jac = np.empty((len(r), len(keys)))
+        for j in range(len(keys)):
+            step = x.copy()
+            step[j] += FD_STEP
+            jac[:, j] = (evaluate(step)[2] - r) / FD_STEP
+        while damping < 1e6:
+            lhs = jac.T @ jac + damping * np.diag(np.diag(jac.T @ jac) + 1e-9)
+            delta = np.linalg.solve(lhs, -jac.T @ r)
+            trial = evaluate(x + delta)
+            if float(trial[2] @ trial[2]) < float(r @ r):
+                x, (fitted, current, r) = x + delta, trial
+                damping = max(damping / 10, 1e-6)
+                break
+            damping *= 10
+        else:
+            break
+    values = {k: (round(math.exp(v)) if k in INTEGER_KEYS else float(math.exp(v))) for k, v in zip(keys, x)}
+    fitted = with_values(target, values)
+    current = remodel(table, programs, fitted)
     return FitResult(fitted, MappingProxyType(values), before, error_table(current, fitted), steps_before,
                      step_errors(current), current)
 
@@ -252,7 +294,7 @@ def fit_offline(table: CalibrationTable, target: Target) -> tuple[Target, dict[s
 
 
 def _format(value: float) -> str:
-    return f"{value:.4g}" if not float(value).is_integer() else str(int(value))
+    return f"{value:.6g}" if not float(value).is_integer() else str(int(value))
 
 
 def fitted_toml(source_text: str, result: FitResult, name: str, simulator: str) -> str:
@@ -276,6 +318,10 @@ def fitted_toml(source_text: str, result: FitResult, name: str, simulator: str) 
         lines.append(line)
     missing = [k for k in pending if k.rsplit(".", 1)[0] == table]
     lines += [_fitted_line(k.rsplit(".", 1)[1], pending.pop(k), result, k) for k in missing]
+    for new_table in sorted({k.rsplit(".", 1)[0] for k in pending}):
+        lines += ["", f"[{new_table}]"]
+        lines += [_fitted_line(k.rsplit(".", 1)[1], pending.pop(k), result, k)
+                  for k in sorted(pending) if k.rsplit(".", 1)[0] == new_table]
     head = [f"# Fitted by `edgefleet calibrate` to {simulator}: each fitted constant carries the model-vs-simulator",
             "# error of the steps it governs (summed cycles), before and after the fit. Per whole training step:"]
     for program, e in result.steps_after.items():
@@ -287,8 +333,12 @@ def fitted_toml(source_text: str, result: FitResult, name: str, simulator: str) 
 
 def _fitted_line(key: str, value: float, result: FitResult, full_key: str, was: str | None = None) -> str:
     b, a = result.before.get(full_key, {}), result.after.get(full_key, {})
-    note = (f"fitted: {b.get('error_pct', 0):+.1f}% -> {a.get('error_pct', 0):+.1f}% over {a.get('steps', 0)} "
-            f"steps ({', '.join(a.get('ops', []))})" + (f"; was {was.strip()}" if was else ""))
+    if full_key in GLOBAL_KEYS:
+        note = "fitted jointly: paid by every step (see the per-step errors above)"
+    else:
+        note = (f"fitted: {b.get('error_pct', 0):+.1f}% -> {a.get('error_pct', 0):+.1f}% over {a.get('steps', 0)} "
+                f"steps ({', '.join(a.get('ops', []))})")
+    note += f"; was {was.strip()}" if was else ""
     return f"{key} = {_format(value)}   # {note}"
 
 

@@ -4,7 +4,9 @@
     RedMulE    setup + ceil(M/rows) * ceil(N/(columns*(depth+1))) * (ceil(K*rows*cols*(depth+1)/fp32_rate) + depth)
     cores GEMM fork + ceil(M*N*K / (cores * macs_per_core))
     cores      fork + ceil(elements / cores) * cycles_per_element
-    pipeline   double buffering: tile i computes while tile i+1 loads and tile i-1 stores
+    pipeline   double buffering: tile i computes while tile i+1 loads and tile i-1 stores (or, with the
+               target option double_buffering = false, everything in sequence)
+    overhead   options.step_overhead_cycles per executed step (tiling.cost_step)
 """
 from __future__ import annotations
 
@@ -77,14 +79,18 @@ class Flow:
     out_once: float = 0.0   # after the last tile
 
 
-def pipeline_cycles(flow: Flow) -> int:
-    """Double buffering: tile i computes while tile i+1 loads and tile i-1 stores. The cluster DMA carries
+def pipeline_cycles(flow: Flow, overlap: bool = True) -> int:
+    """``overlap`` False (single buffering): every transfer and every tile's compute in sequence.
+
+    Double buffering: tile i computes while tile i+1 loads and tile i-1 stores. The cluster DMA carries
     both directions of the L2<->L1 traffic; the L3 link (HyperBus, half duplex) runs ahead as another stage.
 
         T = 1:  in + c + out
         T > 1:  in + max(c, in) + (T-2) max(c, in + out) + max(c, out) + out
     with in = max(L2->L1, L3->L2) per tile in steady state, and the first load / last store paying the
     whole L3 -> L2 -> L1 chain (and the resident transfers)."""
+    if not overlap:
+        return _ceil(flow.in_once + flow.l3_l2 + flow.l2_l1 + flow.compute + flow.l1_l2 + flow.l2_l3 + flow.out_once)
     t = flow.tiles
     c, i, o = flow.compute / t, flow.l2_l1 / t, flow.l1_l2 / t
     li, lo = flow.l3_l2 / t, flow.l2_l3 / t

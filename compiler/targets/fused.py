@@ -186,7 +186,7 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
     far |= {"ab"} if far & {"a", "b"} else set()
     far_out = sum(tensors[n].nbytes for n in step.outputs if levels.get(n, "L2") == "L3")
     macs = step.flops // 2
-    units = ("redmule", "cluster") if target.redmule else ("cluster",)
+    units = target.units_for(step.op)
     units = tuple(u for u in units if only_unit in (None, u)) or units
     configs = _configs(step, s, grads, c_bytes, target.l1_tile_bytes)
     if not configs:
@@ -208,7 +208,7 @@ def cost_fused(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
                         dma_cycles(links["L2->L3"], far_out),
                         dma_cycles(links["L2->L1"], cf.once_in, 2 * s.devices + cf.resident_w),
                         dma_cycles(links["L1->L2"], cf.once_out, (2 if cf.once_out else 0) * s.devices))
-            cycles = pipeline_cycles(flow)
+            cycles = pipeline_cycles(flow, target.options.double_buffering)
             key = (cycles, unit != "redmule", -cf.mt)
             if best is None or key < best[0]:
                 best = (key, cf, unit, flow, compute, setup, far_in)

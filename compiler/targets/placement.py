@@ -57,8 +57,10 @@ def _roots(program: Program) -> tuple[dict[str, int], dict[str, str]]:
 
 
 def place(program: Program, target: Target) -> Placement:
+    """With the target option default_level = "L3" nothing is kept in L2: every tensor and the whole arena
+    live in L3 (the reference framework's setup)."""
     sizes, views = _roots(program)
-    budget = target.l2_budget_bytes
+    budget = target.l2_budget_bytes if target.options.default_level == "L2" else 0
     arena = max(program.train.arena_bytes, program.evaluate.arena_bytes)
     order = sorted(sizes, key=lambda n: (DEMOTION_RANK[program.tensors[n].role], -sizes[n], n))
     in_l2 = set(sizes)

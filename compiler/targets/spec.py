@@ -48,6 +48,16 @@ class RedMulE:
 
 
 @dataclass(frozen=True)
+class TargetOptions:
+    """How the program is scheduled on the target ([options] of the target file; defaults: edgefleet's own)."""
+    default_level: str = "L2"               # "L3": every tensor (parameters and arena) lives in L3
+    double_buffering: bool = True           # False: a tile's DMA in, compute and DMA out do not overlap
+    redmule_ops: tuple[str, ...] | None = None   # ops allowed on RedMulE (None: every GEMM-like op)
+    step_overhead_cycles: int = 0           # per executed step: kernel dispatch, tiling loop control, barriers
+    l1_tile_bytes: int = 0                  # L1 bytes for tiles; 0: memory.l1_bytes x memory.l1_tile_fraction
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     clock_mhz: float
@@ -65,11 +75,22 @@ class Target:
     cycles_per_element: Mapping[str, float]         # per op kind, per core
     op_cycles_per_element: Mapping[str, float] = field(default_factory=dict)  # per op name, overrides the kind
     source: str = ""
+    options: "TargetOptions" = field(default_factory=lambda: TargetOptions())
 
     @property
     def l1_tile_bytes(self) -> int:
-        """The L1 bytes tiles may use (double buffers included)."""
+        """The L1 bytes tiles may use (double buffers included): options.l1_tile_bytes, else the fraction."""
+        if self.options.l1_tile_bytes:
+            return min(self.options.l1_tile_bytes, self.l1_bytes)
         return int(self.l1_bytes * self.l1_tile_fraction)
+
+    def units_for(self, op: str) -> tuple[str, ...]:
+        """The units a GEMM-like op may run on: RedMulE (when the target has one and its op set admits the op)
+        and the cores."""
+        allowed = self.options.redmule_ops
+        if self.redmule is not None and (allowed is None or op in allowed):
+            return ("redmule", "cluster")
+        return ("cluster",)
 
     @property
     def l2_budget_bytes(self) -> int:
@@ -107,6 +128,11 @@ SCHEMA: dict[str, tuple[str, str, bool]] = {
     "cluster.gemm_macs_per_cycle_per_core": (*_POS_NUM, True),
     "cluster.fork_cycles": (*_NAT_INT, True),
     **{f"cluster.cycles_per_element.{kind}": (*_POS_NUM, True) for kind in CORE_KINDS},
+    "options.default_level": ("level", "", False),
+    "options.double_buffering": ("bool", "", False),
+    "options.redmule_ops": ("ops", "", False),
+    "options.step_overhead_cycles": (*_NAT_INT, False),
+    "options.l1_tile_bytes": (*_POS_INT, False),
 }
 OPTIONAL_TABLES = ("redmule",)           # a target without the table has no RedMulE
 OP_OVERRIDES = "cluster.op_cycles_per_element"
@@ -130,6 +156,18 @@ def _check(where: str, key: str, value: Any, kind: str, bound: str) -> None:
     if kind == "str":
         if not isinstance(value, str) or not value:
             fail("a non-empty string")
+        return
+    if kind == "level":
+        if value not in ("L2", "L3"):
+            fail('"L2" or "L3"')
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            fail("true or false")
+        return
+    if kind == "ops":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v in REGISTRY for v in value):
+            fail("a list of op names")
         return
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_num = is_int or (isinstance(value, float) and math.isfinite(value))
@@ -183,7 +221,12 @@ def parse_target(data: Mapping[str, Any], where: str, default_name: str) -> Targ
         fork_cycles=flat["cluster.fork_cycles"],
         cycles_per_element=MappingProxyType({k: float(flat[f"cluster.cycles_per_element.{k}"]) for k in CORE_KINDS}),
         op_cycles_per_element=MappingProxyType({k: float(v) for k, v in overrides.items()}),
-        source=where)
+        source=where, options=TargetOptions(
+            default_level=flat.get("options.default_level", "L2"),
+            double_buffering=flat.get("options.double_buffering", True),
+            redmule_ops=tuple(flat["options.redmule_ops"]) if "options.redmule_ops" in flat else None,
+            step_overhead_cycles=flat.get("options.step_overhead_cycles", 0),
+            l1_tile_bytes=flat.get("options.l1_tile_bytes", 0)))
 
 
 def names() -> list[str]:

@@ -27,7 +27,17 @@ def cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str
               cache: dict | None = None, only_unit: str | None = None) -> StepCost:
     """``cache``: shared by the steps of one program on one target; GEMMs of equal shape and placement (the
     layers of a transformer) are tiled once. ``only_unit``: cost a GEMM or fused step on that unit only (what
-    calibration measured), not the cheaper one."""
+    calibration measured), not the cheaper one. Every executed step pays ``options.step_overhead_cycles``."""
+    cost = _cost_step(step, tensors, levels, target, cache, only_unit)
+    extra = target.options.step_overhead_cycles
+    if not extra or cost.unit == "none":
+        return cost
+    return dataclasses.replace(cost, cycles=cost.cycles + extra, setup_cycles=cost.setup_cycles + extra,
+                               alternatives={u: c + extra for u, c in cost.alternatives.items()})
+
+
+def _cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str], target: Target,
+               cache: dict | None, only_unit: str | None) -> StepCost:
     op = get_op(step.op)
     if op.cost == "none":
         return StepCost(step.name, step.op, op.kind, "none", 0)
@@ -146,7 +156,7 @@ def _best_gemm(step: Step, view: GemmView, target: Target, only_unit: str | None
     tilings = [t for mt in candidates(view.m) for nt in candidates(view.n)
                if (t := _tiling(view, mt, nt, space)) is not None]
     least = min(t.bytes for t in tilings)
-    units = ("redmule", "cluster") if target.redmule else ("cluster",)
+    units = target.units_for(step.op)
     units = tuple(u for u in units if only_unit in (None, u)) or units
     best = None
     for t in tilings:
@@ -154,12 +164,13 @@ def _best_gemm(step: Step, view: GemmView, target: Target, only_unit: str | None
             continue
         for unit in units:
             flow, compute, setup = _gemm_flow(view, t, target, unit)
-            cycles = pipeline_cycles(flow)
+            cycles = pipeline_cycles(flow, target.options.double_buffering)
             key = (cycles, unit != "redmule", -t.mt * t.nt)
             if best is None or key < best[0]:
                 best = (key, t, unit, flow, compute, setup)
     _, t, unit, flow, compute, setup = best
-    alternatives = {u: pipeline_cycles(_gemm_flow(view, t, target, u)[0]) for u in units}
+    alternatives = {u: pipeline_cycles(_gemm_flow(view, t, target, u)[0], target.options.double_buffering)
+                    for u in units}
     traffic_in = sum(v for k, v in t.traffic.items() if k != "z")
     far_in = sum(v for k, v in t.traffic.items() if k != "z" and getattr(view, k).level == "L3")
     links = {"L2->L1": math.ceil(traffic_in), "L1->L2": math.ceil(t.traffic["z"]),
@@ -214,7 +225,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
 
     options = [first * 2 ** i for i in range(16) if first * 2 ** i <= max(first, elements // target.cores)]
     flows = [flow_for(n) for n in options]
-    flow = min(flows, key=lambda f: (pipeline_cycles(f), f.tiles))
+    flow = min(flows, key=lambda f: (pipeline_cycles(f, target.options.double_buffering), f.tiles))
     tiles = flow.tiles
     far_in = sum(t.nbytes for t in ins if levels.get(t.name, "L2") == "L3")
     far_out = sum(t.nbytes for t in outs if levels.get(t.name, "L2") == "L3")
@@ -222,7 +233,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
                "L3->L2": far_in, "L2->L3": far_out}
     dma = flow.l2_l1 + flow.l1_l2 + flow.l3_l2 + flow.l2_l3 + flow.in_once + flow.out_once
     footprint = 2 * math.ceil(streamed / tiles) + sum(t.nbytes for t in resident)
-    cycles = pipeline_cycles(flow)
+    cycles = pipeline_cycles(flow, target.options.double_buffering)
     return StepCost(step.name, step.op, kind, "cluster", cycles, int(flow.compute), tiles * target.fork_cycles,
                     int(dma), tiles, (math.ceil(elements / tiles),), footprint, by_link, 0, {"cluster": cycles})
 

@@ -17,8 +17,7 @@ from compiler.targets.calibrate import (CalibrationTable, Measurement, StepTotal
 from compiler.targets.spec import TargetError, parse_target
 
 DATA = Path(__file__).parent / "data" / "gvsoc-calibration-table.json"
-IDENTIFIABLE = ("cluster.cycles_per_element.optimizer", "redmule.fp32_macs_per_cycle",
-                "cluster.gemm_macs_per_cycle_per_core")
+IDENTIFIABLE = ("redmule.fp32_macs_per_cycle", "cluster.gemm_macs_per_cycle_per_core")
 TRUTH = {"cluster.cycles_per_element.elementwise": 3.0, "cluster.cycles_per_element.optimizer": 2.5,
          "redmule.fp32_macs_per_cycle": 0.4, "cluster.gemm_macs_per_cycle_per_core": 0.3}
 
@@ -48,9 +47,11 @@ def _table_from(programs, target, truth_target) -> CalibrationTable:
 def test_fit_recovers_the_constants_that_generated_the_cycles(programs):
     base = load_target("siracusa")
     truth = with_values(base, {k: v for k, v in TRUTH.items()})
+    programs = {"deep-ae/lora": programs["deep-ae/lora"]}      # every TRUTH key governs some of its steps
     table = _table_from(programs, base, truth)
-    result = fit(table, programs, base)
-    for key in IDENTIFIABLE:      # elementwise steps are mostly DMA-bound here: their constant barely moves the sum
+    result = fit(table, programs, base, rounds=8, global_keys=False)   # the truth differs in these only
+    for key in IDENTIFIABLE:   # deep-ae's elementwise and (adapter-sized) SGD steps are mostly fork- and
+        # DMA-bound: their constants barely move the sums, so only the errors are checked for them
         assert result.values[key] == pytest.approx(TRUTH[key], rel=0.03), key
     assert all(abs(g["error_pct"]) <= 1.0 for g in result.after.values())
     assert any(abs(g["error_pct"]) > 50 for g in result.before.values())
@@ -102,9 +103,10 @@ def test_saved_gvsoc_table_gives_a_consistent_error_table_and_fitted_file():
     for key, value in values.items():
         line = next(ln for ln in text.splitlines() if ln.startswith(key.rsplit(".", 1)[1] + " = "))
         assert "fitted:" in line and "->" in line
-        got = {"redmule.fp32_macs_per_cycle": lambda t: t.redmule.fp32_macs_per_cycle,
-               "cluster.gemm_macs_per_cycle_per_core": lambda t: t.core_gemm_macs_per_cycle}.get(
-            key, lambda t: t.element_cycles(key.rsplit(".", 1)[1], key.rsplit(".", 1)[1]))(parsed)
+        table_name, name = key.rsplit(".", 1)
+        got = {"redmule": lambda t: t.redmule.fp32_macs_per_cycle, "cluster": lambda t: t.core_gemm_macs_per_cycle,
+               "cluster.cycles_per_element": lambda t: t.cycles_per_element[name],
+               "cluster.op_cycles_per_element": lambda t: t.op_cycles_per_element[name]}[table_name](parsed)
         assert got == pytest.approx(value, rel=1e-3), key
 
 

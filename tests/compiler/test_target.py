@@ -407,3 +407,54 @@ def test_depthwise_convolutions_stay_on_the_cores(siracusa):
     convs = {s.name: s for s in lowered.train.steps if s.op == "Conv"}
     assert all(s.unit == "cluster" for n, s in convs.items() if n.endswith(".dw"))
     assert all(s.unit == "redmule" for n, s in convs.items() if n.endswith(".pw"))
+
+
+# ---- schedule options and the reference framework's profile ---------------------------------------------------
+def _with_options(tmp_path: Path, options: str) -> "Target":
+    return load_target(_write(tmp_path, SIRACUSA_TOML.read_text() + "\n[options]\n" + options, "opt.toml"))
+
+
+@pytest.mark.parametrize("options, message", [
+    ('default_level = "L1"', "key 'options.default_level' must be \"L2\" or \"L3\""),
+    ("double_buffering = 1", "key 'options.double_buffering' must be true or false"),
+    ('redmule_ops = ["Gemm", "Frobnicate"]', "key 'options.redmule_ops' must be a list of op names"),
+    ("step_overhead_cycles = -5", "key 'options.step_overhead_cycles' must be an integer >= 0"),
+    ("l1_tile_bytes = 0", "key 'options.l1_tile_bytes' must be an integer > 0"),
+])
+def test_option_errors_are_one_line_naming_the_key(tmp_path, options, message):
+    with pytest.raises(TargetError, match=re.escape(message)):
+        _with_options(tmp_path, options)
+
+
+def test_each_option_changes_the_schedule_as_documented(tmp_path, siracusa, mlps):
+    program = mlps["wide-lora"]
+    base = lower_to_target(program, siracusa)
+    in_l3 = lower_to_target(program, _with_options(tmp_path, 'default_level = "L3"'))
+    assert {t.level for t in in_l3.tensors.values()} == {"L3"} and in_l3.report["memory_by_level"]["L2"] == 0
+    assert in_l3.report["transfers"]["bytes_by_link"]["L3->L2"] > 0 == base.report["transfers"]["bytes_by_link"][
+        "L3->L2"]
+    single = lower_to_target(program, _with_options(tmp_path, "double_buffering = false"))
+    assert all(s.cycles >= b.cycles for s, b in zip(single.train.steps, base.train.steps))
+    assert single.report["perf"]["cycles_per_step"] > base.report["perf"]["cycles_per_step"]
+    cores_only = lower_to_target(program, _with_options(tmp_path, 'redmule_ops = ["Conv"]'))
+    assert any(s.unit == "redmule" for s in base.train.steps)
+    assert all(s.unit != "redmule" for s in cores_only.train.steps)
+    overhead = lower_to_target(program, _with_options(tmp_path, "step_overhead_cycles = 1000"))
+    for o, b in zip(overhead.train.steps, base.train.steps):
+        assert o.cycles == b.cycles + (1000 if b.unit != "none" else 0), b.name
+    small = lower_to_target(program, _with_options(tmp_path, "l1_tile_bytes = 16000"))
+    assert 0 < small.report["memory_by_level"]["L1"] <= 16000 < base.report["memory_by_level"]["L1"]
+
+
+def test_traindeeploy_profile_is_siracusa_with_the_reference_schedule(siracusa):
+    profile = load_target("siracusa-traindeeploy")
+    assert dataclasses.replace(profile, name="siracusa", source=siracusa.source,
+                               options=siracusa.options) == siracusa
+    o = profile.options
+    assert (o.default_level, o.l1_tile_bytes, o.double_buffering) == ("L3", 128000, False)
+    assert profile.units_for("Gemm") == ("redmule", "cluster") and profile.units_for("ConvGradWeight") == ("cluster",)
+    program = compile_model("cct-digits", tuning="lora", batch=1) if "cct-digits" in zoo.names() else None
+    if program is not None:
+        ours, theirs = lower_to_target(program, siracusa), lower_to_target(program, profile)
+        assert theirs.report["perf"]["cycles_per_step"] > 2 * ours.report["perf"]["cycles_per_step"]
+        assert all(s.unit == "cluster" for s in theirs.train.steps if s.op.startswith("ConvGrad"))

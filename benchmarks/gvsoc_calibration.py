@@ -9,6 +9,7 @@ benchmarks/results/gvsoc_calibration.json:
     per_step_before / per_step_after   per program: one whole training step
     gvsoc_speed                        simulated cluster cycles per host second, per program
     fitted                             the fitted constants
+    held_out                           fitted on the LoRA programs only, errors on the selective ones
 
 Needs GVSoC (``--gvsoc PATH`` or $EDGEFLEET_GVSOC); with ``--table`` it refits a saved table instead.
 
@@ -17,6 +18,7 @@ Needs GVSoC (``--gvsoc PATH`` or $EDGEFLEET_GVSOC); with ``--table`` it refits a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compiler.targets import load_target  # noqa: E402
-from compiler.targets.calibrate import CalibrationTable, fit  # noqa: E402
+from compiler.targets.calibrate import CalibrationTable, error_table, fit, remodel, step_errors  # noqa: E402
 from fleet.calibrate_cli import CALIBRATION_STEPS, _programs, format_errors, measure  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gvsoc_calibration.json"
+
+
+def _subset(table: CalibrationTable, programs) -> CalibrationTable:
+    return dataclasses.replace(table, measurements=tuple(m for m in table.measurements if m.program in programs),
+                               steps=tuple(s for s in table.steps if s.program in programs))
 
 
 def main() -> int:
@@ -53,12 +60,22 @@ def main() -> int:
                         log=lambda s: print(s, file=sys.stderr))
     result = fit(table, programs, target)
     print(format_errors(result))
+    # held out: fit on the LoRA programs only, predict the selective ones (last-1) with those constants
+    lora = {k: v for k, v in programs.items() if k.endswith("/lora")}
+    other = {k: v for k, v in programs.items() if k not in lora}
+    held_out = {}
+    if lora and other:
+        part = fit(_subset(table, lora), lora, target)
+        predicted = remodel(_subset(table, other), other, part.target)
+        held_out = {"fitted_on": sorted(lora), "predicted": sorted(other),
+                    "per_kind": error_table(predicted, part.target), "per_step": step_errors(predicted)}
     out = {"target": target.name, "simulator": table.simulator, "steps": table.notes.get("steps"),
            "host": platform.node(), "python": platform.python_version(),
            "seconds": round(time.perf_counter() - start, 1),
            "per_kind_before": result.before, "per_kind_after": result.after,
            "per_step_before": result.steps_before, "per_step_after": result.steps_after,
-           "gvsoc_speed": table.notes.get("gvsoc_speed", {}), "fitted": dict(result.values)}
+           "gvsoc_speed": table.notes.get("gvsoc_speed", {}), "fitted": dict(result.values),
+           "held_out": held_out}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"written: {args.out}")
     return 0

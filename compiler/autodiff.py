@@ -20,6 +20,10 @@ class SGDConfig:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # True: each parameter's update runs as soon as its gradient is complete, so the gradient buffer dies there.
+    # False: the reference framework's accumulate-then-update loop: every update after the whole backward pass,
+    # every gradient buffer alive until then.
+    fused_update: bool = True
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
@@ -153,6 +157,7 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
             acc = g.emit("Add", [acc, part], f"{name}.grad")
         return acc
 
+    deferred: list[str] = []
     for node in reversed(graph.nodes):
         if not any(o in relevant for o in node.outputs) or not any(i in requires for i in node.inputs):
             continue
@@ -184,8 +189,12 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
                     grads[name] = total(name)
                     if grads[name] is None:
                         raise CompileError(f"internal: no gradient for trainable parameter {name!r}")
-                    if sgd is not None:
+                    if sgd is not None and sgd.fused_update:
                         _emit_update(g, name, grads[name], lr, sgd)
+                    elif sgd is not None:
+                        deferred.append(name)
+    for name in deferred:
+        _emit_update(g, name, grads[name], lr, sgd)
     new = graph.replace(tensors=g.tensors, nodes=tuple(graph.nodes) + tuple(g.nodes), values=g.values)
     return new, grads
 

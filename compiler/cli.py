@@ -54,6 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--no-fused-update", dest="fused_update", action="store_false",
+                   help="update every parameter after the whole backward pass (accumulate-then-update, as the "
+                        "reference framework does) instead of as soon as its gradient is complete")
     p.add_argument("--seed", type=int, default=0, help="seed for zoo weights and LoRA init")
     p.add_argument("--target", help="lower for a target: siracusa, siracusa-small-l2, rv32-qemu, or a TOML file")
     p.add_argument("--build", action="store_true", help="generate C and build the ELF (needs --target and -o)")
@@ -108,7 +111,7 @@ def build_program(args: argparse.Namespace) -> Program:
     if getattr(args, "memory_budget", None):
         return _lower(args, _search(args, source, name, task))
     options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
-                             SGDConfig(args.lr, args.momentum, args.weight_decay))
+                             SGDConfig(args.lr, args.momentum, args.weight_decay, args.fused_update))
     program = compile_graph(import_onnx(source, options.batch), options, name, task)
     return _lower(args, program)
 

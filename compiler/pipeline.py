@@ -138,16 +138,18 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         train=_phase(train, train_plan, train_results), evaluate=_phase(eval_graph, eval_plan, (forward.outputs[0], loss)),
         tuning=options.tuning.to_dict(),
         optimizer={"kind": "sgd", "lr": options.sgd.lr, "momentum": options.sgd.momentum,
-                   "weight_decay": options.sgd.weight_decay}, devices=options.devices)
+                   "weight_decay": options.sgd.weight_decay, "fused_update": options.sgd.fused_update},
+        devices=options.devices)
     return program.replace(report=build_report(program, train_plan, tuned.notes, layer_table(tuned)))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",
                   batch: int = 8, loss: str = "auto", lr: float = 0.01, momentum: float = 0.0,
-                  weight_decay: float = 0.0, seed: int = 0, devices: int = 1) -> Program:
+                  weight_decay: float = 0.0, seed: int = 0, devices: int = 1, fused_update: bool = True) -> Program:
     """Compile a zoo model name, an ONNX file or a ModelProto into a training Program (``devices`` > 1: one
     program that trains that many devices at once; see compiler.device_axis)."""
     source, name, task_hint = load_model(model, seed)
-    options = CompileOptions(TuningSpec.parse(tuning), batch, loss, SGDConfig(lr, momentum, weight_decay), devices)
+    options = CompileOptions(TuningSpec.parse(tuning), batch, loss,
+                             SGDConfig(lr, momentum, weight_decay, fused_update), devices)
     graph = import_onnx(source, options.batch * options.devices)
     return compile_graph(graph, options, name, task_hint)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 from compiler.ir import Role
 from compiler.ops import get_op
 
+GEMM_KINDS = ("gemm", "conv")   # op kinds whose FLOPs are matrix products
+
 if TYPE_CHECKING:  # pragma: no cover
     from compiler.ir import Graph
     from compiler.plan import MemoryPlan
@@ -65,8 +67,12 @@ def build_report(program: "Program", plan: "MemoryPlan", notes: Mapping[str, Any
             grad_bytes += program.tensors[step.inputs[1]].nbytes
             updated[step.inputs[0]] = program.tensors[step.inputs[1]].nbytes // 4
     flops = {"forward": 0, "backward": 0, "update": 0}
+    gemm_flops = {"forward": 0, "backward": 0}
     for step in program.train.steps:
         flops[step.phase] += step.flops
+        if step.phase in gemm_flops and get_op(step.op).kind in GEMM_KINDS:
+            gemm_flops[step.phase] += step.flops
+    fused = bool(program.optimizer.get("fused_update", True))
     notes = dict(notes or {})
     extra: dict[str, Any] = {
         "import": {"renamed": dict(notes.get("renamed", {})), "untied": dict(notes.get("untied", {})),
@@ -94,7 +100,14 @@ def build_report(program: "Program", plan: "MemoryPlan", notes: Mapping[str, Any
             "eval_arena_bytes": program.evaluate.arena_bytes,
             "total_bytes": program.params_bytes + plan.arena_bytes,
         },
-        "flops": {**flops, "total": sum(flops.values())},
+        "flops": {**flops, "total": sum(flops.values()),
+                  "gemm_forward": gemm_flops["forward"], "gemm_backward": gemm_flops["backward"],
+                  "optimizer": flops["update"], "gemm_macs": (gemm_flops["forward"] + gemm_flops["backward"]) // 2},
+        # "dynamic memory" as papers count it: the arena alone, and with the gradient buffers that an
+        # accumulate-then-update loop (fused_update = false) keeps beside it
+        "dynamic_memory": {"fused_update": fused, "arena_bytes": plan.arena_bytes,
+                           "gradient_buffers_bytes": grad_bytes,
+                           "arena_plus_gradient_buffers_bytes": plan.arena_bytes + grad_bytes},
         "steps": {"train": len(program.train.steps), "evaluate": len(program.evaluate.steps),
                   "inplace": plan.inplace_steps},
     }

@@ -52,6 +52,8 @@ def target_report(program: Program, target: Target, placement: Placement,
                       "dma_cycles": sum(c.dma_cycles for c in train)},
         "perf": {
             "cycles_per_step": cycles,
+            "training_cycles": sum(c.cycles for c, s in zip(train, program.train.steps) if s.phase != "update"),
+            "optimizer_cycles": sum(c.cycles for c, s in zip(train, program.train.steps) if s.phase == "update"),
             "images_per_second": program.batch * target.clock_mhz * 1e6 / cycles if cycles else 0.0,
             "flop_per_cycle": flops / cycles if cycles else 0.0,
             "redmule_utilization": round(utilization, 4),

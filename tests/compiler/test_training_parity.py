@@ -88,3 +88,39 @@ def test_executor_training_equals_pytorch(model: str, strategy: str, steps: int)
         if np.abs(ref - program.values[name]).max() > 1e-6 * scale:
             assert not np.array_equal(result.params[name], program.values[name]), name
     assert any(not np.array_equal(v, program.values[n]) for n, v in result.params.items())
+
+
+def test_unfused_updates_run_after_the_backward_pass_and_train_the_same():
+    """fused_update=False (accumulate-then-update): every SGD step after the last backward step, the arena holds
+    the gradients until then, and training gives the same parameters as the fused schedule."""
+    fused = compile_model("cct-digits", tuning="last-1", batch=2, lr=0.05)
+    late = compile_model("cct-digits", tuning="last-1", batch=2, lr=0.05, fused_update=False)
+    phases = [s.phase for s in late.train.steps]
+    first_update = phases.index("update")
+    assert set(phases[first_update:]) == {"update"} and "update" in phases
+    assert [s.phase for s in fused.train.steps].index("update") < first_update
+    assert late.train.arena_bytes > fused.train.arena_bytes
+    d = late.report["dynamic_memory"]
+    assert d["fused_update"] is False and fused.report["dynamic_memory"]["fused_update"] is True
+    assert d["arena_plus_gradient_buffers_bytes"] == d["arena_bytes"] + d["gradient_buffers_bytes"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, *fused.tensors[fused.input].shape[1:])).astype(np.float32)
+    y = rng.integers(0, 10, 4).astype(np.int64)
+    a, b = NumpyDevice(fused).train(x, y, 2), NumpyDevice(late).train(x, y, 2)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+
+
+def test_report_separates_gemm_and_optimizer_flops_and_cycles():
+    from compiler.ops import get_op
+    from compiler.targets import load_target, lower_to_target
+    program = lower_to_target(compile_model("deep-ae", tuning="last-1", batch=2), load_target("siracusa"))
+    flops, perf = program.report["flops"], program.report["perf"]
+    gemm = [s for s in program.train.steps if get_op(s.op).kind in ("gemm", "conv")]
+    assert flops["gemm_forward"] == sum(s.flops for s in gemm if s.phase == "forward") > 0
+    assert flops["gemm_backward"] == sum(s.flops for s in gemm if s.phase == "backward") > 0
+    assert flops["gemm_macs"] * 2 == flops["gemm_forward"] + flops["gemm_backward"]
+    assert flops["optimizer"] == sum(s.flops for s in program.train.steps if s.op == "SGD") > 0
+    assert perf["training_cycles"] + perf["optimizer_cycles"] == perf["cycles_per_step"]
+    assert perf["optimizer_cycles"] == sum(s.cycles for s in program.train.steps if s.phase == "update") > 0

@@ -20,7 +20,9 @@ from typing import Any, Sequence
 PROGRAMS = (("deep-ae/lora", "deep-ae", {"strategy": "lora", "targets": ["encoder.*", "decoder.*"]}, 4),
             ("deep-ae/last-1", "deep-ae", "last-1", 4),
             ("cct-digits/lora", "cct-digits", "lora", 1),
-            ("cct-digits/last-1", "cct-digits", "last-1", 1))
+            ("cct-digits/last-1", "cct-digits", "last-1", 1),
+            ("cct-digits/full", "cct-digits", "full", 1),          # large SGD and weight-gradient GEMMs
+            ("deep-ae/lora-b1", "deep-ae", {"strategy": "lora", "targets": ["encoder.*", "decoder.*"]}, 1))
 CALIBRATION_STEPS = 2
 SAMPLES = 16
 

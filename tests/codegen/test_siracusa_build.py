@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from compiler.codegen.build import hal_sources
 from compiler.codegen.build import ZFINX_CFLAGS, zig_cc
 from compiler.codegen.siracusa import MEMORY_MAP, job_bytes, patch_section
 from compiler.codegen.siracusa import sections as siracusa_sections
+from compiler.codegen.pulp_sdk import find_pulp_sdk
 from compiler.codegen.templates import REDMULE_KERNELS, TEMPLATES
 from compiler.ir import CompileError
 from compiler.targets import load_target, lower_to_target
@@ -284,3 +286,46 @@ def test_program_lowered_for_siracusa_trains_like_numpy_on_the_generic_hal(lower
         assert rel_diff(got.params[name], want.params[name]) <= HAL_RTOL, name
     core = QemuDevice(program, tmp_path / "core", board="host").train(x, y, K_STEPS)
     assert np.array_equal(got.losses, core.losses)      # the HAL kernels add in the core kernels' order
+
+
+# ---- boards built by the PULP SDK (siracusa-serial): the SDK check and the pmsis HAL ----------------------
+@needs_riscv
+def test_pmsis_hal_type_checks_for_rv32_and_implements_the_whole_interface(tmp_path):
+    """The pmsis HAL (hal/pulp_pmsis, for siracusa-serial) type-checks against its pmsis declarations and defines
+    the generic HAL's interface. Syntax and types only: it needs the PULP SDK to build."""
+    obj = tmp_path / "pmsis.o"
+    cmd = [RISCV_GCC, "-march=rv32imf", "-mabi=ilp32f", "-ffreestanding", "-O2", "-std=gnu11", "-Wall", "-Wextra",
+           "-Werror", f"-I{HAL_DIR}", f"-I{HAL_DIR / 'pulp'}", "-c",
+           str(HAL_DIR / "pulp_pmsis" / "ef_hal_pulp_pmsis.c"), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    generic = tmp_path / "generic.o"
+    subprocess.run([RISCV_GCC, "-march=rv32imf", "-mabi=ilp32f", "--specs=picolibc.specs", "-O2", "-c",
+                    f"-I{HAL_DIR}", f"-I{HAL_DIR / 'generic'}", str(HAL_DIR / "generic" / "ef_hal_generic.c"), "-o",
+                    str(generic)], check=True)
+    assert _defined_hal_symbols(obj) == _defined_hal_symbols(generic) - {"ef_hal_generic_stats",
+                                                                         "ef_hal_generic_reset_stats"}
+
+
+def test_sdk_check_names_exactly_what_is_missing(tmp_path):
+    sdk = tmp_path / "pulp-sdk"
+    (sdk / "configs").mkdir(parents=True)
+    (sdk / "configs" / "siracusa.sh").write_text("")
+    (sdk / "rules").mkdir()
+    (sdk / "rules" / "pmsis_rules.mk").write_text("")
+    toolchain = tmp_path / "gcc"
+    (toolchain / "bin").mkdir(parents=True)
+    gcc = toolchain / "bin" / "riscv32-unknown-elf-gcc"
+    gcc.write_text("#!/bin/sh\n")
+    gcc.chmod(gcc.stat().st_mode | stat.S_IEXEC)
+    path = os.path.dirname(shutil.which("make") or "/usr/bin/make")
+    sourced = {"PULP_SDK_HOME": str(sdk), "RULES_DIR": str(sdk / "rules"), "TARGET_CHIP": "SIRACUSA", "PATH": path,
+               "PULP_RISCV_GCC_TOOLCHAIN": str(toolchain)}
+    if shutil.which("make"):
+        assert find_pulp_sdk(sourced)["gcc"] == str(gcc)
+    with pytest.raises(CompileError, match=r"missing: the siracusa configuration .*source \$PULP_SDK_HOME"):
+        find_pulp_sdk({**sourced, "TARGET_CHIP": "GAP9"})
+    with pytest.raises(CompileError, match=r"missing: riscv32-unknown-elf-gcc$"):
+        find_pulp_sdk({**sourced, "PULP_RISCV_GCC_TOOLCHAIN": ""})
+    with pytest.raises(CompileError, match=r"missing: PULP_SDK_HOME \(.* has no configs/siracusa.sh\)"):
+        find_pulp_sdk({**sourced, "PULP_SDK_HOME": str(tmp_path)})

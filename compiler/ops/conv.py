@@ -1,12 +1,9 @@
 """Conv (ONNX semantics, 1-D and 2-D, grouped and depthwise) and its backward ops.
 
-Every sliding-window op (this module and ``pool``) walks the kernel taps: for each of the kh·kw offsets it
-takes the strided view of the padded input that tap reads. Conv keeps channels first, (C, N·Ho·Wo), so each
-tap is one GEMM per group with the whole batch in its columns (a broadcast multiply when a group has a single
-channel, as in depthwise conv). That never materializes an im2col buffer (kh·kw times the input), serves the
-forward and both gradients with the same loop, and measured 1.3-7x faster than sliding_window_view + one
-GEMM on DS-CNN/MobileNet-sized layers (single-threaded BLAS, depthwise the largest gain). First layers with
-1-3 input channels are the exception (up to 5x slower, under a millisecond at those sizes).
+The window geometry (``Window``) is shared with ``pool``. The numpy kernels live in ``_grid``: the padded
+input is laid out as contiguous stride phases so that every kernel tap is one long contiguous slice; general
+convolutions are im2col + one GEMM per sample and group, depthwise ones a multiply-add per tap, a 1×1 stride-1
+convolution a plain matrix product. Measured against PyTorch eager in ``benchmarks/compiler_step.py``.
 """
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.ir import CompileError
+from compiler.ops import _grid
 from compiler.ops._util import size
 from compiler.ops.base import Op
 from compiler.ops.binding import Ref, Site
@@ -126,21 +124,6 @@ class Window:
         return padded[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
 
 
-def _group_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(G, K, L) @ (G, L, Q) -> (G, K, Q); a broadcast multiply when L == 1 (depthwise)."""
-    return a * b if a.shape[-1] == 1 else np.matmul(a, b)
-
-
-def _channels_first(a4: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> the (C, N, H, W) view."""
-    return a4.transpose(1, 0, 2, 3)
-
-
-def _batch_first(c4: np.ndarray) -> np.ndarray:
-    """(C, N, H, W) -> a contiguous (N, C, H, W) array."""
-    return np.ascontiguousarray(c4.transpose(1, 0, 2, 3))
-
-
 def window_args(site: Site, x_shape, kernel, out_channels: int, group: int, **attrs) -> tuple:
     """The ``ef_window`` struct of the sliding-window kernels (conv and pooling), as a tuple of ints."""
     win = Window.of(site.op, x_shape, kernel, attrs.get("strides"), attrs.get("pads"), attrs.get("dilations"),
@@ -181,17 +164,18 @@ class Conv(Op):
     def forward(self, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
                 auto_pad="NOTSET"):
         win = Window.of("Conv", x.shape, w.shape[2:], strides, pads, dilations, auto_pad)
-        x4, w4 = win.lift(x), win.lift(w)
-        n, m, cg = x4.shape[0], w4.shape[0], w4.shape[1]
-        wg = w4.reshape(group, m // group, cg, *win.kernel)
-        xc = _channels_first(win.pad(x4))
-        y = np.zeros((group, m // group, n * size(win.out_hw)), np.result_type(x, w))
-        for i, j in win.taps():
-            y += _group_matmul(wg[..., i, j], win.tap(xc, i, j).reshape(group, cg, -1))
-        y = _batch_first(y.reshape(m, n, *win.out_hw))
+        y = np.empty((x.shape[0], w.shape[0], *win.out_shape), np.result_type(x, w))
+        self.forward_into((y,), x, w, b, strides=strides, pads=pads, dilations=dilations, group=group,
+                          auto_pad=auto_pad)
+        return y
+
+    def forward_into(self, outs, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1,
+                     kernel_shape=None, auto_pad="NOTSET"):
+        win = Window.of("Conv", x.shape, w.shape[2:], strides, pads, dilations, auto_pad)
+        y4 = win.lift(outs[0])
+        _grid.conv_forward(win, win.lift(x), win.lift(w), group, y4)
         if b is not None:
-            y += b.reshape(1, m, 1, 1)
-        return win.unlift(y)
+            y4 += b.reshape(1, -1, 1, 1)
 
     def gradient(self, g, x, y, dy, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
                  auto_pad="NOTSET"):
@@ -245,15 +229,15 @@ class ConvGradInput(Op):
         return tuple(shape)
 
     def forward(self, dy, w, *, shape, strides=None, pads=None, dilations=None, group=1, auto_pad="NOTSET"):
+        dx = np.empty(shape, np.result_type(dy, w))
+        self.forward_into((dx,), dy, w, shape=shape, strides=strides, pads=pads, dilations=dilations, group=group,
+                          auto_pad=auto_pad)
+        return dx
+
+    def forward_into(self, outs, dy, w, *, shape, strides=None, pads=None, dilations=None, group=1,
+                     auto_pad="NOTSET"):
         win = Window.of("ConvGradInput", shape, w.shape[2:], strides, pads, dilations, auto_pad)
-        dy4, w4 = win.lift(dy), win.lift(w)
-        n, m, cg = dy4.shape[0], w4.shape[0], w4.shape[1]
-        wt = w4.reshape(group, m // group, cg, *win.kernel).swapaxes(1, 2)  # (G, C/G, M/G, kh, kw)
-        dyc = _channels_first(dy4).reshape(group, m // group, -1)
-        dxc = win.zeros((cg * group, n), np.result_type(dy, w))  # (C, N, Hp, Wp)
-        for i, j in win.taps():
-            win.tap(dxc, i, j)[...] += _group_matmul(wt[..., i, j], dyc).reshape(cg * group, n, *win.out_hw)
-        return win.unlift(_batch_first(win.crop(dxc)))
+        _grid.conv_grad_input(win, win.lift(dy), win.lift(w), group, win.lift(outs[0]))
 
     def flops(self, out_shapes, dy, w, **attrs):
         return 2 * size(dy) * size(w[1:])
@@ -283,15 +267,15 @@ class ConvGradWeight(Op):
 
     def forward(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
                 auto_pad="NOTSET"):
+        dw = np.empty((dy.shape[1], x.shape[1] // group, *kernel_shape), np.result_type(x, dy))
+        self.forward_into((dw,), x, dy, kernel_shape=kernel_shape, strides=strides, pads=pads,
+                          dilations=dilations, group=group, auto_pad=auto_pad)
+        return dw
+
+    def forward_into(self, outs, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
+                     auto_pad="NOTSET"):
         win = Window.of("ConvGradWeight", x.shape, kernel_shape, strides, pads, dilations, auto_pad)
-        x4, dy4 = win.lift(x), win.lift(dy)
-        c, m = x4.shape[1], dy4.shape[1]
-        dyc = _channels_first(dy4).reshape(group, m // group, -1)
-        xc = _channels_first(win.pad(x4))
-        dw = np.empty((group, m // group, c // group, *win.kernel), np.result_type(x, dy))
-        for i, j in win.taps():
-            dw[..., i, j] = np.matmul(dyc, win.tap(xc, i, j).reshape(group, c // group, -1).swapaxes(1, 2))
-        return win.unlift(dw.reshape(m, c // group, *win.kernel))
+        _grid.conv_grad_weight(win, win.lift(x), win.lift(dy), group, win.lift(outs[0]))
 
     def flops(self, out_shapes, x, dy, **attrs):
         return 2 * size(dy) * size(out_shapes[0][1:])

@@ -94,12 +94,30 @@ def _normalized_axes(x_shape, axis):
     return tuple(range(norm_axis(axis, len(x_shape)), len(x_shape)))
 
 
-def _standardize(x, axis, epsilon):
-    """(x - mean) · rstd over the axes from ``axis`` on, and rstd."""
-    axes = _normalized_axes(x.shape, axis)
-    centered = x - x.mean(axis=axes, keepdims=True)
-    rstd = 1 / np.sqrt((centered * centered).mean(axis=axes, keepdims=True) + epsilon)
-    return centered * rstd, rstd
+def _rows(x, axis):
+    """x as a 2-D (rows, normalized size) view (a copy only if x is not contiguous)."""
+    first = norm_axis(axis, x.ndim)
+    return x.reshape(size(x.shape[:first]), size(x.shape[first:]))
+
+
+def _per_column(v, x_shape, axis):
+    """scale or bias broadcast to the normalized shape, flattened: (normalized size,)."""
+    return np.broadcast_to(v, x_shape[norm_axis(axis, len(x_shape)):]).reshape(-1)
+
+
+def _standardize_into(x2, out2, epsilon):
+    """out2 = (x2 - mean) · rstd per row; returns rstd (rows, 1). Two reductions and three passes over x."""
+    d = x2.shape[1]
+    mean = np.add.reduce(x2, axis=1, keepdims=True)
+    mean /= d
+    np.subtract(x2, mean, out=out2)
+    var = np.einsum("ij,ij->i", out2, out2)[:, None]
+    var /= d
+    var += var.dtype.type(epsilon)
+    rstd = np.sqrt(var, out=var)
+    np.reciprocal(rstd, out=rstd)
+    out2 *= rstd
+    return rstd
 
 
 class LayerNormalization(Op):
@@ -119,9 +137,16 @@ class LayerNormalization(Op):
         return x
 
     def forward(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
-        xhat, _ = _standardize(x, axis, epsilon)
-        y = xhat * scale
-        return y if b is None else y + b
+        y = np.empty(x.shape, np.result_type(x, scale))
+        self.forward_into((y,), x, scale, b, axis=axis, epsilon=epsilon)
+        return y
+
+    def forward_into(self, outs, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+        y2 = _rows(outs[0], axis)
+        _standardize_into(_rows(x, axis), y2, epsilon)
+        y2 *= _per_column(scale, x.shape, axis)
+        if b is not None:
+            y2 += _per_column(b, x.shape, axis)
 
     def gradient(self, g, x, y, dy, *, axis=-1, epsilon=1e-5, stash_type=1):
         dx = ds = db = None
@@ -159,11 +184,23 @@ class LayerNormGradInput(Op):
         return x
 
     def forward(self, x, scale, dy, *, axis=-1, epsilon=1e-5):
-        axes = _normalized_axes(x.shape, axis)
-        xhat, rstd = _standardize(x, axis, epsilon)
-        ghat = dy * scale
-        return rstd * (ghat - ghat.mean(axis=axes, keepdims=True)
-                       - xhat * (ghat * xhat).mean(axis=axes, keepdims=True))
+        dx = np.empty(x.shape, np.result_type(x, dy))
+        self.forward_into((dx,), x, scale, dy, axis=axis, epsilon=epsilon)
+        return dx
+
+    def forward_into(self, outs, x, scale, dy, *, axis=-1, epsilon=1e-5):
+        dx2 = _rows(outs[0], axis)
+        d = dx2.shape[1]
+        rstd = _standardize_into(_rows(x, axis), dx2, epsilon)           # dx2 holds x̂ for now
+        ghat = _rows(dy, axis) * _per_column(scale, x.shape, axis)
+        mean_g = np.add.reduce(ghat, axis=1, keepdims=True)
+        mean_g /= d
+        mean_gx = np.einsum("ij,ij->i", ghat, dx2)[:, None]
+        mean_gx /= d
+        dx2 *= mean_gx                                                   # x̂ · mean(ĝ·x̂)
+        np.subtract(ghat, dx2, out=dx2)
+        dx2 -= mean_g
+        dx2 *= rstd
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 14 * size(x)
@@ -187,8 +224,15 @@ class LayerNormGradScale(Op):
         return tuple(x[norm_axis(axis, len(x)):])
 
     def forward(self, x, dy, *, axis=-1, epsilon=1e-5):
-        xhat, _ = _standardize(x, axis, epsilon)
-        return (dy * xhat).sum(axis=tuple(range(norm_axis(axis, x.ndim))))
+        ds = np.empty(x.shape[norm_axis(axis, x.ndim):], np.result_type(x, dy))
+        self.forward_into((ds,), x, dy, axis=axis, epsilon=epsilon)
+        return ds
+
+    def forward_into(self, outs, x, dy, *, axis=-1, epsilon=1e-5):
+        x2 = _rows(x, axis)
+        xhat = np.empty(x2.shape, x2.dtype)
+        _standardize_into(x2, xhat, epsilon)
+        np.einsum("ij,ij->j", _rows(dy, axis), xhat, out=outs[0].reshape(-1))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 10 * size(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.ir import CompileError
+from compiler.ops import _grid
 from compiler.ops._util import size
 from compiler.ops.base import Op
 from compiler.ops.binding import Ref, Site
@@ -24,19 +25,6 @@ def _pool_win(site: Site, x_shape) -> tuple:
     return window_args(site, x_shape, kernel, x_shape[1], 1, **attrs)
 
 
-def _argmax_taps(win: Window, x: np.ndarray) -> np.ndarray:
-    """For every output, the index i·kW + j of the tap holding the window's first maximum (PyTorch's tie rule)."""
-    xp = win.pad(win.lift(x), -np.inf)
-    best = np.full((*xp.shape[:2], *win.out_hw), -np.inf, x.dtype)
-    index = np.zeros(best.shape, np.int32)
-    for t, (i, j) in enumerate(win.taps()):
-        view = win.tap(xp, i, j)
-        better = view > best  # strict: an equal later value never takes over
-        np.copyto(best, view, where=better)
-        np.copyto(index, t, where=better)
-    return index
-
-
 class MaxPool(Op):
     """The Y output only (the optional Indices output is not supported)."""
     name = "MaxPool"
@@ -51,11 +39,9 @@ class MaxPool(Op):
     def forward(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
                 auto_pad="NOTSET", storage_order=0):
         win = _pool_window("MaxPool", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-        xp = win.pad(win.lift(x), -np.inf)
-        y = np.full((*xp.shape[:2], *win.out_hw), -np.inf, x.dtype)
-        for i, j in win.taps():
-            np.maximum(y, win.tap(xp, i, j), out=y)
-        return win.unlift(y)
+        y = np.empty((*x.shape[:2], *win.out_shape), x.dtype)
+        _grid.max_pool(win, win.lift(x), win.lift(y))
+        return y
 
     def gradient(self, g, x, y, dy, **attrs):
         return (g.emit("MaxPoolGrad", [x[0], dy[0]], **attrs),)
@@ -83,12 +69,9 @@ class MaxPoolGrad(Op):
     def forward(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
                 auto_pad="NOTSET", storage_order=0):
         win = _pool_window("MaxPoolGrad", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-        index = _argmax_taps(win, x)
-        dy4 = win.lift(dy)
-        dxp = win.zeros(dy4.shape, dy.dtype)
-        for t, (i, j) in enumerate(win.taps()):
-            win.tap(dxp, i, j)[...] += np.where(index == t, dy4, 0)
-        return win.unlift(np.ascontiguousarray(win.crop(dxp)))
+        dx = np.empty_like(x, dtype=dy.dtype)
+        _grid.max_pool_grad(win, win.lift(x), win.lift(dy), win.lift(dx))
+        return dx
 
     def flops(self, out_shapes, x, dy, *, kernel_shape, **attrs):
         return 2 * size(dy) * size(kernel_shape)

@@ -1,0 +1,214 @@
+"""Fast sliding-window kernels for the numpy executor: convolution (im2col + GEMM, depthwise direct) and
+max pooling, forward and backward, over a *phase grid*.
+
+numpy is slow on strided views whose innermost run is short (a 5-wide feature map costs a loop iteration every
+5 elements). So the padded input is laid out once as ``sh·sw`` contiguous phases — phase (a, b) holds the padded
+rows a, a+sh, … and columns b, b+sw, … — each ``Hq × Wq``. A kernel tap (i, j) of a window with stride (sh, sw)
+then reads ONE phase at a constant flat offset: output (h, w) reads phase element (h + i·dh//sh, w + j·dw//sw).
+Every tap becomes a contiguous slice of length ``Ho·Wq`` per (sample, channel): the "wide" output, whose
+columns ≥ Wo are junk (they read across the row end) and are cropped at the end; gradients enter wide with
+zeros there, so the junk never reaches a result. A 1-D op is the same with H = 1, and stride 1 is one phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The phase layout of one Window (``compiler.ops.conv.Window``)."""
+    sh: int
+    sw: int
+    hq: int
+    wq: int
+    ho: int
+    wo: int
+    taps: tuple[tuple[int, int, int], ...]  # per kernel tap (row-major): phase row a, phase column b, flat offset
+
+    @classmethod
+    def of(cls, win) -> "Grid":
+        (sh, sw), (dh, dw), (kh, kw) = win.strides, win.dilations, win.kernel
+        (ho, wo), (hp, wp) = win.out_hw, win.padded_hw()
+        wq = -(-wp // sw)
+        hq = max(-(-hp // sh), ho + (kh - 1) * dh // sh) + 1  # one spare row: the last tap's junk columns
+        taps = tuple(((i * dh) % sh, (j * dw) % sw, ((i * dh) // sh) * wq + (j * dw) // sw)
+                     for i in range(kh) for j in range(kw))
+        return cls(sh, sw, hq, wq, ho, wo, taps)
+
+    @property
+    def length(self) -> int:
+        """Wide output elements per (sample, channel): Ho rows of Wq."""
+        return self.ho * self.wq
+
+    # ---- layout --------------------------------------------------------------------------------------------
+    def _spans(self, win, a: int, b: int):
+        """For phase (a, b): the first input row/column it holds, and where that lands in the phase."""
+        top, left = win.pads[:2]
+        h0, w0 = (a - top) % self.sh, (b - left) % self.sw
+        return h0, w0, (h0 + top) // self.sh, (w0 + left) // self.sw
+
+    def phases(self, win, x4: np.ndarray, value: float = 0.0) -> np.ndarray:
+        """(sh, sw, N, C, Hq·Wq): the padded input (pad value ``value``) as contiguous phases."""
+        n, c, h, w = x4.shape
+        ph = np.full((self.sh, self.sw, n, c, self.hq, self.wq), value, x4.dtype)
+        for a in range(self.sh):
+            for b in range(self.sw):
+                h0, w0, r0, c0 = self._spans(win, a, b)
+                src = x4[:, :, h0::self.sh, w0::self.sw]
+                ph[a, b, :, :, r0:r0 + src.shape[2], c0:c0 + src.shape[3]] = src
+        return ph.reshape(self.sh, self.sw, n, c, self.hq * self.wq)
+
+    def gather(self, win, ph: np.ndarray, out4: np.ndarray) -> None:
+        """The inverse of ``phases`` on the input region: out4 (N, C, H, W) = the phases' input elements."""
+        n, c = out4.shape[:2]
+        grid = ph.reshape(self.sh, self.sw, n, c, self.hq, self.wq)
+        for a in range(self.sh):
+            for b in range(self.sw):
+                h0, w0, r0, c0 = self._spans(win, a, b)
+                dst = out4[:, :, h0::self.sh, w0::self.sw]
+                dst[...] = grid[a, b, :, :, r0:r0 + dst.shape[2], c0:c0 + dst.shape[3]]
+
+    def tap(self, ph: np.ndarray, t: int) -> np.ndarray:
+        """(N, C, Ho·Wq): the wide view tap t reads (writable: gradients add into it)."""
+        a, b, off = self.taps[t]
+        return ph[a, b, :, :, off:off + self.length]
+
+    def widen(self, y4: np.ndarray) -> np.ndarray:
+        """(N, C, Ho, Wo) -> (N, C, Ho·Wq) with zeros in the junk columns."""
+        if self.wq == self.wo:
+            return np.ascontiguousarray(y4).reshape(*y4.shape[:2], self.length)
+        wide = np.zeros((*y4.shape[:2], self.ho, self.wq), y4.dtype)
+        wide[..., :self.wo] = y4
+        return wide.reshape(*y4.shape[:2], self.length)
+
+    def crop(self, wide: np.ndarray) -> np.ndarray:
+        """(N, C, Ho·Wq) -> the (N, C, Ho, Wo) view without the junk columns."""
+        return wide.reshape(*wide.shape[:2], self.ho, self.wq)[..., :self.wo]
+
+    def columns(self, ph: np.ndarray, group: int) -> np.ndarray:
+        """im2col, wide: (N, group, C/group·kh·kw, Ho·Wq), channel-major then tap (the weight's order)."""
+        n, c = ph.shape[2:4]
+        cols = np.empty((n, group, c // group, len(self.taps), self.length), ph.dtype)
+        for t in range(len(self.taps)):
+            cols[:, :, :, t] = self.tap(ph, t).reshape(n, group, c // group, self.length)
+        return cols.reshape(n, group, -1, self.length)
+
+
+def _pointwise(win) -> bool:
+    """A 1×1 window, stride 1, no padding: the convolution is a plain matrix product per sample."""
+    return win.kernel == (1, 1) and win.strides == (1, 1) and not any(win.pads) and win.padded_hw() == win.in_hw
+
+
+def _depthwise(group: int, cg: int, mg: int) -> bool:
+    return group > 1 and cg == 1 and mg == 1
+
+
+def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarray) -> None:
+    """out4 (N, M, Ho, Wo) = conv(x4, w4), no bias."""
+    n, m, cg = x4.shape[0], w4.shape[0], w4.shape[1]
+    mg = m // group
+    if _pointwise(win):
+        np.matmul(w4.reshape(group, mg, cg), x4.reshape(n, group, cg, -1), out=out4.reshape(n, group, mg, -1))
+        return
+    grid = Grid.of(win)
+    ph = grid.phases(win, x4)
+    if _depthwise(group, cg, mg):
+        taps = w4.reshape(m, -1)
+        wide = np.zeros((n, m, grid.length), x4.dtype)
+        scratch = np.empty_like(wide)
+        for t in range(len(grid.taps)):
+            np.multiply(grid.tap(ph, t), taps[:, t, None], out=scratch)
+            wide += scratch
+    else:
+        wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group)).reshape(n, m, grid.length)
+    out4[...] = grid.crop(wide)
+
+
+def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.ndarray) -> None:
+    """dx4 (N, C, H, W) = the transposed convolution of dy4 with w4."""
+    n, m, cg = dy4.shape[0], w4.shape[0], w4.shape[1]
+    mg = m // group
+    wg = w4.reshape(group, mg, -1)
+    if _pointwise(win):
+        np.matmul(wg.swapaxes(1, 2), dy4.reshape(n, group, mg, -1), out=dx4.reshape(n, group, cg, -1))
+        return
+    grid = Grid.of(win)
+    dyw = grid.widen(dy4)
+    dph = np.zeros((grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype)
+    if _depthwise(group, cg, mg):
+        taps = w4.reshape(m, -1)
+        scratch = np.empty_like(dyw)
+        for t in range(len(grid.taps)):
+            np.multiply(dyw, taps[:, t, None], out=scratch)
+            grid.tap(dph, t)[...] += scratch
+    else:
+        kk = len(grid.taps)
+        dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1))  # (N, G, Cg·kk, L)
+        dcols = dcols.reshape(n, group * cg, kk, grid.length)
+        for t in range(kk):
+            grid.tap(dph, t)[...] += dcols[:, :, t]
+    grid.gather(win, dph, dx4)
+
+
+def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.ndarray) -> None:
+    """dw4 (M, C/group, kh, kw) = Σ over samples and positions of dy · the input each tap read."""
+    n, c, m = x4.shape[0], x4.shape[1], dy4.shape[1]
+    cg, mg = c // group, m // group
+    dwg = dw4.reshape(group, mg, -1)
+    if _pointwise(win):
+        dyg, xg = dy4.reshape(n, group, mg, -1), x4.reshape(n, group, cg, -1)
+        _sum_products(dyg, xg, dwg)
+        return
+    grid = Grid.of(win)
+    ph = grid.phases(win, x4)
+    dyw = grid.widen(dy4)
+    if _depthwise(group, cg, mg):
+        taps = dw4.reshape(m, -1)
+        for t in range(len(grid.taps)):
+            taps[:, t] = np.einsum("ncl,ncl->c", dyw, grid.tap(ph, t))
+        return
+    _sum_products(dyw.reshape(n, group, mg, -1), grid.columns(ph, group), dwg)
+
+
+def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out (G, P, Q) = Σ_n a[n] (G, P, L) · b[n]ᵀ (G, L, Q): one GEMM per sample, accumulated."""
+    np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
+    if len(a) > 1:
+        scratch = np.empty_like(out)
+        for i in range(1, len(a)):
+            np.matmul(a[i], b[i].swapaxes(-1, -2), out=scratch)
+            out += scratch
+
+
+# ---- max pooling -------------------------------------------------------------------------------------------
+def max_pool(win, x4: np.ndarray, out4: np.ndarray) -> None:
+    grid = Grid.of(win)
+    ph = grid.phases(win, x4, -np.inf)
+    wide = grid.tap(ph, 0).copy()
+    for t in range(1, len(grid.taps)):
+        np.maximum(wide, grid.tap(ph, t), out=wide)
+    out4[...] = grid.crop(wide)
+
+
+def max_pool_grad(win, x4: np.ndarray, dy4: np.ndarray, dx4: np.ndarray) -> None:
+    """Each dy goes to the first maximum of its window (PyTorch's tie rule); overlapping windows add up."""
+    grid = Grid.of(win)
+    ph = grid.phases(win, x4, -np.inf)
+    best = grid.tap(ph, 0).copy()
+    for t in range(1, len(grid.taps)):
+        np.maximum(best, grid.tap(ph, t), out=best)
+    dyw = grid.widen(dy4)
+    dph = np.zeros(ph.shape, dy4.dtype)
+    taken = np.zeros(best.shape, bool)   # windows whose maximum an earlier tap already claimed
+    hit = np.empty(best.shape, bool)
+    scratch = np.empty_like(dyw)
+    for t in range(len(grid.taps)):
+        np.equal(grid.tap(ph, t), best, out=hit)
+        if t:
+            np.greater(hit, taken, out=hit)   # hit and not taken
+        np.logical_or(taken, hit, out=taken)
+        np.multiply(dyw, hit, out=scratch)
+        grid.tap(dph, t)[...] += scratch
+    grid.gather(win, dph, dx4)

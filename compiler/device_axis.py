@@ -9,6 +9,7 @@ only the nodes that read one are rewritten, with reshapes that expose the device
     Add/Sub/Mul/Div     x (D·B, …) → (D, B, …) against P reshaped to (D, 1…, p)
     LayerNormalization  normalise with unit scale/zero bias, then the Mul/Add rules
     LoraLinear(x, W, A, B)  unchanged: A (D, in, r) and B (D, r, out) split x's rows into D slices itself
+    LoraConv(x, W, A, B)    unchanged: A (D, r, C, k…) and B (D, M, r, 1…) split x's samples into D slices itself
 
 The loss is scaled by D (the sum of the devices' mean losses), so each device's gradient is its own. An op
 that reads a per-device parameter in any other way is an error: such programs run one device at a time.
@@ -81,6 +82,8 @@ class _Rewriter:
                 self.gemm(node)
             elif node.op == "LoraLinear" and node.inputs[1] not in self.per_device:
                 self.lora(node)
+            elif node.op == "LoraConv" and not {node.inputs[1], *node.inputs[4:]} & self.per_device:
+                self.nodes.append(node)
             elif node.op in ELEMENTWISE and len(touched) == 1:
                 self.elementwise(node)
             elif node.op == "LayerNormalization":

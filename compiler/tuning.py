@@ -339,11 +339,17 @@ def _is_weight(graph: Graph, name: str) -> bool:
 def lora_layers(graph: Graph) -> dict[str, LoraSite]:
     """GEMM nodes with a 2-D weight, by layer name: the layers LoRA can adapt. A weight is an initializer read
     directly (Gemm, MatMul(x, W)) or through a 2-D Transpose (MatMul(x, Transpose(W)), as TorchScript exports a
-    3-D nn.Linear without constant folding). Convolutions are not adapted here (a hook for LoRA on Conv)."""
+    3-D nn.Linear without constant folding). Ungrouped Conv nodes are adapted too (depthwise and grouped convolutions
+    take no adapter: see compiler/ops/lora_conv.py)."""
     producers = graph.producers()
     found: dict[str, LoraSite] = {}
     for node in graph.nodes:
-        if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        if node.op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+            continue
+        if node.op == "Conv":
+            spec = graph.tensors.get(node.inputs[1])
+            if spec is not None and spec.role in (Role.FROZEN, Role.TRAINABLE) and node.attrs.get("group", 1) == 1:
+                found.setdefault(node.layer or node.name, LoraSite(node, node.inputs[1]))
             continue
         if _is_weight(graph, node.inputs[1]):
             found.setdefault(node.layer or node.name, LoraSite(node, node.inputs[1]))
@@ -360,7 +366,7 @@ AUTO_TARGETS = ("*attn.*", "*mlp.*")
 
 def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) -> Graph:
     """y = W·x (+ b) becomes y = W·x (+ b) + (α/r)·(x·A)·B, one LoraLinear step, for every targeted layer; A, B
-    are new trainables.
+    are new trainables. A targeted (ungrouped) Conv becomes one LoraConv step the same way.
     ``exclude``: patterns of layers trained fully, which "auto" leaves without adapters."""
     layers = lora_layers(graph)
     targets: dict[str, LoraSite] = {}
@@ -370,12 +376,12 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         if not auto:
             auto = {k: v for k, v in layers.items() if not any(fnmatchcase(k, p) for p in exclude)}
         if not auto:
-            raise CompileError(f"LoRA: no layer to adapt (MatMul/Gemm layers: {_listing(list(layers))})")
+            raise CompileError(f"LoRA: no layer to adapt (MatMul/Gemm/Conv layers: {_listing(list(layers))})")
         targets.update(auto)
     for pattern in cfg.targets if cfg.targets != ("auto",) else ():
         hits = {layer: node for layer, node in layers.items() if fnmatchcase(layer, pattern)}
         if not hits:
-            raise CompileError(f"LoRA target pattern {pattern!r} matches no MatMul/Gemm layer; layers: "
+            raise CompileError(f"LoRA target pattern {pattern!r} matches no MatMul/Gemm/Conv layer; layers: "
                                f"{_listing(list(layers))}")
         targets.update(hits)
     rng = np.random.default_rng(cfg.seed)
@@ -388,6 +394,9 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         if targets.get(layer) is None or targets[layer].node.name != node.name:
             continue
         site = targets[layer]
+        if node.op == "Conv":
+            nodes[-1] = _lora_conv(node, layer, graph.tensors[site.weight].shape, cfg, rng, tensors, values, names)
+            continue
         x, w = node.inputs[0], site.weight
         w_shape = graph.tensors[w].shape
         if node.op == "Gemm":
@@ -415,6 +424,25 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
         nodes[-1] = dataclasses.replace(node, op="LoraLinear", inputs=(x, w, a, b, *node.inputs[2:]), attrs=attrs)
     return graph.replace(tensors=tensors, values=values, nodes=tuple(nodes),
                          notes={**graph.notes, "lora_targets": sorted(targets), "lora_auto": cfg.targets == ("auto",)})
+
+
+def _lora_conv(node: Node, layer: str, w_shape: tuple[int, ...], cfg: LoraConfig, rng: np.random.Generator,
+               tensors: dict, values: dict, names: NameGen) -> Node:
+    """PEFT's Conv LoRA as one LoraConv step: A (r, C, kernel) with the layer's window, B (M, r, 1…) a 1×1 conv."""
+    d_out, d_in = w_shape[0], int(np.prod(w_shape[1:]))
+    if cfg.rank > min(d_in, d_out):
+        raise CompileError(f"LoRA rank {cfg.rank} is larger than conv layer {layer!r} allows "
+                           f"(min(in·kernel, out) = {min(d_in, d_out)})")
+    a, b = names(f"{layer}.lora_a"), names(f"{layer}.lora_b")
+    a_val, b_val = _lora_init(rng, cfg, d_in, d_out)
+    ones = (1,) * (len(w_shape) - 2)
+    values[a] = np.ascontiguousarray(a_val.T).reshape(cfg.rank, *w_shape[1:])
+    values[b] = np.ascontiguousarray(b_val.T).reshape(d_out, cfg.rank, *ones)
+    tensors[a] = TensorSpec(a, values[a].shape, "float32", Role.FROZEN if cfg.freeze_a else Role.TRAINABLE)
+    tensors[b] = TensorSpec(b, values[b].shape, "float32", Role.TRAINABLE)
+    attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+    return dataclasses.replace(node, op="LoraConv", inputs=(node.inputs[0], node.inputs[1], a, b, *node.inputs[2:]),
+                               attrs={"scale": cfg.alpha / cfg.rank, **attrs})
 
 
 def _lora_init(rng: np.random.Generator, cfg: LoraConfig, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:

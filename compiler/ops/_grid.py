@@ -144,12 +144,15 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
             np.multiply(dyw, taps[:, t, None], out=scratch)
             grid.tap(dph, t)[...] += scratch
     else:
-        kk = len(grid.taps)
         dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1))  # (N, G, Cg·kk, L)
-        dcols = dcols.reshape(n, group * cg, kk, grid.length)
-        for t in range(kk):
-            grid.tap(dph, t)[...] += dcols[:, :, t]
+        _scatter_columns(grid, dcols.reshape(n, group * cg, -1, grid.length), dph)
     grid.gather(win, dph, dx4)
+
+
+def _scatter_columns(grid: Grid, dcols: np.ndarray, dph: np.ndarray) -> None:
+    """col2im, wide: add dcols (N, C, kh·kw, Ho·Wq) into the phases' taps."""
+    for t in range(len(grid.taps)):
+        grid.tap(dph, t)[...] += dcols[:, :, t]
 
 
 def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.ndarray) -> None:
@@ -173,13 +176,71 @@ def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.n
 
 
 def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out (G, P, Q) = Σ_n a[n] (G, P, L) · b[n]ᵀ (G, L, Q): one GEMM per sample, accumulated."""
+    """out (…, P, Q) = Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample, accumulated."""
     np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
     if len(a) > 1:
         scratch = np.empty_like(out)
         for i in range(1, len(a)):
             np.matmul(a[i], b[i].swapaxes(-1, -2), out=scratch)
             out += scratch
+
+
+# ---- LoRA on a convolution (compiler/ops/lora_conv.py) -------------------------------------------------------
+def _lora_columns(win, x4: np.ndarray):
+    """(grid or None, columns (N, C·kh·kw, L)): im2col once, for the frozen weight and A alike."""
+    if _pointwise(win):
+        return None, x4.reshape(*x4.shape[:2], -1)
+    grid = Grid.of(win)
+    return grid, grid.columns(grid.phases(win, x4), 1)[:, 0]
+
+
+def _by_device(t: np.ndarray, devices: int) -> np.ndarray:
+    """(N, ...) -> (D, N/D, ...): device d owns the d-th slice of the samples."""
+    return t.reshape(devices, t.shape[0] // devices, *t.shape[1:])
+
+
+def lora_conv_forward(win, x4, w2, a3, b3, scale: float, out4) -> None:
+    """out4 = conv(x4, W) + B ⊛ (scale · A ⊛ x4): W (M, C·k), A (D, r, C·k), B (D, M, r) (a 1×1 conv)."""
+    devices = a3.shape[0]
+    grid, cols = _lora_columns(win, x4)
+    wide = np.matmul(w2, cols)                                        # (N, M, L)
+    s = np.matmul(a3[:, None], _by_device(cols, devices))            # (D, N/D, r, L)
+    s *= s.dtype.type(scale)
+    _by_device(wide, devices)[...] += np.matmul(b3[:, None], s)
+    out4[...] = wide.reshape(out4.shape) if grid is None else grid.crop(wide)
+
+
+def lora_conv_grad(win, grads: str, dy4, x4, w2, a3, b3, scale: float, outs) -> None:
+    """The backward of lora_conv_forward; ``grads`` names ``outs`` in the order x, a, b:
+    dS = scale·Bᵀ·dY;  dX = col2im(Wᵀ·dY + Aᵀ·dS);  dA = Σ dS·colsᵀ;  dB = Σ dY·Sᵀ with S = scale·A·cols."""
+    devices = a3.shape[0]
+    got = dict(zip(grads, outs))
+    grid, cols = _lora_columns(win, x4)
+    n, m = dy4.shape[:2]
+    dyw = dy4.reshape(n, m, -1) if grid is None else grid.widen(dy4)
+    dyd = _by_device(dyw, devices)
+    ds = np.matmul(b3.swapaxes(1, 2)[:, None], dyd)                  # (D, N/D, r, L)
+    ds *= ds.dtype.type(scale)
+    if "x" in got:
+        dcols = np.matmul(w2.T, dyw)                                  # (N, C·k, L)
+        _by_device(dcols, devices)[...] += np.matmul(a3.swapaxes(1, 2)[:, None], ds)
+        if grid is None:
+            got["x"][...] = dcols.reshape(got["x"].shape)
+        else:
+            dph = np.zeros((grid.sh, grid.sw, n, x4.shape[1], grid.hq * grid.wq), dy4.dtype)
+            _scatter_columns(grid, dcols.reshape(n, x4.shape[1], -1, grid.length), dph)
+            grid.gather(win, dph, got["x"])
+    colsd = _by_device(cols, devices)
+    if "a" in got:
+        da = got["a"].reshape(a3.shape)
+        for d in range(devices):
+            _sum_products(ds[d], colsd[d], da[d])
+    if "b" in got:
+        s = np.matmul(a3[:, None], colsd)
+        s *= s.dtype.type(scale)
+        db = got["b"].reshape(b3.shape)
+        for d in range(devices):
+            _sum_products(dyd[d], s[d], db[d])
 
 
 # ---- max pooling -------------------------------------------------------------------------------------------

@@ -118,6 +118,16 @@ CASES: dict[str, list[Case]] = {
                         onnx=False, id="gemm form"),
                    case((2, 3, 4), frozen(4, 5), (2, 4, 2), (2, 2, 5), scale=1.0, onnx=False, id="per device"),
                    case(frozen(6, 4), frozen(4, 5), frozen(4, 2), (2, 5), scale=0.5, onnx=False, id="B only")],
+    "LoraConv": [case((2, 3, 7, 8), frozen(4, 3, 3, 3), (2, 3, 3, 3), (4, 2, 1, 1), frozen(4), scale=0.5,
+                      pads=(1, 1, 1, 1), onnx=False, id="3x3 padded"),
+                 case((2, 3, 9, 8), (4, 3, 3, 2), (2, 3, 3, 2), (4, 2, 1, 1), (4,), scale=2.0, strides=(2, 1),
+                      pads=(1, 0, 2, 1), dilations=(1, 2), onnx=False, id="W and bias trained too, strided dilated"),
+                 case((4, 3, 5, 5), frozen(4, 3, 1, 1), (2, 2, 3, 1, 1), (2, 4, 2, 1, 1), scale=1.0, onnx=False,
+                      id="pointwise per device"),
+                 case((4, 3, 10), frozen(5, 3, 3), (2, 2, 3, 3), (2, 5, 2, 1), scale=0.5, strides=(2,),
+                      pads=(1, 2), onnx=False, id="1-D per device"),
+                 case(frozen(2, 3, 6, 6), frozen(4, 3, 3, 3), frozen(2, 3, 3, 3), (4, 2, 1, 1), scale=0.5,
+                      auto_pad="SAME_UPPER", onnx=False, id="B only")],
     # shape
     "Reshape": [case((2, 3, 4), shape=(6, -1)), case((2, 3, 4), shape=(0, 12), id="copy dim")],
     "Identity": [case((3, 4))],
@@ -292,6 +302,17 @@ def t_lora_linear(x, w, a, b, c=None, *, scale, transB, alpha, beta):
     return (y + branch.reshape(-1, n)).reshape(*x.shape[:-1], n)
 
 
+def t_lora_conv(x, w, a, b, bias=None, *, scale, strides, pads, dilations, auto_pad):
+    """PEFT's LoRA Conv: the frozen conv plus B ⊛ (A ⊛ x)·scale (A with the layer's window, B 1×1), per device
+    (device d: the d-th slice of the samples) when A and B carry a device axis."""
+    window = dict(strides=strides, pads=pads, dilations=dilations, group=1, auto_pad=auto_pad)
+    pointwise = dict(strides=None, pads=None, dilations=None, group=1, auto_pad="NOTSET")
+    if a.dim() == w.dim():
+        a, b = a[None], b[None]
+    branch = [t_conv(t_conv(xd, ad, **window) * scale, bd, **pointwise) for xd, ad, bd in zip(x.chunk(len(a)), a, b)]
+    return t_conv(x, w, bias, **window) + torch.cat(branch)
+
+
 TORCH = {
     "Add": lambda a, b: a + b,
     "Sub": lambda a, b: a - b,
@@ -321,6 +342,7 @@ TORCH = {
     "MatMul": torch.matmul,
     "Gemm": t_gemm,
     "LoraLinear": t_lora_linear,
+    "LoraConv": t_lora_conv,
     "Reshape": lambda x, *, shape, allowzero: x.reshape(
         [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(shape)]),
     "Identity": lambda x: x,

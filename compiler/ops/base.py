@@ -25,8 +25,9 @@ REGISTRY: dict[str, "Op"] = {}
 # Cost-model kinds. The target lowering charges each kind its own way.
 KINDS = ("gemm", "conv", "elementwise", "reduction", "pool", "norm", "data", "loss", "optimizer")
 # How the target cost model charges a step (compiler/targets/tiling.py): a GEMM view tiled for L1 and RedMulE,
-# the fused LoRA row-panel kernels, a stream through L1 on the cores, or nothing (a view).
-COSTS = ("gemm", "fused", "stream", "none")
+# the fused LoRA row-panel kernels, the sum of the plain GEMM steps it runs ("composite": LoRA on a conv,
+# compiler/targets/fused_conv.py), a stream through L1 on the cores, or nothing (a view).
+COSTS = ("gemm", "fused", "composite", "stream", "none")
 
 
 class Op:

@@ -16,6 +16,7 @@ from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
                                    dma_cycles, pipeline_cycles, redmule_job_cycles, split)
 from compiler.targets.fused import cost_fused
+from compiler.targets.fused_conv import cost_lora_conv
 from compiler.targets.spec import Target
 from compiler.targets.views import GemmView, Operand, gemm_view
 
@@ -43,6 +44,8 @@ def _cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
         return StepCost(step.name, step.op, op.kind, "none", 0)
     if op.cost == "fused":
         return cost_fused(step, tensors, levels, target, only_unit)
+    if op.cost == "composite":  # its parts pay no step overhead of their own: the step pays it once
+        return cost_lora_conv(step, tensors, levels, lambda s, t, lv: _cost_step(s, t, lv, target, cache, only_unit))
     if op.cost == "gemm":
         view = gemm_view(step, tensors, levels)
         if cache is None or only_unit is not None:

@@ -458,3 +458,21 @@ def test_traindeeploy_profile_is_siracusa_with_the_reference_schedule(siracusa):
         ours, theirs = lower_to_target(program, siracusa), lower_to_target(program, profile)
         assert theirs.report["perf"]["cycles_per_step"] > 2 * ours.report["perf"]["cycles_per_step"]
         assert all(s.unit == "cluster" for s in theirs.train.steps if s.op.startswith("ConvGrad"))
+
+
+def test_lora_conv_steps_are_charged_as_their_gemm_parts(siracusa):
+    """LoraConv = [W; A]·col(X) and B·S; LoraConvGrad(a, b) = Bᵀ·dY, dS·col(X)ᵀ, A·col(X) and dY·Sᵀ: the MACs
+    counted by hand from the layer's sizes, and the cycles more than the frozen conv's alone."""
+    program = compile_model("ds-cnn", tuning="lora", batch=8)
+    costs = {c.name: c for c in cost_program(program, siracusa)["train"]}
+    frozen = compile_model("ds-cnn", tuning="classifier", batch=8)
+    conv = {c.name: c for c in cost_program(frozen, siracusa)["train"]}["conv0"]
+    step = next(s for s in program.train.steps if s.name == "conv0")
+    grad = next(s for s in program.train.steps if s.op == "LoraConvGrad" and s.inputs[1] == step.inputs[0])
+    n, m, ho, wo = program.tensors[step.outputs[0]].shape
+    c, k, r = 1, 10 * 4, program.tensors["conv0.lora_a"].shape[0]
+    pixels = n * ho * wo
+    assert step.op == "LoraConv" and costs["conv0"].macs == pixels * (c * k * (m + r) + m * r)
+    assert costs["conv0"].cycles > conv.cycles
+    assert grad.attrs["grads"] == "ab"  # the input image needs no gradient
+    assert costs[grad.name].macs == pixels * (r * m + r * c * k + r * c * k + m * r)

@@ -6,6 +6,7 @@ reported next to its lower bound, the most bytes simultaneously live at any step
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -123,13 +124,7 @@ def plan_memory(graph: Graph, keep: Sequence[str] = ()) -> MemoryPlan:
         buffers.append(Buffer(tuple(names), align(size), min(start.get(n, 0) for n in names),
                               max(end[n] for n in names)))
     lower = _lower_bound(buffers, last_step + 1)
-    best = None
-    for label, key in HEURISTICS.items():
-        placed = _place(sorted(buffers, key=key))
-        peak = max((off + b.size_bytes for b, off in placed), default=0)
-        if best is None or peak < best[0]:
-            best = (peak, label, placed)
-    peak, label, placed = best
+    peak, label, placed = _best_placement(buffers, lower)
     arena_offsets = {n: off for b, off in placed for n in b.tensors}
     for view, root in aliased_params.items():
         param_offsets[view] = param_offsets[root]
@@ -142,7 +137,61 @@ HEURISTICS: dict[str, Callable[[Buffer], tuple]] = {
     "area": lambda b: (-b.size_bytes * (b.end - b.start + 1), b.start),
     "longest": lambda b: (-(b.end - b.start), -b.size_bytes),
     "start": lambda b: (b.start, -b.size_bytes),
+    "end": lambda b: (-b.end, -b.size_bytes),
+    "size-end": lambda b: (-b.size_bytes, -b.end),
 }
+SEARCH_TARGET = 1.02          # stop searching once the arena is within 2% of the lower bound
+SEARCH_BUDGET = 400_000       # buffer-pair comparisons spent on the randomized search (bounds compile time)
+
+
+def _best_placement(buffers: Sequence[Buffer], lower: int) -> tuple[int, str, list[tuple[Buffer, int]]]:
+    """Greedy placement (best fit and first fit) over several orders; when none comes within SEARCH_TARGET of
+    the lower bound, a seeded search perturbs the best order (moves one buffer earlier) while it helps."""
+    best: tuple[int, str, list[tuple[Buffer, int]], list[Buffer]] | None = None
+    orders = {label: sorted(buffers, key=key) for label, key in HEURISTICS.items()}
+    orders["breadth"] = _breadth_order(buffers)
+    for label, order in orders.items():
+        for fit in ("best", "first"):
+            placed = _place(order, fit)
+            peak = max((off + b.size_bytes for b, off in placed), default=0)
+            if best is None or peak < best[0]:
+                best = (peak, f"{label}/{fit}", placed, order)
+    peak, label, placed, order = best
+    tries = SEARCH_BUDGET // max(1, len(order) ** 2)
+    rng = random.Random(0)
+    fit = label.rsplit("/", 1)[1]
+    improved = False
+    for _ in range(tries):
+        if peak <= SEARCH_TARGET * lower or len(order) < 2:
+            break
+        i = rng.randrange(1, len(order))
+        j = rng.randrange(0, i)
+        candidate = order[:j] + [order[i]] + order[j:i] + order[i + 1:]
+        trial = _place(candidate, fit)
+        trial_peak = max(off + b.size_bytes for b, off in trial)
+        if trial_peak < peak:
+            peak, placed, order, improved = trial_peak, trial, candidate, True
+    return peak, label + ("+search" if improved else ""), placed
+
+
+def _breadth_order(buffers: Sequence[Buffer]) -> list[Buffer]:
+    """Greedy by breadth (Pisarchyk & Lee, 2020): the steps from the most bytes live to the least; at each, the
+    buffers live there and not yet listed, largest first. The busiest step's buffers are packed first."""
+    steps = max((b.end for b in buffers), default=-1) + 1
+    live = [[] for _ in range(steps)]
+    total = [0] * steps
+    for b in buffers:
+        for t in range(b.start, b.end + 1):
+            live[t].append(b)
+            total[t] += b.size_bytes
+    order: list[Buffer] = []
+    seen: set[int] = set()
+    for t in sorted(range(steps), key=lambda t: -total[t]):
+        for b in sorted(live[t], key=lambda b: -b.size_bytes):
+            if id(b) not in seen:
+                seen.add(id(b))
+                order.append(b)
+    return order
 
 
 def _lower_bound(buffers: Sequence[Buffer], steps: int) -> int:
@@ -157,8 +206,9 @@ def _lower_bound(buffers: Sequence[Buffer], steps: int) -> int:
     return peak
 
 
-def _place(order: Sequence[Buffer]) -> list[tuple[Buffer, int]]:
-    """Greedy best fit: each buffer takes the smallest gap, among buffers live at the same time, that holds it."""
+def _place(order: Sequence[Buffer], fit: str = "best") -> list[tuple[Buffer, int]]:
+    """Greedy: each buffer takes, among the gaps left by buffers live at the same time, the smallest that holds
+    it (``fit="best"``) or the lowest (``"first"``); else goes on top."""
     placed: list[tuple[Buffer, int]] = []
     for buf in order:
         busy = sorted((off, off + b.size_bytes) for b, off in placed if b.start <= buf.end and buf.start <= b.end)
@@ -167,6 +217,8 @@ def _place(order: Sequence[Buffer]) -> list[tuple[Buffer, int]]:
             gap = lo - cursor
             if gap >= buf.size_bytes and (best_gap is None or gap < best_gap):
                 best_off, best_gap = cursor, gap
+                if fit == "first":
+                    break
             cursor = max(cursor, hi)
         placed.append((buf, best_off if best_off is not None else cursor))
     return placed

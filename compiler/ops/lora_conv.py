@@ -21,7 +21,8 @@ from compiler.ir import CompileError
 from compiler.ops import _grid
 from compiler.ops._util import size
 from compiler.ops.base import Op
-from compiler.ops.conv import Window, _conv_dims
+from compiler.ops.binding import Ref, Site
+from compiler.ops.conv import Window, _conv_dims, window_args
 
 
 def lora_conv_dims(x, w, a, b):
@@ -43,6 +44,19 @@ def lora_conv_dims(x, w, a, b):
     return r, devices
 
 
+def _c_common(site: Site, x: str, w: str, a: str, b: str) -> dict:
+    """The arguments both C kernels share: the window struct (group 1), rank, devices and scale."""
+    try:
+        r, devices = lora_conv_dims(site.shape(x), site.shape(w), site.shape(a), site.shape(b))
+    except CompileError as exc:
+        raise site.error(str(exc)) from None
+    wshape = site.shape(w)
+    attrs = {k: site.attr(k) for k in ("strides", "pads", "dilations", "auto_pad")}
+    return dict(x=Ref(x), w=Ref(w), a=Ref(a), b=Ref(b), win=window_args(site, site.shape(x), wshape[2:], wshape[0], 1,
+                                                                         **attrs),
+                r=r, devices=devices, scale=float(site.attr("scale")))
+
+
 def _operands(w, a, b):
     """W (M, C·k), A (D, r, C·k), B (D, M, r) as views."""
     r = b.shape[-1 - (w.ndim - 2)]
@@ -54,6 +68,8 @@ class LoraConv(Op):
     """Conv (group 1) with a LoRA adapter: inputs X, W, A, B[, bias]; the Conv attributes plus ``scale``."""
     name = "LoraConv"
     kind = "conv"
+    cost = "composite"   # compiler/targets/fused_conv.py: the conv GEMMs it runs
+    c_call = "ef_lora_conv(${y}, ${x}, ${w}, ${a}, ${b}, ${bias}, ${win}, ${r}, ${devices}, ${scale})"
 
     def infer(self, x, w, a, b, bias=None, *, scale, strides=None, pads=None, dilations=None, auto_pad="NOTSET"):
         lora_conv_dims(x, w, a, b)
@@ -98,6 +114,11 @@ class LoraConv(Op):
         return (2 * positions * k * (w[0] + r) + positions * r + 2 * positions * r * w[0]
                 + (size(out_shapes[0]) if bias is not None else 0))
 
+    def c_args(self, site: Site):
+        (x, w, a, b), bias, y = (site.input(i) for i in range(4)), site.optional(4), site.outputs[0]
+        site.require("float32", x, w, a, b, bias, y)
+        return dict(_c_common(site, x, w, a, b), y=Ref(y), bias=Ref(bias) if bias else None)
+
 
 class LoraConvGrad(Op):
     """The backward of LoraConv in one step; ``grads`` names the outputs, in this order:
@@ -109,6 +130,9 @@ class LoraConvGrad(Op):
     per device when A and B carry a device axis. X is unfolded once for all of them."""
     name = "LoraConvGrad"
     kind = "conv"
+    cost = "composite"
+    c_call = ("ef_lora_conv_grad(${dx}, ${da}, ${db}, ${dy}, ${x}, ${w}, ${a}, ${b}, ${win}, ${r}, ${devices}, "
+              "${scale})")
     num_outputs = -1
     backward_only = True
 
@@ -140,3 +164,13 @@ class LoraConvGrad(Op):
         per = {"x": 2 * positions * k * (w[0] + r), "a": 2 * positions * k * r,
                "b": 2 * positions * k * r + positions * r + 2 * positions * r * w[0]}
         return 2 * positions * w[0] * r + positions * r + sum(per[c] for c in grads)
+
+    def c_args(self, site: Site):
+        dy, x, w, a, b = (site.input(i) for i in range(5))
+        grads = site.attr("grads")
+        if len(grads) != len(site.outputs):
+            raise site.error(f"grads={grads!r} names {len(grads)} outputs, the step has {len(site.outputs)}")
+        outs = dict(zip(grads, site.outputs))
+        site.require("float32", dy, x, w, a, b, *site.outputs)
+        return dict(_c_common(site, x, w, a, b), dy=Ref(dy), **{f"d{g}": Ref(outs[g]) if g in outs else None
+                                                                  for g in "xab"})

@@ -19,7 +19,6 @@ from typing import Callable, Mapping
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import StepCost
 
-LORA_CONV_OPS = ("LoraConv", "LoraConvGrad")
 WINDOW_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 CostFn = Callable[[Step, Mapping[str, TensorInfo], Mapping[str, str]], StepCost]

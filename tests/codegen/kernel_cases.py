@@ -169,6 +169,30 @@ def _activation_cases() -> dict[str, list[KCase]]:
     return out
 
 
+LORA_CONVS = [  # (x, W, A, B, bias?, attrs, id): LoRA on a conv, forward and backward; device axis on A and B
+    ((2, 3, 7, 8), (4, 3, 3, 3), (2, 3, 3, 3), (4, 2, 1, 1), True, dict(scale=0.5, pads=(1, 1, 1, 1)), "3x3 padded"),
+    ((2, 4, 9, 8), (6, 4, 3, 2), (3, 4, 3, 2), (6, 3, 1, 1), False,
+     dict(scale=2.0, strides=(2, 1), pads=(1, 0, 2, 1), dilations=(1, 2)), "strided dilated"),
+    ((4, 3, 5, 5), (4, 3, 1, 1), (2, 2, 3, 1, 1), (2, 4, 2, 1, 1), False, dict(scale=1.0), "pointwise 2 devices"),
+    ((4, 3, 10), (5, 3, 3), (2, 2, 3, 3), (2, 5, 2, 1), True, dict(scale=0.5, strides=(2,), pads=(1, 2)),
+     "1-D 2 devices"),
+    ((1, 2, 5, 6), (3, 2, 3, 3), (70, 2, 3, 3), (3, 70, 1, 1), False, dict(scale=0.125, auto_pad="SAME_UPPER"),
+     "rank above the stack chunk"),
+]
+
+
+def _lora_conv_cases() -> dict[str, list[KCase]]:
+    fwd, grad = [], []
+    for i, (x, w, a, b, bias, attrs, id_) in enumerate(LORA_CONVS):
+        fwd.append(KCase((normal(*x), normal(*w), normal(*a), normal(*b)) + ((normal(w[0]),) if bias else ()),
+                         attrs, id_))
+        y = _out("LoraConv", x, w, a, b, **attrs)
+        for grads in (LORA_GRADS if i < 2 else ("xab", LORA_GRADS[i])):
+            grad.append(KCase((normal(*y), normal(*x), normal(*w), normal(*a), normal(*b)), dict(attrs, grads=grads),
+                              f"{id_} {grads}"))
+    return {"LoraConv": fwd, "LoraConvGrad": grad}
+
+
 def _window_attrs(attrs: dict) -> dict:
     return {k_: v for k_, v in attrs.items() if k_ != "kernel_shape"}
 
@@ -259,6 +283,7 @@ CASES: dict[str, list[KCase]] = {
                k((2, 1, 3, 5), (4, 5, 2), id="broadcast batch"), k((3, 5), (2, 5, 4), id="shared left"),
                k((4, 2, 16, 16), (4, 2, 16, 16), id="attention")],
     **_lora_cases(),
+    **_lora_conv_cases(),
     # data movement
     "Reshape": [k((2, 3, 4), shape=(6, -1))],
     "Identity": [k((3, 4))],

@@ -133,6 +133,15 @@ void ef_reduce_sum_to(float *y, const float *x, int ny, int rank, const int *sha
 void ef_conv(float *y, const float *x, const float *w, const float *bias, const int *win);
 void ef_conv_grad_input(float *dx, const float *dy, const float *w, const int *win);
 void ef_conv_grad_weight(float *dw, const float *x, const float *dy, const int *win);
+/* LoRA on an ungrouped conv (LoraConv): y = conv(x, W) + bias + B_d ⊛ (scale · A_d ⊛ x), A (D, r, C, kh, kw) with
+ * the layer's window, B (D, M, r) a 1×1 conv; device d owns samples [d·N/D, (d+1)·N/D). The rank-r vector of one
+ * output pixel lives on the stack, EF_MAX_LORA_RANK floats at a time. */
+void ef_lora_conv(float *y, const float *x, const float *w, const float *a, const float *b, const float *bias,
+                  const int *win, int r, int devices, float scale);
+/* Its backward (LoraConvGrad), with S = scale·A_d ⊛ x and dS = scale·B_dᵀ·dY per pixel: dx = convᵀ(dY, W) +
+ * convᵀ(dS, A_d), da_d = Σ dS·x (taps read), db_d = Σ dY·Sᵀ; an output is NULL when not requested. */
+void ef_lora_conv_grad(float *dx, float *da, float *db, const float *dy, const float *x, const float *w,
+                       const float *a, const float *b, const int *win, int r, int devices, float scale);
 void ef_max_pool(float *y, const float *x, const int *win);
 void ef_max_pool_grad(float *dx, const float *x, const float *dy, const int *win);
 void ef_average_pool(float *y, const float *x, const int *win, int count_include_pad);

@@ -248,3 +248,118 @@ void ef_global_average_pool(float *y, const float *x, int planes, int plane_size
         y[p] = s / (float)plane_size;
     }
 }
+
+/* ---- LoRA on a convolution (LoraConv, group 1): per output pixel, the rank-r vector of that pixel on the stack */
+static int lora_chunk(int r, int p0) { return r - p0 < EF_MAX_LORA_RANK ? r - p0 : EF_MAX_LORA_RANK; }
+
+/* s[p] = scale · Σ_{c,i,j} A[p0+p, c, i, j] · x[n, c, oy·sh + i·dh - pt, ox·sw + j·dw - pl] (taps inside x) */
+static void lora_conv_down(float *s, const float *xn, const float *a, const window_t *g, int oy, int ox, int p0,
+                           int rc, float scale) {
+    const int k = g->c * g->kh * g->kw;
+    for (int p = 0; p < rc; p++) s[p] = 0.0f;
+    for (int c = 0; c < g->c; c++) {
+        for (int i = 0; i < g->kh; i++) {
+            const int iy = oy * g->sh + i * g->dh - g->pt;
+            if (iy < 0 || iy >= g->h) continue;
+            for (int j = 0; j < g->kw; j++) {
+                const int ix = ox * g->sw + j * g->dw - g->pl;
+                if (ix < 0 || ix >= g->w) continue;
+                const float xv = xn[((long)c * g->h + iy) * g->w + ix];
+                const float *ap = a + (long)p0 * k + ((long)c * g->kh + i) * g->kw + j;
+                for (int p = 0; p < rc; p++) s[p] += ap[(long)p * k] * xv;
+            }
+        }
+    }
+    for (int p = 0; p < rc; p++) s[p] *= scale;
+}
+
+void ef_lora_conv(float *y, const float *x, const float *w, const float *a, const float *b, const float *bias,
+                  const int *win, int r, int devices, float scale) {
+    const window_t g = unpack(win);
+    const int d_count = devices > 1 ? devices : 1, per = g.n / d_count, plane = g.oh * g.ow;
+    const long k = (long)g.c * g.kh * g.kw;
+    float s[EF_MAX_LORA_RANK];
+    ef_conv(y, x, w, bias, win);                                   /* the frozen layer */
+    for (int n = 0; n < g.n; n++) {
+        const long d = n / per;
+        const float *xn = x + (long)n * g.c * g.h * g.w, *ad = a + d * r * k, *bd = b + d * g.m * r;
+        float *yn = y + (long)n * g.m * plane;
+        for (int oy = 0; oy < g.oh; oy++) {
+            for (int ox = 0; ox < g.ow; ox++) {
+                for (int p0 = 0; p0 < r; p0 += EF_MAX_LORA_RANK) {
+                    const int rc = lora_chunk(r, p0);
+                    lora_conv_down(s, xn, ad, &g, oy, ox, p0, rc, scale);
+                    for (int m = 0; m < g.m; m++) {                /* y += B_d[:, chunk]·S (a 1×1 conv) */
+                        const float *bm = bd + (long)m * r + p0;
+                        float acc = 0.0f;
+                        for (int p = 0; p < rc; p++) acc += bm[p] * s[p];
+                        yn[(long)m * plane + oy * g.ow + ox] += acc;
+                    }
+                }
+            }
+        }
+    }
+}
+
+void ef_lora_conv_grad(float *dx, float *da, float *db, const float *dy, const float *x, const float *w,
+                       const float *a, const float *b, const int *win, int r, int devices, float scale) {
+    const window_t g = unpack(win);
+    const int d_count = devices > 1 ? devices : 1, per = g.n / d_count, plane = g.oh * g.ow;
+    const long k = (long)g.c * g.kh * g.kw;
+    float s[EF_MAX_LORA_RANK], ds[EF_MAX_LORA_RANK];
+    if (dx) ef_conv_grad_input(dx, dy, w, win);                    /* the frozen layer's part (zeroes dx first) */
+    if (da) memset(da, 0, sizeof(float) * (size_t)d_count * (size_t)r * (size_t)k);
+    if (db) memset(db, 0, sizeof(float) * (size_t)d_count * (size_t)g.m * (size_t)r);
+    for (int n = 0; n < g.n; n++) {
+        const long d = n / per;
+        const float *xn = x + (long)n * g.c * g.h * g.w, *dyn = dy + (long)n * g.m * plane;
+        const float *ad = a + d * r * k, *bd = b + d * g.m * r;
+        float *dxn = dx ? dx + (long)n * g.c * g.h * g.w : NULL, *dad = da ? da + d * r * k : NULL;
+        float *dbd = db ? db + d * g.m * r : NULL;
+        for (int oy = 0; oy < g.oh; oy++) {
+            for (int ox = 0; ox < g.ow; ox++) {
+                const long pix = oy * g.ow + ox;
+                for (int p0 = 0; p0 < r; p0 += EF_MAX_LORA_RANK) {
+                    const int rc = lora_chunk(r, p0);
+                    if (dxn || dad) {                              /* dS = scale·B_dᵀ·dY at this pixel */
+                        for (int p = 0; p < rc; p++) ds[p] = 0.0f;
+                        for (int m = 0; m < g.m; m++) {
+                            const float dv = dyn[(long)m * plane + pix];
+                            const float *bm = bd + (long)m * r + p0;
+                            for (int p = 0; p < rc; p++) ds[p] += bm[p] * dv;
+                        }
+                        for (int p = 0; p < rc; p++) ds[p] *= scale;
+                        for (int c = 0; c < g.c; c++) {            /* dX += A_dᵀ·dS, dA_d += dS·x (the taps read) */
+                            for (int i = 0; i < g.kh; i++) {
+                                const int iy = oy * g.sh + i * g.dh - g.pt;
+                                if (iy < 0 || iy >= g.h) continue;
+                                for (int j = 0; j < g.kw; j++) {
+                                    const int ix = ox * g.sw + j * g.dw - g.pl;
+                                    if (ix < 0 || ix >= g.w) continue;
+                                    const long at = (long)p0 * k + ((long)c * g.kh + i) * g.kw + j;
+                                    const long xi = ((long)c * g.h + iy) * g.w + ix;
+                                    if (dxn) {
+                                        float acc = 0.0f;
+                                        for (int p = 0; p < rc; p++) acc += ad[at + (long)p * k] * ds[p];
+                                        dxn[xi] += acc;
+                                    }
+                                    if (dad) {
+                                        for (int p = 0; p < rc; p++) dad[at + (long)p * k] += ds[p] * xn[xi];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if (dbd) {                                     /* dB_d[:, chunk] += dY·Sᵀ */
+                        lora_conv_down(s, xn, ad, &g, oy, ox, p0, rc, scale);
+                        for (int m = 0; m < g.m; m++) {
+                            const float dv = dyn[(long)m * plane + pix];
+                            float *dbm = dbd + (long)m * r + p0;
+                            for (int p = 0; p < rc; p++) dbm[p] += dv * s[p];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -140,58 +140,91 @@ HEURISTICS: dict[str, Callable[[Buffer], tuple]] = {
     "end": lambda b: (-b.end, -b.size_bytes),
     "size-end": lambda b: (-b.size_bytes, -b.end),
 }
-SEARCH_TARGET = 1.02          # stop searching once the arena is within 2% of the lower bound
-SEARCH_BUDGET = 400_000       # buffer-pair comparisons spent on the randomized search (bounds compile time)
+SEARCH_TARGET = 1.03   # search only while the best greedy arena is above this multiple of the lower bound
+SEARCH_TRIES = 500     # randomized order perturbations at most (each one greedy placement)
 
 
 def _best_placement(buffers: Sequence[Buffer], lower: int) -> tuple[int, str, list[tuple[Buffer, int]]]:
-    """Greedy placement (best fit and first fit) over several orders; when none comes within SEARCH_TARGET of
-    the lower bound, a seeded search perturbs the best order (moves one buffer earlier) while it helps."""
-    best: tuple[int, str, list[tuple[Buffer, int]], list[Buffer]] | None = None
-    orders = {label: sorted(buffers, key=key) for label, key in HEURISTICS.items()}
-    orders["breadth"] = _breadth_order(buffers)
-    for label, order in orders.items():
-        for fit in ("best", "first"):
-            placed = _place(order, fit)
-            peak = max((off + b.size_bytes for b, off in placed), default=0)
+    """Greedy placement (best fit and first fit) over several orders. When none comes within SEARCH_TARGET of
+    the lower bound, a seeded local search moves one buffer earlier in the best order (a buffer on top of the
+    arena half the time), keeping moves that do not grow the arena, until it is within the target."""
+    conflicts = _conflicts(buffers)
+    orders = {label: sorted(range(len(buffers)), key=lambda i: key(buffers[i])) for label, key in HEURISTICS.items()}
+    orders.update(_live_orders(buffers))
+    best: tuple[int, str, list[int], str] | None = None
+    for fit in ("best", "first"):
+        for label, order in orders.items():
+            peak = _peak(buffers, _place(buffers, order, conflicts, fit))
             if best is None or peak < best[0]:
-                best = (peak, f"{label}/{fit}", placed, order)
-    peak, label, placed, order = best
-    tries = SEARCH_BUDGET // max(1, len(order) ** 2)
-    rng = random.Random(0)
-    fit = label.rsplit("/", 1)[1]
-    improved = False
-    for _ in range(tries):
-        if peak <= SEARCH_TARGET * lower or len(order) < 2:
+                best = (peak, f"{label}/{fit}", order, fit)
+            if best[0] <= lower:  # the lower bound is reached: nothing can do better
+                break
+        if best[0] <= lower:
             break
-        i = rng.randrange(1, len(order))
-        j = rng.randrange(0, i)
-        candidate = order[:j] + [order[i]] + order[j:i] + order[i + 1:]
-        trial = _place(candidate, fit)
-        trial_peak = max(off + b.size_bytes for b, off in trial)
-        if trial_peak < peak:
-            peak, placed, order, improved = trial_peak, trial, candidate, True
-    return peak, label + ("+search" if improved else ""), placed
+    peak, label, order, fit = best
+    rng = random.Random(0)
+    searched = False
+    for _ in range(SEARCH_TRIES if len(buffers) > 1 else 0):
+        if peak <= SEARCH_TARGET * lower:
+            break
+        offsets = _place(buffers, order, conflicts, fit)
+        top = [k for k, b in enumerate(buffers) if offsets[k] + b.size_bytes == peak]
+        moved = rng.choice(top) if rng.random() < 0.5 else rng.randrange(len(buffers))
+        at = order.index(moved)
+        if at == 0:
+            continue
+        to = rng.randrange(at)
+        candidate = order[:to] + [moved] + order[to:at] + order[at + 1:]
+        trial = _peak(buffers, _place(buffers, candidate, conflicts, fit))
+        if trial <= peak:
+            searched = searched or trial < peak
+            peak, order = trial, candidate
+    offsets = _place(buffers, order, conflicts, fit)
+    return peak, label + ("+search" if searched else ""), [(b, offsets[k]) for k, b in enumerate(buffers)]
 
 
-def _breadth_order(buffers: Sequence[Buffer]) -> list[Buffer]:
-    """Greedy by breadth (Pisarchyk & Lee, 2020): the steps from the most bytes live to the least; at each, the
-    buffers live there and not yet listed, largest first. The busiest step's buffers are packed first."""
+def _conflicts(buffers: Sequence[Buffer]) -> list[list[int]]:
+    """For each buffer, the buffers whose lifetimes intersect its own (they may not share bytes)."""
+    by_start = sorted(range(len(buffers)), key=lambda k: buffers[k].start)
+    out: list[list[int]] = [[] for _ in buffers]
+    for n, i in enumerate(by_start):
+        for j in by_start[n + 1:]:
+            if buffers[j].start > buffers[i].end:
+                break
+            out[i].append(j)
+            out[j].append(i)
+    return out
+
+
+def _peak(buffers: Sequence[Buffer], offsets: Sequence[int]) -> int:
+    return max((off + b.size_bytes for b, off in zip(buffers, offsets)), default=0)
+
+
+def _live_orders(buffers: Sequence[Buffer]) -> dict[str, list[int]]:
+    """Orders led by how busy a buffer's lifetime is: "breadth" (Pisarchyk & Lee, 2020: the steps from the most
+    bytes live to the least, at each the buffers live there and not yet listed, largest first), "peak" (the
+    buffers live at the busiest step first, then the rest, each by end descending) and "busiest" (by the most
+    bytes live during the buffer's lifetime, then by start)."""
     steps = max((b.end for b in buffers), default=-1) + 1
-    live = [[] for _ in range(steps)]
+    live: list[list[int]] = [[] for _ in range(steps)]
     total = [0] * steps
-    for b in buffers:
+    for k, b in enumerate(buffers):
         for t in range(b.start, b.end + 1):
-            live[t].append(b)
+            live[t].append(k)
             total[t] += b.size_bytes
-    order: list[Buffer] = []
+    breadth: list[int] = []
     seen: set[int] = set()
     for t in sorted(range(steps), key=lambda t: -total[t]):
-        for b in sorted(live[t], key=lambda b: -b.size_bytes):
-            if id(b) not in seen:
-                seen.add(id(b))
-                order.append(b)
-    return order
+        for k in sorted(live[t], key=lambda k: -buffers[k].size_bytes):
+            if k not in seen:
+                seen.add(k)
+                breadth.append(k)
+    peak = max(range(steps), key=lambda t: total[t]) if steps else 0
+    busiest = [max(total[b.start:b.end + 1]) for b in buffers]
+    return {"breadth": breadth,
+            "peak": sorted(range(len(buffers)), key=lambda k: (not buffers[k].start <= peak <= buffers[k].end,
+                                                               -buffers[k].end, -buffers[k].size_bytes)),
+            "busiest": sorted(range(len(buffers)), key=lambda k: (-busiest[k], buffers[k].start))}
 
 
 def _lower_bound(buffers: Sequence[Buffer], steps: int) -> int:
@@ -206,22 +239,24 @@ def _lower_bound(buffers: Sequence[Buffer], steps: int) -> int:
     return peak
 
 
-def _place(order: Sequence[Buffer], fit: str = "best") -> list[tuple[Buffer, int]]:
-    """Greedy: each buffer takes, among the gaps left by buffers live at the same time, the smallest that holds
-    it (``fit="best"``) or the lowest (``"first"``); else goes on top."""
-    placed: list[tuple[Buffer, int]] = []
-    for buf in order:
-        busy = sorted((off, off + b.size_bytes) for b, off in placed if b.start <= buf.end and buf.start <= b.end)
+def _place(buffers: Sequence[Buffer], order: Sequence[int], conflicts: Sequence[Sequence[int]],
+           fit: str = "best") -> list[int]:
+    """Offsets, placing buffers in ``order``: each takes, among the gaps left by the already placed buffers live
+    at the same time, the smallest that holds it (``fit="best"``) or the lowest (``"first"``); else goes on top."""
+    offsets: list[int | None] = [None] * len(buffers)
+    for k in order:
+        size = buffers[k].size_bytes
+        busy = sorted((offsets[j], offsets[j] + buffers[j].size_bytes) for j in conflicts[k] if offsets[j] is not None)
         best_off, best_gap, cursor = None, None, 0
         for lo, hi in busy:
             gap = lo - cursor
-            if gap >= buf.size_bytes and (best_gap is None or gap < best_gap):
+            if gap >= size and (best_gap is None or gap < best_gap):
                 best_off, best_gap = cursor, gap
                 if fit == "first":
                     break
             cursor = max(cursor, hi)
-        placed.append((buf, best_off if best_off is not None else cursor))
-    return placed
+        offsets[k] = best_off if best_off is not None else cursor
+    return offsets
 
 
 def check_plan(graph: Graph, plan: MemoryPlan) -> None:

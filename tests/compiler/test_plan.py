@@ -161,3 +161,89 @@ def test_zoo_plans_are_sound_and_tight(model: str, strategy: str) -> None:
         independent_overlap_check(program, phase)
     memory = program.report["memory"]
     assert memory["arena_bytes"] <= 1.05 * memory["arena_lower_bound_bytes"], memory
+
+
+# ---- models as users export them (torch.onnx.export), not only the zoo -----------------------------------------
+def _vit():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d: int, heads: int):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attention = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+            x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, t, d))
+            return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+    class ViT(nn.Module):
+        def __init__(self, d: int = 32):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 4, stride=4)
+            self.pos = nn.Parameter(torch.randn(1, 16, d) * 0.02)
+            self.blocks = nn.ModuleList(Block(d, 2) for _ in range(2))
+            self.norm, self.classifier = nn.LayerNorm(d), nn.Linear(d, 10)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+            for block in self.blocks:
+                x = block(x)
+            return self.classifier(self.norm(x).mean(1))
+
+    return ViT(), (3, 16, 16)
+
+
+def _inverted_residual():
+    import torch
+    from torch import nn
+
+    class InvertedResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.expand, self.project = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 16, 1)
+            self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+            self.classifier = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            x = x + self.project(torch.relu(self.dw(torch.relu(self.expand(x)))))
+            return self.classifier(x.mean((2, 3)))
+
+    return InvertedResidual(), (3, 16, 16)
+
+
+def _lora_conv_models():
+    from tests.compiler.test_lora_conv import Kws1d, ResNetish
+    return {"resnet": lambda: (ResNetish(), (3, 8, 8)), "kws-1d": lambda: (Kws1d(), (10, 16))}
+
+
+EXPORTED = {"vit": _vit, "inverted-residual": _inverted_residual, **_lora_conv_models()}
+
+
+@pytest.fixture(scope="module")
+def exported_models(tmp_path_factory):
+    import torch
+    torch.manual_seed(0)
+    paths = {}
+    for name, build in EXPORTED.items():
+        net, shape = build()
+        paths[name] = tmp_path_factory.mktemp("plan") / f"{name}.onnx"
+        torch.onnx.export(net.eval(), (torch.randn(2, *shape),), str(paths[name]), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}})
+    return paths
+
+
+@pytest.mark.parametrize("model", sorted(EXPORTED))
+def test_exported_model_plans_are_within_5_percent_of_the_lower_bound(exported_models, model: str) -> None:
+    for strategy in ("full", "lora", "lora+head", "classifier"):
+        for batch in (1, 8):
+            memory = compile_model(exported_models[model], strategy, batch=batch).report["memory"]
+            assert memory["arena_bytes"] <= 1.05 * memory["arena_lower_bound_bytes"], (strategy, batch, memory)

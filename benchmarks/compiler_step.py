@@ -9,7 +9,10 @@ give the same losses and the same trained parameters on both sides, so the compa
 The PyTorch baselines are hand-written ``nn.Module``s (no ONNX interpretation): ``DeepAE`` (Linear +
 BatchNorm1d in eval mode, frozen + ReLU), ``Cct`` (conv tokenizer, pre-norm blocks with q/k/v/proj
 Linear layers and ``F.scaled_dot_product_attention``, GELU MLP, attention pooling, classifier; used for
-both CCT configs) and ``DsCnn``. LoRA is ``LoraLinear``: the frozen Linear plus (x @ A @ B) · alpha / r.
+both CCT configs) and ``DsCnn``. LoRA is ``LoraLinear``: the frozen Linear plus (x @ A @ B) · alpha / r, and on an
+ungrouped conv ``LoraConv`` (PEFT's: A a conv with the layer's window down to r channels, B a 1×1 conv back up).
+Strategies: ``lora`` (auto targets), ``lora+head`` (auto targets but the classifier, which trains fully),
+``classifier`` (the head alone) and ``full``. Each row also carries the train arena and its lower bound.
 
 Timing: the executor step is ``PhaseRunner.run`` (copy the feeds into the arena, run every kernel), the
 torch step is zero_grad → forward → loss → backward → optimizer step. After warm-up the two alternate in
@@ -65,7 +68,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compiler_step.json"
 REQUIRED_MODELS = ("cct-digits", "deep-ae")
 OPTIONAL_MODELS = ("cct-2-3x2", "ds-cnn")
 BATCHES = (1, 8, 32)
-STRATEGIES = ("lora", "full")   # compile_model presets: LoRA on the auto targets, every weight trains
+STRATEGIES = ("lora", "lora+head", "classifier", "full")  # compile_model presets (LoRA on the auto targets)
 LR, MOMENTUM = 0.01, 0.0        # compile_model's defaults
 SEED = 0
 WARMUP_STEPS = 10
@@ -89,6 +92,23 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.lora_a @ self.lora_b) * self.scale
+
+
+class LoraConv(nn.Module):
+    """A frozen Conv2d plus PEFT's conv LoRA: lora_b(lora_a(x)) · alpha / r, A (r, C, kh, kw) with the layer's
+    window, B (M, r, 1, 1)."""
+
+    def __init__(self, base: nn.Conv2d, a: np.ndarray, b: np.ndarray, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.tensor(a))
+        self.lora_b = nn.Parameter(torch.tensor(b))
+        self.scale = alpha / a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        s = F.conv2d(x, self.lora_a, None, base.stride, base.padding, base.dilation)
+        return base(x) + F.conv2d(s, self.lora_b) * self.scale
 
 
 class DeepAE(nn.Module):
@@ -241,7 +261,8 @@ def torch_baseline(name: str, model: onnx.ModelProto, program: Program) -> Torch
     module.requires_grad_(False)
     alpha = float(program.tuning.get("alpha", 8.0))
     for layer in sorted({n.rsplit(".lora_", 1)[0] for n in program.values if n.endswith(".lora_a")}):
-        lora = LoraLinear(named[layer], program.values[f"{layer}.lora_a"], program.values[f"{layer}.lora_b"], alpha)
+        wrapper = LoraConv if isinstance(named[layer], nn.Conv2d) else LoraLinear
+        lora = wrapper(named[layer], program.values[f"{layer}.lora_a"], program.values[f"{layer}.lora_b"], alpha)
         _replace_module(module, named[layer], lora)
         named[layer] = lora
         for part in ("lora_a", "lora_b"):
@@ -435,6 +456,9 @@ def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: floa
             "torch_min_ms": round(1e3 * min(timing.torch_s), 4),
             "trainable_params": int(sum(program.values[n].size for n in program.trainable)),
             "tuning": dict(program.tuning),
+            "arena_bytes": program.report["memory"]["arena_bytes"],
+            "arena_lower_bound_bytes": program.report["memory"]["arena_lower_bound_bytes"],
+            "arena_over_lower_bound": program.report["memory"]["arena_over_lower_bound"],
             "torch_baseline": f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
             "verified": f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
                         f"parameters equal (rtol {RTOL})"}
@@ -444,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--all", action="store_true", help=f"also {', '.join(OPTIONAL_MODELS)}")
+    parser.add_argument("--models", nargs="+", choices=REQUIRED_MODELS + OPTIONAL_MODELS, help="only these models")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
+    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="time limit per side and case")
     parser.add_argument("--profile", metavar="MODEL:STRATEGY:BATCH", help="cProfile executor steps instead")
@@ -456,17 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.profile, args.profile_steps, top=25)
         return 0
-    models = REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ())
+    models = args.models or REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ())
     machine_before = machine()
-    print(f"{'model':<11} {'strategy':<8} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6}")
+    print(f"{'model':<11} {'strategy':<10} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6} "
+          f"{'arena/lb':>8}")
     rows = []
     for model in models:
-        for strategy in STRATEGIES:
-            for batch in BATCHES:
+        for strategy in args.strategies:
+            for batch in args.batches:
                 rows.append(run_case(model, strategy, batch, args.repeats, args.budget_s))
                 row = rows[-1]
-                print(f"{model:<11} {strategy:<8} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
-                      f"{row['ratio']:>6.2f}", flush=True)
+                print(f"{model:<11} {strategy:<10} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
+                      f"{row['ratio']:>6.2f} {row['arena_over_lower_bound']:>8.3f}", flush=True)
     result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager",
               "machine": machine_before,
               "load_average_after": [round(v, 2) for v in os.getloadavg()],

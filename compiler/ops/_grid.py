@@ -87,6 +87,45 @@ class Grid:
         """(N, C, Ho·Wq) -> the (N, C, Ho, Wo) view without the junk columns."""
         return wide.reshape(*wide.shape[:2], self.ho, self.wq)[..., :self.wo]
 
+    # ---- channels first, samples end to end: one long row per channel (depthwise kernels) -------------------
+    def plane(self) -> int:
+        return self.hq * self.wq
+
+    def rows(self, win, x4: np.ndarray) -> np.ndarray:
+        """(sh, sw, C, N·Hq·Wq + spare): per phase and channel, the N padded planes end to end, then zeros for
+        the last taps' overreach. Tap t of every output of every sample is then one slice of one long row."""
+        n, c = x4.shape[:2]
+        spare = max(off for _, _, off in self.taps)
+        ph = np.zeros((self.sh, self.sw, c, n * self.plane() + spare), x4.dtype)
+        grid = ph[..., :n * self.plane()].reshape(self.sh, self.sw, c, n, self.hq, self.wq)
+        xc = x4.transpose(1, 0, 2, 3)
+        for a in range(self.sh):
+            for b in range(self.sw):
+                h0, w0, r0, c0 = self._spans(win, a, b)
+                src = xc[:, :, h0::self.sh, w0::self.sw]
+                grid[a, b, :, :, r0:r0 + src.shape[2], c0:c0 + src.shape[3]] = src
+        return ph
+
+    def row_tap(self, ph: np.ndarray, t: int, n: int) -> np.ndarray:
+        """(C, N·Hq·Wq): the slice of the long rows tap t reads (writable)."""
+        a, b, off = self.taps[t]
+        return ph[a, b, :, off:off + n * self.plane()]
+
+    def row_gather(self, win, ph: np.ndarray, out4: np.ndarray) -> None:
+        """The inverse of ``rows`` on the input region."""
+        n, c = out4.shape[:2]
+        grid = ph[..., :n * self.plane()].reshape(self.sh, self.sw, c, n, self.hq, self.wq)
+        oc = out4.transpose(1, 0, 2, 3)
+        for a in range(self.sh):
+            for b in range(self.sw):
+                h0, w0, r0, c0 = self._spans(win, a, b)
+                dst = oc[:, :, h0::self.sh, w0::self.sw]
+                dst[...] = grid[a, b, :, :, r0:r0 + dst.shape[2], c0:c0 + dst.shape[3]]
+
+    def row_outputs(self, wide: np.ndarray, n: int) -> np.ndarray:
+        """(C, N·Hq·Wq) long rows of outputs -> the (N, C, Ho, Wo) view of the valid ones."""
+        return wide.reshape(-1, n, self.hq, self.wq)[:, :, :self.ho, :self.wo].transpose(1, 0, 2, 3)
+
     def columns(self, ph: np.ndarray, group: int) -> np.ndarray:
         """im2col, wide: (N, group, C/group·kh·kw, Ho·Wq), channel-major then tap (the weight's order)."""
         n, c = ph.shape[2:4]
@@ -113,17 +152,32 @@ def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarr
         np.matmul(w4.reshape(group, mg, cg), x4.reshape(n, group, cg, -1), out=out4.reshape(n, group, mg, -1))
         return
     grid = Grid.of(win)
-    ph = grid.phases(win, x4)
     if _depthwise(group, cg, mg):
-        taps = w4.reshape(m, -1)
-        wide = np.zeros((n, m, grid.length), x4.dtype)
-        scratch = np.empty_like(wide)
-        for t in range(len(grid.taps)):
-            np.multiply(grid.tap(ph, t), taps[:, t, None], out=scratch)
-            wide += scratch
-    else:
-        wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group)).reshape(n, m, grid.length)
+        _depthwise_forward(grid, win, x4, w4.reshape(m, -1), out4)
+        return
+    ph = grid.phases(win, x4)
+    wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group)).reshape(n, m, grid.length)
     out4[...] = grid.crop(wide)
+
+
+def _depthwise_forward(grid: Grid, win, x4: np.ndarray, taps: np.ndarray, out4: np.ndarray) -> None:
+    """Per tap one multiply-add over (C, N·Hq·Wq): long rows, so numpy's per-row overhead is paid C times."""
+    n = x4.shape[0]
+    ph = grid.rows(win, x4)
+    wide = np.zeros((x4.shape[1], n * grid.plane()), x4.dtype)
+    scratch = np.empty_like(wide)
+    for t in range(len(grid.taps)):
+        np.multiply(grid.row_tap(ph, t, n), taps[:, t, None], out=scratch)
+        wide += scratch
+    out4[...] = grid.row_outputs(wide, n)
+
+
+def _row_gradient(grid: Grid, dy4: np.ndarray) -> np.ndarray:
+    """dY as long rows (C, N·Hq·Wq), zero at the junk positions."""
+    n, c = dy4.shape[:2]
+    rows = np.zeros((c, n, grid.hq, grid.wq), dy4.dtype)
+    rows[:, :, :grid.ho, :grid.wo] = dy4.transpose(1, 0, 2, 3)
+    return rows.reshape(c, -1)
 
 
 def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.ndarray) -> None:
@@ -135,17 +189,20 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
         np.matmul(wg.swapaxes(1, 2), dy4.reshape(n, group, mg, -1), out=dx4.reshape(n, group, cg, -1))
         return
     grid = Grid.of(win)
-    dyw = grid.widen(dy4)
-    dph = np.zeros((grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype)
     if _depthwise(group, cg, mg):
         taps = w4.reshape(m, -1)
-        scratch = np.empty_like(dyw)
+        dyr = _row_gradient(grid, dy4)
+        dph = np.zeros((grid.sh, grid.sw, m, n * grid.plane() + max(off for _, _, off in grid.taps)), dy4.dtype)
+        scratch = np.empty_like(dyr)
         for t in range(len(grid.taps)):
-            np.multiply(dyw, taps[:, t, None], out=scratch)
-            grid.tap(dph, t)[...] += scratch
-    else:
-        dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1))  # (N, G, Cg·kk, L)
-        _scatter_columns(grid, dcols.reshape(n, group * cg, -1, grid.length), dph)
+            np.multiply(dyr, taps[:, t, None], out=scratch)
+            grid.row_tap(dph, t, n)[...] += scratch
+        grid.row_gather(win, dph, dx4)
+        return
+    dyw = grid.widen(dy4)
+    dph = np.zeros((grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype)
+    dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1))  # (N, G, Cg·kk, L)
+    _scatter_columns(grid, dcols.reshape(n, group * cg, -1, grid.length), dph)
     grid.gather(win, dph, dx4)
 
 
@@ -165,14 +222,14 @@ def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.n
         _sum_products(dyg, xg, dwg)
         return
     grid = Grid.of(win)
-    ph = grid.phases(win, x4)
-    dyw = grid.widen(dy4)
     if _depthwise(group, cg, mg):
         taps = dw4.reshape(m, -1)
+        ph, dyr = grid.rows(win, x4), _row_gradient(grid, dy4)
         for t in range(len(grid.taps)):
-            taps[:, t] = np.einsum("ncl,ncl->c", dyw, grid.tap(ph, t))
+            taps[:, t] = np.einsum("cp,cp->c", dyr, grid.row_tap(ph, t, n))
         return
-    _sum_products(dyw.reshape(n, group, mg, -1), grid.columns(ph, group), dwg)
+    ph = grid.phases(win, x4)
+    _sum_products(grid.widen(dy4).reshape(n, group, mg, -1), grid.columns(ph, group), dwg)
 
 
 def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:

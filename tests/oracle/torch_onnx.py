@@ -30,14 +30,16 @@ OPS: dict[str, OpFn] = {}
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """A low-rank update (alpha / r) · (x @ a) @ b added to a MatMul or Gemm output; a: (in, r), b: (r, out)."""
+    """A low-rank update (alpha / r) · (x @ a) @ b added to a MatMul or Gemm output; a: (in, r), b: (r, out).
+    On a Conv (PEFT's conv LoRA): (alpha / r) · conv1x1(conv(x, a), b), a: (r, C, kernel) with the node's window,
+    b: (M, r, 1…)."""
     a: Any  # torch.Tensor or np.ndarray
     b: Any
     alpha: float
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[1])
+        return int(self.a.shape[0] if len(self.a.shape) > 2 else self.a.shape[1])
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ class TorchOnnx:
         nodes = {n.name: n for n in graph.node}
         for name, factors in (lora or {}).items():
             node = nodes.get(name)
-            if node is None or node.op_type not in ("MatMul", "Gemm"):
-                raise ValueError(f"LoRA target {name!r} is not a MatMul or Gemm node")
+            if node is None or node.op_type not in ("MatMul", "Gemm", "Conv"):
+                raise ValueError(f"LoRA target {name!r} is not a MatMul, Gemm or Conv node")
             a = _to_torch(factors.a, dtype).detach().clone().requires_grad_(True)
             b = _to_torch(factors.b, dtype).detach().clone().requires_grad_(True)
             self._params[f"{name}.lora_a"], self._params[f"{name}.lora_b"] = a, b
@@ -138,8 +140,14 @@ class TorchOnnx:
         results = result if isinstance(result, tuple) else (result,)
         if node.name in self.lora:
             a, b, scale = self.lora[node.name]
-            x = inputs[0].transpose(-1, -2) if node.op_type == "Gemm" and attrs.get("transA", 0) else inputs[0]
-            results = (results[0] + scale * ((x @ a) @ b),) + results[1:]
+            if node.op_type == "Conv":
+                window = {k: v for k, v in attrs.items() if k not in ("kernel_shape", "group")}
+                branch = conv(Context(self.dtype, self.opset, node), conv(Context(self.dtype, self.opset, node),
+                                                                           inputs[0], a, **window), b)
+            else:
+                x = inputs[0].transpose(-1, -2) if node.op_type == "Gemm" and attrs.get("transA", 0) else inputs[0]
+                branch = (x @ a) @ b
+            results = (results[0] + scale * branch,) + results[1:]
         if len(results) < len(node.output):
             raise NotImplementedError(f"TorchOnnx: {where}: only {len(results)} output(s) supported")
         for name, value in zip(node.output, results):

@@ -11,9 +11,26 @@ zeros there, so the junk never reaches a result. A 1-D op is the same with H = 1
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+_WORKSPACE = threading.local()
+
+
+def _work(tag: str, shape: tuple[int, ...], dtype, fill=None) -> np.ndarray:
+    """A scratch array reused across calls (per thread, tag, shape and dtype): a training step calls the same
+    kernels on the same shapes every time, and a buffer that stays mapped and cached beats a fresh one. Never
+    returned to the caller of a kernel; ``fill`` initialises it."""
+    cache = _WORKSPACE.__dict__.setdefault("arrays", {})
+    key = (tag, tuple(int(d) for d in shape), np.dtype(dtype).str)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = np.empty(key[1], dtype)
+    if fill is not None:
+        buf.fill(fill)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,7 @@ class Grid:
     def phases(self, win, x4: np.ndarray, value: float = 0.0) -> np.ndarray:
         """(sh, sw, N, C, Hq·Wq): the padded input (pad value ``value``) as contiguous phases."""
         n, c, h, w = x4.shape
-        ph = np.full((self.sh, self.sw, n, c, self.hq, self.wq), value, x4.dtype)
+        ph = _work("phases", (self.sh, self.sw, n, c, self.hq, self.wq), x4.dtype, fill=value)
         for a in range(self.sh):
             for b in range(self.sw):
                 h0, w0, r0, c0 = self._spans(win, a, b)
@@ -79,7 +96,7 @@ class Grid:
         """(N, C, Ho, Wo) -> (N, C, Ho·Wq) with zeros in the junk columns."""
         if self.wq == self.wo:
             return np.ascontiguousarray(y4).reshape(*y4.shape[:2], self.length)
-        wide = np.zeros((*y4.shape[:2], self.ho, self.wq), y4.dtype)
+        wide = _work("widen", (*y4.shape[:2], self.ho, self.wq), y4.dtype, fill=0)
         wide[..., :self.wo] = y4
         return wide.reshape(*y4.shape[:2], self.length)
 
@@ -96,7 +113,7 @@ class Grid:
         the last taps' overreach. Tap t of every output of every sample is then one slice of one long row."""
         n, c = x4.shape[:2]
         spare = max(off for _, _, off in self.taps)
-        ph = np.zeros((self.sh, self.sw, c, n * self.plane() + spare), x4.dtype)
+        ph = _work("rows", (self.sh, self.sw, c, n * self.plane() + spare), x4.dtype, fill=0)
         grid = ph[..., :n * self.plane()].reshape(self.sh, self.sw, c, n, self.hq, self.wq)
         xc = x4.transpose(1, 0, 2, 3)
         for a in range(self.sh):
@@ -129,7 +146,7 @@ class Grid:
     def columns(self, ph: np.ndarray, group: int) -> np.ndarray:
         """im2col, wide: (N, group, C/group·kh·kw, Ho·Wq), channel-major then tap (the weight's order)."""
         n, c = ph.shape[2:4]
-        cols = np.empty((n, group, c // group, len(self.taps), self.length), ph.dtype)
+        cols = _work("columns", (n, group, c // group, len(self.taps), self.length), ph.dtype)
         for t in range(len(self.taps)):
             cols[:, :, :, t] = self.tap(ph, t).reshape(n, group, c // group, self.length)
         return cols.reshape(n, group, -1, self.length)
@@ -156,7 +173,8 @@ def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarr
         _depthwise_forward(grid, win, x4, w4.reshape(m, -1), out4)
         return
     ph = grid.phases(win, x4)
-    wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group)).reshape(n, m, grid.length)
+    wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group),
+                     out=_work("conv.wide", (n, group, mg, grid.length), x4.dtype)).reshape(n, m, grid.length)
     out4[...] = grid.crop(wide)
 
 
@@ -164,9 +182,10 @@ def _depthwise_forward(grid: Grid, win, x4: np.ndarray, taps: np.ndarray, out4: 
     """Per tap one multiply-add over (C, N·Hq·Wq): long rows, so numpy's per-row overhead is paid C times."""
     n = x4.shape[0]
     ph = grid.rows(win, x4)
-    wide = np.zeros((x4.shape[1], n * grid.plane()), x4.dtype)
-    scratch = np.empty_like(wide)
-    for t in range(len(grid.taps)):
+    wide = _work("dw.wide", (x4.shape[1], n * grid.plane()), x4.dtype)
+    scratch = _work("dw.scratch", wide.shape, x4.dtype)
+    np.multiply(grid.row_tap(ph, 0, n), taps[:, 0, None], out=wide)
+    for t in range(1, len(grid.taps)):
         np.multiply(grid.row_tap(ph, t, n), taps[:, t, None], out=scratch)
         wide += scratch
     out4[...] = grid.row_outputs(wide, n)
@@ -175,7 +194,7 @@ def _depthwise_forward(grid: Grid, win, x4: np.ndarray, taps: np.ndarray, out4: 
 def _row_gradient(grid: Grid, dy4: np.ndarray) -> np.ndarray:
     """dY as long rows (C, N·Hq·Wq), zero at the junk positions."""
     n, c = dy4.shape[:2]
-    rows = np.zeros((c, n, grid.hq, grid.wq), dy4.dtype)
+    rows = _work("dy.rows", (c, n, grid.hq, grid.wq), dy4.dtype, fill=0)
     rows[:, :, :grid.ho, :grid.wo] = dy4.transpose(1, 0, 2, 3)
     return rows.reshape(c, -1)
 
@@ -192,16 +211,18 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
     if _depthwise(group, cg, mg):
         taps = w4.reshape(m, -1)
         dyr = _row_gradient(grid, dy4)
-        dph = np.zeros((grid.sh, grid.sw, m, n * grid.plane() + max(off for _, _, off in grid.taps)), dy4.dtype)
-        scratch = np.empty_like(dyr)
+        dph = _work("dx.rows", (grid.sh, grid.sw, m, n * grid.plane() + max(off for _, _, off in grid.taps)),
+                    dy4.dtype, fill=0)
+        scratch = _work("dw.scratch", dyr.shape, dy4.dtype)
         for t in range(len(grid.taps)):
             np.multiply(dyr, taps[:, t, None], out=scratch)
             grid.row_tap(dph, t, n)[...] += scratch
         grid.row_gather(win, dph, dx4)
         return
     dyw = grid.widen(dy4)
-    dph = np.zeros((grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype)
-    dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1))  # (N, G, Cg·kk, L)
+    dph = _work("dx.phases", (grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype, fill=0)
+    dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1),   # (N, G, Cg·kk, L)
+                      out=_work("dcols", (n, group, cg * len(grid.taps), grid.length), dy4.dtype))
     _scatter_columns(grid, dcols.reshape(n, group * cg, -1, grid.length), dph)
     grid.gather(win, dph, dx4)
 
@@ -236,7 +257,7 @@ def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out (…, P, Q) = Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample, accumulated."""
     np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
     if len(a) > 1:
-        scratch = np.empty_like(out)
+        scratch = _work("sum", out.shape, out.dtype)
         for i in range(1, len(a)):
             np.matmul(a[i], b[i].swapaxes(-1, -2), out=scratch)
             out += scratch
@@ -284,7 +305,7 @@ def lora_conv_grad(win, grads: str, dy4, x4, w2, a3, b3, scale: float, outs) -> 
         if grid is None:
             got["x"][...] = dcols.reshape(got["x"].shape)
         else:
-            dph = np.zeros((grid.sh, grid.sw, n, x4.shape[1], grid.hq * grid.wq), dy4.dtype)
+            dph = _work("dx.phases", (grid.sh, grid.sw, n, x4.shape[1], grid.hq * grid.wq), dy4.dtype, fill=0)
             _scatter_columns(grid, dcols.reshape(n, x4.shape[1], -1, grid.length), dph)
             grid.gather(win, dph, got["x"])
     colsd = _by_device(cols, devices)
@@ -318,10 +339,10 @@ def max_pool_grad(win, x4: np.ndarray, dy4: np.ndarray, dx4: np.ndarray) -> None
     for t in range(1, len(grid.taps)):
         np.maximum(best, grid.tap(ph, t), out=best)
     dyw = grid.widen(dy4)
-    dph = np.zeros(ph.shape, dy4.dtype)
-    taken = np.zeros(best.shape, bool)   # windows whose maximum an earlier tap already claimed
-    hit = np.empty(best.shape, bool)
-    scratch = np.empty_like(dyw)
+    dph = _work("dx.phases", ph.shape, dy4.dtype, fill=0)
+    taken = _work("taken", best.shape, bool, fill=False)   # windows whose maximum an earlier tap already claimed
+    hit = _work("hit", best.shape, bool)
+    scratch = _work("scratch", dyw.shape, dyw.dtype)
     for t in range(len(grid.taps)):
         np.equal(grid.tap(ph, t), best, out=hit)
         if t:

@@ -21,9 +21,10 @@ blocks, so drifting clock speed hits both alike; the figure is the median over t
 Multi-threaded small GEMMs are very sensitive to other load on the machine (a BLAS or OpenMP worker that is
 not scheduled stalls the call): the JSON records the load average before and after; trust a quiet run.
 
-    python benchmarks/compiler_step.py                 # cct-digits and deep-ae, batch 1/8/32, lora and full
+    python benchmarks/compiler_step.py                 # cct-digits and deep-ae, batch 1/8/32, every strategy
     python benchmarks/compiler_step.py --all           # also cct-2-3x2 and ds-cnn
     python benchmarks/compiler_step.py --threads 1     # single-threaded torch and BLAS
+    python benchmarks/compiler_step.py --all --threads 1 --clock cpu   # CPU time: for a machine others load
     python benchmarks/compiler_step.py --profile deep-ae:lora:32   # cProfile of executor steps, no JSON
 
 ratio = torch_ms / executor_ms: above 1 the executor is faster.
@@ -379,8 +380,10 @@ class Timing:
     torch_s: list[float]
 
 
-def time_case(case: Case, repeats: int, budget_s: float) -> Timing:
-    """Per-step wall times of both sides after warm-up, the sides alternating in blocks."""
+def time_case(case: Case, repeats: int, budget_s: float, clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Per-step times of both sides after warm-up, the sides alternating in blocks. ``clock``: wall time, or this
+    process's CPU time (``time.process_time``), which on a loaded machine leaves out the time spent waiting for a
+    core; only meaningful with one thread per side."""
     for _ in range(WARMUP_STEPS):
         case.step_executor()
         case.step_torch()
@@ -390,9 +393,9 @@ def time_case(case: Case, repeats: int, budget_s: float) -> Timing:
     while len(executor_s) < repeats and time.perf_counter() < deadline:
         for fn, times in ((case.step_executor, executor_s), (case.step_torch, torch_s)):
             for _ in range(BLOCK_STEPS):
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
     return Timing(executor_s, torch_s)
 
 
@@ -444,9 +447,10 @@ def profile(spec: str, steps: int, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
-def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: float) -> dict:
+def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: float,
+             clock: Callable[[], float] = time.perf_counter) -> dict:
     case = build_case(model, strategy, batch)
-    timing = time_case(case, repeats, budget_s)
+    timing = time_case(case, repeats, budget_s, clock)
     executor_ms, torch_ms = (1e3 * statistics.median(t) for t in (timing.executor_s, timing.torch_s))
     program = case.program
     return {"model": model, "strategy": strategy, "batch": batch,
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=REQUIRED_MODELS + OPTIONAL_MODELS, help="only these models")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or process CPU time (with --threads 1, on a machine other jobs load)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="time limit per side and case")
     parser.add_argument("--profile", metavar="MODEL:STRATEGY:BATCH", help="cProfile executor steps instead")
@@ -478,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads and numpy BLAS threads (default: the machine's core count)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread's work: use it with --threads 1")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     _limit_blas_threads(args.threads)
     if args.profile:
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for strategy in args.strategies:
             for batch in args.batches:
-                rows.append(run_case(model, strategy, batch, args.repeats, args.budget_s))
+                rows.append(run_case(model, strategy, batch, args.repeats, args.budget_s, clock))
                 row = rows[-1]
                 print(f"{model:<11} {strategy:<10} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
                       f"{row['ratio']:>6.2f} {row['arena_over_lower_bound']:>8.3f}", flush=True)
@@ -499,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_before,
               "load_average_after": [round(v, 2) for v in os.getloadavg()],
               "settings": {"lr": LR, "momentum": MOMENTUM, "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
-                           "budget_s_per_side": args.budget_s, "statistic": "median per-step wall time",
+                           "budget_s_per_side": args.budget_s, "threads": args.threads,
+                           "statistic": f"median per-step {'process CPU' if args.clock == 'cpu' else 'wall'} time",
                            "executor_step": "PhaseRunner.run (feeds copied into the arena + every kernel)",
                            "torch_step": "zero_grad, forward, loss, backward, SGD step"},
               "cases": rows}

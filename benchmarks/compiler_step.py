@@ -70,6 +70,7 @@ REQUIRED_MODELS = ("cct-digits", "deep-ae")
 OPTIONAL_MODELS = ("cct-2-3x2", "ds-cnn")
 BATCHES = (1, 8, 32)
 STRATEGIES = ("lora", "lora+head", "classifier", "full")  # compile_model presets (LoRA on the auto targets)
+HEADS = {"deep-ae": "decoder.4*"}  # a model without a ``classifier``: its output layer is the head
 LR, MOMENTUM = 0.01, 0.0        # compile_model's defaults
 SEED = 0
 WARMUP_STEPS = 10
@@ -306,10 +307,20 @@ class Case:
         return float(self.device.trainer.results[self.program.loss])
 
 
+def tuning_for(model: str, strategy: str) -> str | dict:
+    """The preset, with the head renamed for a model whose output layer is not called ``classifier``."""
+    head = HEADS.get(model)
+    if head is None or strategy not in ("lora+head", "classifier"):
+        return strategy
+    if strategy == "classifier":
+        return {"strategy": "selective", "train": [head]}
+    return {"strategy": "lora", "train": [head]}
+
+
 def build_case(model: str, strategy: str, batch: int) -> Case:
     entry = zoo.ZOO[model]
     onnx_model = zoo.build(model, SEED)
-    program = compile_model(onnx_model, strategy, batch=batch, lr=LR, momentum=MOMENTUM)
+    program = compile_model(onnx_model, tuning_for(model, strategy), batch=batch, lr=LR, momentum=MOMENTUM)
     rng = np.random.default_rng(batch)
     x = rng.normal(size=(batch, *entry.input_shape)).astype(np.float32)
     feeds = {program.input: x}

@@ -148,7 +148,7 @@ def test_oracle_lora_equals_merged_weight_and_gets_gradients(name, layer):
 def test_oracle_rejects_unknown_trainables_and_lora_targets():
     with pytest.raises(ValueError, match="not initializers"):
         TorchOnnx(model("cct-digits"), trainable={"no.such.weight"})
-    with pytest.raises(ValueError, match="not a MatMul or Gemm"):
+    with pytest.raises(ValueError, match="not a MatMul, Gemm or Conv"):
         TorchOnnx(model("cct-digits"), lora={"blocks.0.norm1": LoraFactors(np.zeros((32, 2)), np.zeros((2, 32)), 1)})
 
 

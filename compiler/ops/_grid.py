@@ -173,9 +173,10 @@ def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarr
         _depthwise_forward(grid, win, x4, w4.reshape(m, -1), out4)
         return
     ph = grid.phases(win, x4)
-    wide = np.matmul(w4.reshape(group, mg, -1), grid.columns(ph, group),
-                     out=_work("conv.wide", (n, group, mg, grid.length), x4.dtype)).reshape(n, m, grid.length)
-    out4[...] = grid.crop(wide)
+    wide = _work("conv.wide", (n, group, mg, grid.length), x4.dtype)
+    for block in _sample_blocks(grid, n, cg * group):
+        np.matmul(w4.reshape(group, mg, -1), grid.columns(ph[:, :, block], group), out=wide[block])
+    out4[...] = grid.crop(wide.reshape(n, m, grid.length))
 
 
 DEPTHWISE_BLOCK_ELEMENTS = 100_000  # channels per block: ~this many elements per row block (three stay in L2)
@@ -232,11 +233,11 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
                 grid.row_tap(dph, t, n)[block] += sc
         grid.row_gather(win, dph, dx4)
         return
-    dyw = grid.widen(dy4)
+    dyw = grid.widen(dy4).reshape(n, group, mg, -1)
     dph = _work("dx.phases", (grid.sh, grid.sw, n, cg * group, grid.hq * grid.wq), dy4.dtype, fill=0)
-    dcols = np.matmul(wg.swapaxes(1, 2), dyw.reshape(n, group, mg, -1),   # (N, G, Cg·kk, L)
-                      out=_work("dcols", (n, group, cg * len(grid.taps), grid.length), dy4.dtype))
-    _scatter_columns(grid, dcols.reshape(n, group * cg, -1, grid.length), dph)
+    for block in _sample_blocks(grid, n, cg * group):
+        dcols = np.matmul(wg.swapaxes(1, 2), dyw[block])              # (n, G, Cg·kk, L)
+        _scatter_columns(grid, dcols.reshape(len(dcols), group * cg, -1, grid.length), dph[:, :, block])
     grid.gather(win, dph, dx4)
 
 
@@ -263,17 +264,29 @@ def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.n
             taps[:, t] = np.einsum("cp,cp->c", dyr, grid.row_tap(ph, t, n))
         return
     ph = grid.phases(win, x4)
-    _sum_products(grid.widen(dy4).reshape(n, group, mg, -1), grid.columns(ph, group), dwg)
+    dyw = grid.widen(dy4).reshape(n, group, mg, -1)
+    for i, block in enumerate(_sample_blocks(grid, n, c)):
+        _sum_products(dyw[block], grid.columns(ph[:, :, block], group), dwg, accumulate=i > 0)
 
 
-def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out (…, P, Q) = Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample, accumulated."""
-    np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
-    if len(a) > 1:
-        scratch = _work("sum", out.shape, out.dtype)
-        for i in range(1, len(a)):
+def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> None:
+    """out (…, P, Q) (+)= Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample, accumulated."""
+    scratch = _work("sum", out.shape, out.dtype) if accumulate or len(a) > 1 else None
+    for i in range(len(a)):
+        if i == 0 and not accumulate:
+            np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
+        else:
             np.matmul(a[i], b[i].swapaxes(-1, -2), out=scratch)
             out += scratch
+
+
+COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col per block of samples: about this many elements (1 MiB), so it stays in L2
+
+
+def _sample_blocks(grid: Grid, n: int, channels: int):
+    per_sample = channels * len(grid.taps) * grid.length
+    step = max(1, COLUMN_BLOCK_ELEMENTS // max(1, per_sample))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 # ---- LoRA on a convolution (compiler/ops/lora_conv.py) -------------------------------------------------------

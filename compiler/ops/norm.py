@@ -94,7 +94,7 @@ def _normalized_axes(x_shape, axis):
     return tuple(range(norm_axis(axis, len(x_shape)), len(x_shape)))
 
 
-def _rows(x, axis):
+def _as_rows(x, axis):
     """x as a 2-D (rows, normalized size) view (a copy only if x is not contiguous)."""
     first = norm_axis(axis, x.ndim)
     return x.reshape(size(x.shape[:first]), size(x.shape[first:]))
@@ -142,8 +142,8 @@ class LayerNormalization(Op):
         return y
 
     def forward_into(self, outs, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
-        y2 = _rows(outs[0], axis)
-        _standardize_into(_rows(x, axis), y2, epsilon)
+        y2 = _as_rows(outs[0], axis)
+        _standardize_into(_as_rows(x, axis), y2, epsilon)
         y2 *= _per_column(scale, x.shape, axis)
         if b is not None:
             y2 += _per_column(b, x.shape, axis)
@@ -189,10 +189,10 @@ class LayerNormGradInput(Op):
         return dx
 
     def forward_into(self, outs, x, scale, dy, *, axis=-1, epsilon=1e-5):
-        dx2 = _rows(outs[0], axis)
+        dx2 = _as_rows(outs[0], axis)
         d = dx2.shape[1]
-        rstd = _standardize_into(_rows(x, axis), dx2, epsilon)           # dx2 holds x̂ for now
-        ghat = _rows(dy, axis) * _per_column(scale, x.shape, axis)
+        rstd = _standardize_into(_as_rows(x, axis), dx2, epsilon)           # dx2 holds x̂ for now
+        ghat = _as_rows(dy, axis) * _per_column(scale, x.shape, axis)
         mean_g = np.add.reduce(ghat, axis=1, keepdims=True)
         mean_g /= d
         mean_gx = np.einsum("ij,ij->i", ghat, dx2)[:, None]
@@ -229,10 +229,10 @@ class LayerNormGradScale(Op):
         return ds
 
     def forward_into(self, outs, x, dy, *, axis=-1, epsilon=1e-5):
-        x2 = _rows(x, axis)
+        x2 = _as_rows(x, axis)
         xhat = np.empty(x2.shape, x2.dtype)
         _standardize_into(x2, xhat, epsilon)
-        np.einsum("ij,ij->j", _rows(dy, axis), xhat, out=outs[0].reshape(-1))
+        np.einsum("ij,ij->j", _as_rows(dy, axis), xhat, out=outs[0].reshape(-1))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 10 * size(x)

@@ -247,3 +247,27 @@ def test_exported_model_plans_are_within_5_percent_of_the_lower_bound(exported_m
         for batch in (1, 8):
             memory = compile_model(exported_models[model], strategy, batch=batch).report["memory"]
             assert memory["arena_bytes"] <= 1.05 * memory["arena_lower_bound_bytes"], (strategy, batch, memory)
+
+
+def _torch_model_cases():
+    from tests.compiler.torch_models import SPECS
+    cases = [(name, False) for name in SPECS]
+    return cases + [(name, True) for name in SPECS if name.startswith("vit")]  # dynamo export too (slower)
+
+
+@pytest.mark.parametrize("name,dynamo", _torch_model_cases())
+def test_pytorch_test_model_plans_are_within_5_percent_of_the_lower_bound(name: str, dynamo: bool) -> None:
+    """The models of tests/compiler/torch_models.py (MobileNetV2/V3, ViTs on TransformerEncoderLayer and on
+    MultiheadAttention with a class token, KWS, autoencoder, residual MLP) under full, LoRA, LoRA + head and
+    head-only training, at batch 1 and 8."""
+    from tests.compiler.torch_models import SPECS, build, export
+    spec = SPECS[name]
+    model = export(build(name), spec.input_shape, dynamo=dynamo, opset=18 if dynamo else 17)
+    strategies: list = ["full", "lora"]
+    if spec.head:
+        strategies += [{"strategy": "lora", "train": [f"{h}*" for h in spec.head]},
+                       {"strategy": "selective", "train": [f"{h}*" for h in spec.head]}]
+    for strategy in strategies:
+        for batch in (1, 8):
+            memory = compile_model(model, strategy, batch=batch).report["memory"]
+            assert memory["arena_bytes"] <= 1.05 * memory["arena_lower_bound_bytes"], (strategy, batch, memory)

@@ -68,6 +68,7 @@ class LoraConv(Op):
     """Conv (group 1) with a LoRA adapter: inputs X, W, A, B[, bias]; the Conv attributes plus ``scale``."""
     name = "LoraConv"
     kind = "conv"
+    internal = True      # made by the LoRA rewrite, not imported from ONNX
     cost = "composite"   # compiler/targets/fused_conv.py: the conv GEMMs it runs
     c_call = "ef_lora_conv(${y}, ${x}, ${w}, ${a}, ${b}, ${bias}, ${win}, ${r}, ${devices}, ${scale})"
 

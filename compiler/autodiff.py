@@ -17,6 +17,9 @@ from compiler.ops import Op, get_op
 
 @dataclass(frozen=True)
 class SGDConfig:
+    """PyTorch's SGD; ``proximal`` adds FedProx's term: every trainable p gets an anchor tensor p₀ (set by
+    the device to the values it received) and the gradient becomes g + μ·(p − p₀), the gradient of
+    loss + μ/2·‖p − p₀‖². μ is a runtime scalar (``PROXIMAL_MU_TENSOR``, 0 turns the term off)."""
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -24,6 +27,7 @@ class SGDConfig:
     # False: the reference framework's accumulate-then-update loop: every update after the whole backward pass,
     # every gradient buffer alive until then.
     fused_update: bool = True
+    proximal: bool = False
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
@@ -31,7 +35,20 @@ class SGDConfig:
                                "weight_decay >= 0")
 
 
+    def manifest(self, graph: "Graph") -> dict[str, Any]:
+        """The Program's optimizer entry: settings and the runtime tensors a device sets."""
+        out: dict[str, Any] = {"kind": "sgd", "lr": self.lr, "momentum": self.momentum,
+                               "weight_decay": self.weight_decay, "fused_update": self.fused_update,
+                               "lr_tensor": LR_TENSOR}
+        if self.proximal:
+            out["proximal_mu_tensor"] = PROXIMAL_MU_TENSOR
+            out["anchors"] = {p: p + ANCHOR_SUFFIX for p in graph.by_role(Role.TRAINABLE)}
+        return out
+
+
 LR_TENSOR = "optimizer.lr"
+PROXIMAL_MU_TENSOR = "optimizer.proximal_mu"
+ANCHOR_SUFFIX = ".anchor"
 
 
 class GradBuilder:
@@ -138,10 +155,13 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
         raise CompileError(f"trainable parameter(s) {unused[:3]} do not affect the loss")
     requires = _requires_grad(graph, trainable) & relevant
     g = GradBuilder(graph, requires)
-    lr = ""
+    lr = mu = ""
     if sgd is not None:
         lr = g.const(np.float32(sgd.lr), LR_TENSOR)
         g.tensors[lr] = g.tensors[lr].with_role(Role.HYPER)
+        if sgd.proximal:
+            mu = g.const(np.float32(0.0), PROXIMAL_MU_TENSOR)
+            g.tensors[mu] = g.tensors[mu].with_role(Role.HYPER)
     grads: dict[str, str] = {}
 
     # how many forward consumers of each trainable parameter are still to be walked
@@ -190,16 +210,25 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
                     if grads[name] is None:
                         raise CompileError(f"internal: no gradient for trainable parameter {name!r}")
                     if sgd is not None and sgd.fused_update:
-                        _emit_update(g, name, grads[name], lr, sgd)
+                        _emit_update(g, name, grads[name], lr, sgd, mu)
                     elif sgd is not None:
                         deferred.append(name)
     for name in deferred:
-        _emit_update(g, name, grads[name], lr, sgd)
+        _emit_update(g, name, grads[name], lr, sgd, mu)
     new = graph.replace(tensors=g.tensors, nodes=tuple(graph.nodes) + tuple(g.nodes), values=g.values)
     return new, grads
 
 
-def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig) -> None:
+def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig, mu: str = "") -> None:
+    if sgd.proximal:  # FedProx: g + μ·(p − p₀), from ordinary ops (the backward stays ordinary IR)
+        anchor = param + ANCHOR_SUFFIX
+        if anchor in g.tensors:
+            raise CompileError(f"internal: tensor {anchor!r} exists already")
+        g.tensors[anchor] = TensorSpec(anchor, g.shape(param), "float32", Role.OPT_STATE)
+        g.values[anchor] = np.zeros(g.shape(param), np.float32)
+        g.phase, g.layer = "update", param.rsplit(".", 1)[0]
+        pull = g.emit("Mul", [g.emit("Sub", [param, anchor], f"{param}.prox"), mu], f"{param}.prox")
+        grad = g.emit("Add", [grad, pull], f"{param}.grad")
     inputs = [param, grad, lr]
     if sgd.momentum:
         velocity = g.names(f"{param}.momentum")

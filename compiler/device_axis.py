@@ -29,8 +29,7 @@ ELEMENTWISE = ops_where(lambda op: isinstance(op, Binary))  # Add, Sub, Mul, Div
 
 
 def per_device_tensors(graph: Graph) -> set[str]:
-    return {n for n, s in graph.tensors.items()
-            if s.role == Role.TRAINABLE or (s.role == Role.FROZEN and n.endswith(".lora_a"))}
+    return {n for n, s in graph.tensors.items() if s.is_per_device}
 
 
 class _Rewriter:

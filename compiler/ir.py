@@ -48,6 +48,8 @@ class TensorSpec:
     # sparse update: (axis, k) when only the first k entries along ``axis`` (a weight's output channels) train;
     # the rest of the tensor stays frozen, its gradient has k there (compiler/tuning.py, autodiff.py)
     train_channels: tuple[int, int] | None = None
+    per_device: bool = False     # part of each device's own state (adapters), not only trainables: LoRA's
+                                 # frozen-but-replaceable A (FFA-LoRA); see ``is_per_device``
 
     @property
     def grad_shape(self) -> tuple[int, ...]:
@@ -67,6 +69,11 @@ class TensorSpec:
 
     def with_role(self, role: Role) -> "TensorSpec":
         return dataclasses.replace(self, role=role)
+
+    @property
+    def is_per_device(self) -> bool:
+        """Each device holds its own value: every trainable, and tensors the tuning marks per device."""
+        return self.role == Role.TRAINABLE or self.per_device
 
 
 @dataclass(frozen=True)

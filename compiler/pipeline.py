@@ -14,7 +14,7 @@ import onnx
 
 from compiler import zoo
 from compiler.autodiff import SGDConfig, differentiate
-from compiler.device_axis import add_device_axis, scale_loss
+from compiler.device_axis import add_device_axis, per_device_tensors, scale_loss
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
 from compiler.ops import UPDATE_OPS, get_op
@@ -113,6 +113,7 @@ def _phase(graph: Graph, plan: MemoryPlan, results: Sequence[str]) -> Phase:
 def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", task_hint: str = "auto") -> Program:
     """Compile an imported graph (batch ``options.batch``, or batch·devices with a device axis)."""
     tuned = apply_tuning(graph, options.tuning)
+    per_device = per_device_tensors(tuned)
     graph = add_device_axis(tuned, options.devices)
     forward, loss, label, task = add_loss(graph, options.loss, task_hint)
     forward, loss = scale_loss(forward, loss, options.devices)
@@ -126,9 +127,10 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
     eval_graph = forward.pruned(keep=(forward.outputs[0], loss))
     eval_plan = plan_memory(eval_graph, keep=(eval_graph.outputs[0], loss))
     check_plan(eval_graph, eval_plan)
-    tensors = {n: TensorInfo(n, s.shape, s.dtype, s.role.value) for n, s in train.tensors.items()}
+    tensors = {n: TensorInfo(n, s.shape, s.dtype, s.role.value, per_device=n in per_device)
+               for n, s in train.tensors.items()}
     for n, s in eval_graph.tensors.items():
-        tensors.setdefault(n, TensorInfo(n, s.shape, s.dtype, s.role.value))
+        tensors.setdefault(n, TensorInfo(n, s.shape, s.dtype, s.role.value, per_device=n in per_device))
     param_offsets = dict(train_plan.param_offsets)
     values = {n: np.asarray(v) for n, v in train.values.items() if n in param_offsets}
     program = Program(
@@ -137,19 +139,19 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         params_bytes=train_plan.params_bytes, values=values,
         train=_phase(train, train_plan, train_results), evaluate=_phase(eval_graph, eval_plan, (forward.outputs[0], loss)),
         tuning=options.tuning.to_dict(),
-        optimizer={"kind": "sgd", "lr": options.sgd.lr, "momentum": options.sgd.momentum,
-                   "weight_decay": options.sgd.weight_decay, "fused_update": options.sgd.fused_update},
-        devices=options.devices)
+        optimizer=options.sgd.manifest(train), devices=options.devices)
     return program.replace(report=build_report(program, train_plan, tuned.notes, layer_table(tuned)))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",
                   batch: int = 8, loss: str = "auto", lr: float = 0.01, momentum: float = 0.0,
-                  weight_decay: float = 0.0, seed: int = 0, devices: int = 1, fused_update: bool = True) -> Program:
+                  weight_decay: float = 0.0, seed: int = 0, devices: int = 1, fused_update: bool = True,
+                  proximal: bool = False) -> Program:
     """Compile a zoo model name, an ONNX file or a ModelProto into a training Program (``devices`` > 1: one
-    program that trains that many devices at once; see compiler.device_axis)."""
+    program that trains that many devices at once; see compiler.device_axis; ``proximal``: FedProx's pull
+    towards anchor values, see compiler.autodiff.SGDConfig)."""
     source, name, task_hint = load_model(model, seed)
     options = CompileOptions(TuningSpec.parse(tuning), batch, loss,
-                             SGDConfig(lr, momentum, weight_decay, fused_update), devices)
+                             SGDConfig(lr, momentum, weight_decay, fused_update, proximal), devices)
     graph = import_onnx(source, options.batch * options.devices)
     return compile_graph(graph, options, name, task_hint)

@@ -27,6 +27,7 @@ class TensorInfo:
     dtype: str
     role: str
     level: str = ""  # memory level on the target (L1/L2/L3), set by target lowering
+    per_device: bool = False  # each device holds its own value (the adapters a fleet exchanges)
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +87,15 @@ class Program:
     @property
     def trainable(self) -> tuple[str, ...]:
         return tuple(n for n, t in self.tensors.items() if t.role == Role.TRAINABLE.value)
+
+    @property
+    def per_device(self) -> tuple[str, ...]:
+        """The tensors each device holds its own value of (trainables and, e.g., FFA-LoRA's frozen A)."""
+        return tuple(n for n, t in self.tensors.items() if t.per_device)
+
+    def adapter_values(self) -> dict[str, np.ndarray]:
+        """Initial values of the per-device tensors: what a fleet sends every device."""
+        return {n: np.array(self.values[n]) for n in self.per_device if n in self.values}
 
     def initial_parameters(self) -> dict[str, np.ndarray]:
         return {n: np.array(self.values[n]) for n in self.trainable}
@@ -147,7 +157,8 @@ class Program:
         except (OSError, ValueError) as exc:
             raise CompileError(f"{where}: cannot read parameters ({exc})") from None
         path = Path(where)
-        tensors = {t["name"]: TensorInfo(t["name"], tuple(t["shape"]), t["dtype"], t["role"], t.get("level", ""))
+        tensors = {t["name"]: TensorInfo(t["name"], tuple(t["shape"]), t["dtype"], t["role"], t.get("level", ""),
+                                          bool(t.get("per_device", False)))
                    for t in data["tensors"]}
         missing = [n for n, t in tensors.items() if t.persistent and n not in values]
         if missing:

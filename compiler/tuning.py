@@ -410,7 +410,8 @@ def insert_lora(graph: Graph, cfg: LoraConfig, exclude: tuple[str, ...] = ()) ->
                                f"(min(in, out) = {min(d_in, d_out)})")
         a, b = names(f"{layer}.lora_a"), names(f"{layer}.lora_b")
         values[a], values[b] = _lora_init(rng, cfg, d_in, d_out)
-        tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.FROZEN if cfg.freeze_a else Role.TRAINABLE)
+        tensors[a] = TensorSpec(a, (d_in, cfg.rank), "float32", Role.FROZEN if cfg.freeze_a else Role.TRAINABLE,
+                                per_device=True)
         tensors[b] = TensorSpec(b, (cfg.rank, d_out), "float32", Role.TRAINABLE)
         # one fused step replaces the layer's GEMM (compiler/ops/linear.py, LoraLinear): a single pass over x
         # feeds W and A, B's product accumulates onto W's (Z = X·W + Y), the α/r scale sits on the rank-r

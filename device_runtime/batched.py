@@ -1,7 +1,9 @@
 """Many devices in one pass: runs a program compiled with a device axis (``program.devices`` = D).
 
 Device d's samples are rows d·B … d·B+B−1 of each step's batch; its parameters are index d of every
-per-device tensor. Fewer than D devices are padded with copies of the last one, whose results are dropped.
+per-device tensor (the Program marks them: ``TensorInfo.per_device``). Fewer than D devices are padded with
+copies of the last one, whose results are dropped. Results are per device, the same types a single device
+returns (``TrainResult``, ``EvalResult``): one device is a batch of one.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from compiler.program import Program
-from device_runtime.device import DeviceError
+from device_runtime.device import DeviceError, EvalResult, TrainResult, modelled_cycles_per_step, set_proximal
 from device_runtime.numpy_executor import NumpyDevice, per_sample_loss
+from device_runtime.protocol import Telemetry
 
 
 class BatchedDevices:
@@ -24,9 +27,7 @@ class BatchedDevices:
         self.devices = program.devices
         self.batch = program.batch
         self.device = NumpyDevice(program, name="batched")
-        self.per_device = [n for n, t in program.tensors.items()
-                           if n in program.param_offsets and t.shape[:1] == (self.devices,)
-                           and t.role in ("trainable", "frozen") and (t.role == "trainable" or n.endswith(".lora_a"))]
+        self.per_device = [n for n in program.per_device if n in program.param_offsets]
 
     def _pad(self, items: Sequence, count: int) -> list:
         return list(items) + [items[-1]] * (count - len(items))
@@ -45,6 +46,13 @@ class BatchedDevices:
                                       f"expected {view.shape[1:]}")
                 view[d] = p[name]
         self.device.reset_optimizer()
+
+    def set_proximal(self, mu: float, anchors: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """FedProx: each device's trainables are pulled towards its own anchors (its received arrays)."""
+        padded = self._pad(list(anchors), self.devices)
+        stacked = {n: np.stack([np.asarray(a[n]) for a in padded]) for n in self.program.trainable
+                   if all(n in a for a in padded)}
+        set_proximal(self.program, self.device.param_views, mu, stacked)
 
     def get_params(self, count: int | None = None) -> list[dict[str, np.ndarray]]:
         count = self.devices if count is None else count
@@ -67,8 +75,8 @@ class BatchedDevices:
             ys = None if ys is None else np.concatenate([ys, np.repeat(ys[-1:], pad, axis=0)])
         return xs, ys
 
-    def train(self, xs: np.ndarray, ys: np.ndarray | None, steps: int, lr: float | None = None) -> np.ndarray:
-        """xs: (devices, n, ...) samples. Returns each device's loss per step, shape (steps, devices)."""
+    def train(self, xs: np.ndarray, ys: np.ndarray | None, steps: int, lr: float | None = None) -> list[TrainResult]:
+        """xs: (devices, n, ...) samples. One TrainResult per given device (its parameters, its loss per step)."""
         n = xs.shape[1]
         count = len(xs)
         xs, ys = self._stack(xs, ys)
@@ -85,10 +93,14 @@ class BatchedDevices:
             per_sample = per_sample_loss(self.program.task, out_view, feeds[self.program.input],
                                          feeds.get(self.program.label))
             losses[step] = per_sample.reshape(self.devices, self.batch).mean(axis=1)
-        return losses[:, :count]
+        params = self.get_params(count)
+        telemetry = Telemetry(samples=steps * self.batch, steps=steps,
+                              modelled_cycles_per_step=modelled_cycles_per_step(self.program),
+                              peak_bytes_by_level=dict(self.program.report.get("memory_by_level", {})))
+        return [TrainResult(params[d], losses[:, d].copy(), telemetry) for d in range(count)]
 
-    def evaluate(self, xs: np.ndarray, ys: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs (devices, n, ...) and each device's mean loss."""
+    def evaluate(self, xs: np.ndarray, ys: np.ndarray | None) -> list[EvalResult]:
+        """One EvalResult per given device: its outputs (n, ...) and mean loss."""
         count, n = len(xs), xs.shape[1]
         xs, ys = self._stack(xs, ys)
         steps = -(-n // self.batch)
@@ -102,6 +114,6 @@ class BatchedDevices:
             outputs[:, step * self.batch:(step + 1) * self.batch] = out_view.reshape(
                 (self.devices, self.batch) + out_shape)
         outputs = outputs[:count, :n]
-        losses = np.array([per_sample_loss(self.program.task, outputs[d], xs[d], None if ys is None else ys[d]).mean()
-                           for d in range(count)])
-        return outputs, losses
+        return [EvalResult(float(per_sample_loss(self.program.task, outputs[d], xs[d],
+                                                  None if ys is None else ys[d]).mean()), outputs[d], n)
+                for d in range(count)]

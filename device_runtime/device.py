@@ -6,21 +6,11 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from device_runtime.protocol import Telemetry
+
 
 class DeviceError(RuntimeError):
     """A device failed to load or run a program; the message is one line naming the cause."""
-
-
-@dataclass(frozen=True)
-class Telemetry:
-    samples: int = 0
-    steps: int = 0
-    wall_s: float = 0.0
-    cycles: int = 0                      # measured (QEMU, boards) or modelled (target cost model); 0 if unknown
-    instructions: int = 0
-    peak_bytes_by_level: Mapping[str, int] = field(default_factory=dict)
-    bytes_moved: int = 0
-    link_s: float = 0.0                  # time on the serial link (boards); 0 for local devices
 
 
 @dataclass(frozen=True)
@@ -52,6 +42,19 @@ class Device(Protocol):
 SETTABLE_ROLES = ("trainable", "frozen", "optimizer_state")
 
 
+def modelled_cycles_per_step(program: Any) -> int:
+    """The target cost model's cycles per training step (0 for a program not lowered onto a target)."""
+    return int(program.report.get("perf", {}).get("cycles_per_step", 0))
+
+
+def lr_tensors(program: Any) -> list[str]:
+    """The learning-rate tensor(s) a device sets before training."""
+    name = program.optimizer.get("lr_tensor")
+    if name:
+        return [name] if name in program.tensors else []
+    return [n for n, t in program.tensors.items() if t.role == "hyperparameter"]  # manifests before lr_tensor
+
+
 class ParameterAccess:
     """Parameter get/set for devices that keep the program's parameter region on the host as
     ``self.param_views`` (name → view) beside ``self.program``."""
@@ -75,6 +78,26 @@ class ParameterAccess:
         for name, t in self.program.tensors.items():
             if t.role == "optimizer_state":
                 self.param_views[name][...] = 0
+
+    def set_proximal(self, mu: float, anchors: Mapping[str, np.ndarray] | None = None) -> None:
+        """FedProx: pull each trainable towards its anchor with strength ``mu`` (anchors: the values the
+        device received; a parameter without one is anchored at its current value). A program compiled
+        without the proximal option accepts only mu = 0."""
+        set_proximal(self.program, self.param_views, mu, anchors)
+
+
+def set_proximal(program: Any, views: Mapping[str, np.ndarray], mu: float,
+                 anchors: Mapping[str, np.ndarray] | None = None, device_axis: bool = False) -> None:
+    mu_tensor = program.optimizer.get("proximal_mu_tensor")
+    if not mu_tensor:
+        if mu:
+            raise DeviceError(f"program {program.model!r} was compiled without the proximal option; it cannot "
+                              f"honour proximal-mu = {mu}")
+        return
+    views[mu_tensor][...] = mu
+    for param, anchor in program.optimizer["anchors"].items():
+        value = (anchors or {}).get(param)
+        np.copyto(views[anchor], views[param] if value is None else value, casting="same_kind")
 
 
 def batches(x: np.ndarray, y: np.ndarray | None, batch: int, steps: int):

@@ -15,7 +15,8 @@ import numpy as np
 from compiler.ir import Role
 from compiler.ops import Op, get_op
 from compiler.program import Phase, Program, TensorInfo
-from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches
+from device_runtime.device import (DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches,
+                                   lr_tensors, modelled_cycles_per_step)
 
 
 def _view(buffer: np.ndarray, offset: int, info: TensorInfo) -> np.ndarray:
@@ -91,7 +92,7 @@ class NumpyDevice(ParameterAccess):
                 np.copyto(self.param_views[name_], value, casting="same_kind")
         self.trainer = PhaseRunner(program, program.train, self.params, self.param_views)
         self.evaluator = PhaseRunner(program, program.evaluate, self.params, self.param_views)
-        self.lr_tensors = [n for n, t in program.tensors.items() if t.role == Role.HYPER.value]
+        self.lr_tensors = lr_tensors(program)
 
     # ---- running --------------------------------------------------------------------------------------
     def _feeds(self, xb: np.ndarray, yb: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -114,9 +115,8 @@ class NumpyDevice(ParameterAccess):
             losses[i] = loss_view
         telemetry = Telemetry(samples=steps * self.program.batch, steps=steps,
                               wall_s=time.perf_counter() - start,
-                              cycles=int(self.program.report.get("perf", {}).get("cycles_per_step", 0)) * steps,
-                              peak_bytes_by_level=dict(self.program.report.get("memory_by_level", {})),
-                              bytes_moved=int(self.program.report.get("transfers", {}).get("total_bytes", 0)) * steps)
+                              modelled_cycles_per_step=modelled_cycles_per_step(self.program),
+                              peak_bytes_by_level=dict(self.program.report.get("memory_by_level", {})))
         return TrainResult(self.get_params(), losses, telemetry)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray | None) -> EvalResult:

@@ -162,6 +162,7 @@ class Telemetry:
     bytes_down: int = 0                  # arrays received
     bytes_up: int = 0                    # arrays sent back
     link_s: float = 0.0                  # time on the link to the device (boards), or modelled link time
+    link_bytes: int = 0                  # bytes over the link both ways, data and framing included (boards)
     modelled_s: float = 0.0              # the job's compute time on the target by its cost model (0: no model)
 
     def to_dict(self) -> dict[str, Any]:

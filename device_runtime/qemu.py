@@ -26,7 +26,8 @@ from compiler.codegen.build import default_cache_dir, firmware_key, get_board, m
 from compiler.codegen.emit import generate
 from compiler.ir import CompileError, Role
 from compiler.program import Program
-from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches
+from device_runtime.device import (DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches,
+                                   lr_tensors, modelled_cycles_per_step)
 from device_runtime.numpy_executor import per_sample_loss
 
 IO_VERSION = 1
@@ -124,7 +125,7 @@ class QemuDevice(ParameterAccess):
         for n, value in program.values.items():
             if n in self.param_views:
                 np.copyto(self.param_views[n], value, casting="same_kind")
-        self.lr_tensors = [n for n, t in program.tensors.items() if t.role == Role.HYPER.value]
+        self.lr_tensors = lr_tensors(program)
         source, self.fingerprint = generate(program)
         key = firmware_key(source, self.board, memory_map(program, self.board))
         root = self.workdir / "build" if self.workdir else default_cache_dir()
@@ -219,7 +220,8 @@ class QemuDevice(ParameterAccess):
         out = self._run(MODE_TRAIN, self._batches(x, y, steps))
         self.params[...] = np.frombuffer(out.params, np.uint8)
         telemetry = Telemetry(samples=steps * self.program.batch, steps=steps, wall_s=time.perf_counter() - start,
-                              cycles=int(out.cycles.sum()), instructions=int(out.instructions.sum()),
+                              modelled_cycles_per_step=modelled_cycles_per_step(self.program),
+                              measured_cycles=int(out.cycles.sum()), instructions=int(out.instructions.sum()),
                               peak_bytes_by_level=dict(self.program.report.get("memory_by_level", {})))
         self.last_step_cycles = out.cycles
         self.last_step_instructions = out.instructions

@@ -17,15 +17,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from device_runtime.protocol import (LOCAL_STEPS_KEY, LR_KEY, Job, JobResult, encode_jobs, make_job)
 from fleet.arrays import from_record, to_record
-from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid
+from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid, JobDefaults
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
 from fleet.programs import DEFAULT_CLOCK_MHZ, ProgramBuilder, cycles_per_step, pretrain_base
+from fleet.roundlog import DeviceRecord, RoundLog, mean, merge_counts
+from fleet.rounds import RoundDriver, restore_strategy_state, strategy_state
 from fleet.runs import RunDir, RunError
 from fleet.scenario import DeviceGroup, Dropout, Periodic, Scenario, load_scenario, parse_scenario
 
-FLEET_RUNTIMES = ("numpy", "qemu")  # gvsoc and serial boards plug in through device_runtime in later work
-STATEFUL_ATTRS = ("m_t", "v_t", "momentum_vector")  # Flower FedOpt / FedAvgM server state
+FLEET_RUNTIMES = ("numpy", "qemu")  # runtimes a fleet group can use today (fleet.scenario refuses others)
 
 
 @dataclass
@@ -63,16 +65,15 @@ class HostPool:
         ray.get([a.install.remote(k, m, p, b, r) for a in self.actors for k, b, r, m, p in refs])
         self.nodes = ray.get([a.node.remote() for a in self.actors])
 
-    def dispatch(self, key: str, kind: str, jobs: Sequence[dict[str, Any]],
-                 arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+    def dispatch(self, key: str, jobs: Sequence[Job]) -> list[JobResult]:
+        """Run jobs on program ``key``: chunks of ``devices_per_call`` jobs, spread over the actors."""
         if self.local is not None:
-            return self.local.run(key, kind, jobs, arrays)
+            return [JobResult.from_dict(r) for r in self.local.run(key, encode_jobs(jobs))]
         import ray
         chunks = [jobs[i:i + self.per_call] for i in range(0, len(jobs), self.per_call)]
-        arrays_ref = ray.put(dict(arrays))
-        refs = [self.actors[i % len(self.actors)].run.remote(key, kind, chunk, arrays_ref)
+        refs = [self.actors[i % len(self.actors)].run.remote(key, encode_jobs(chunk))
                 for i, chunk in enumerate(chunks)]
-        return [r for chunk in ray.get(refs) for r in chunk]
+        return [JobResult.from_dict(r) for chunk in ray.get(refs) for r in chunk]
 
 
 def _dataclass_dict(obj: Any) -> dict[str, Any]:
@@ -106,7 +107,8 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
                 link_bps=group.link_kbps * 1e3, deadline_s=group.deadline_s,
                 cycles_per_step=cycles_per_step(program), peak_bytes_by_level=peak_memory(program),
                 dropout_p=availability.p if isinstance(availability, Dropout) else 0.0, periodic=periodic,
-                fault=fault.kind if fault else "", fault_p=fault.p if fault else 0.0))
+                fault=fault.kind if fault else "", fault_p=fault.p if fault else 0.0, target=group.target,
+                runtime=group.runtime, budget_bytes=(group.memory_kib or 0) * 1024))
             if rank:
                 ranks[NODE_BASE + index] = rank
     return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks, runtimes)
@@ -153,33 +155,6 @@ def make_fleet_strategy(scenario: Scenario, fleet: Fleet):
     return make_strategy(a.strategy, **options)
 
 
-def _inner(strategy: Any) -> Any:
-    return getattr(strategy, "strategy", strategy)
-
-
-def strategy_state(strategy: Any) -> dict[str, np.ndarray]:
-    inner, state = _inner(strategy), {}
-    for attr in STATEFUL_ATTRS:
-        value = getattr(inner, attr, None)
-        if isinstance(value, dict):
-            state.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
-        elif isinstance(value, list):
-            state.update({f"{attr}/{i}": np.asarray(v) for i, v in enumerate(value)})
-    return state
-
-
-def restore_strategy_state(strategy: Any, state: Mapping[str, np.ndarray]) -> None:
-    inner = _inner(strategy)
-    for attr in STATEFUL_ATTRS:
-        items = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
-        if not items:
-            continue
-        if attr == "momentum_vector":
-            setattr(inner, attr, [items[str(i)] for i in range(len(items))])
-        else:
-            setattr(inner, attr, dict(items))
-
-
 class Progress:
     """One live line on a terminal (round, devices done, loss); a line per round otherwise."""
 
@@ -192,10 +167,10 @@ class Progress:
         self.done = 0
         self.losses: list[float] = []
 
-    def device(self, record: Mapping[str, Any]) -> None:
+    def device_done(self, record: DeviceRecord) -> None:
         self.done += 1
-        if "train_loss" in record:
-            self.losses.append(record["train_loss"])
+        if record.instruction == "train" and record.ok:
+            self.losses.append(record.loss)
         if self.tty and self.done % 16 == 0:
             self._draw()
 
@@ -206,34 +181,79 @@ class Progress:
         self.stream.write(("\r" + line + end) if self.tty else line + "\n")
         self.stream.flush()
 
-    def start_round(self, round_: int) -> None:
-        self.round, self.done, self.losses = round_, 0, []
+    def begin_round(self, round_: int, total_rounds: int) -> None:
+        self.round, self.total, self.done, self.losses = round_, total_rounds or self.total, 0, []
 
-    def end_round(self, extra: str = "") -> None:
-        if self.enabled:
-            self._draw(end=f"  {extra}\n" if self.tty else "")
-            if not self.tty and extra:
-                self.stream.write(f"  {extra}\n")
+    def end_round(self, log: RoundLog) -> None:
+        if not self.enabled:
+            return
+        summary = log.summary()
+        extra = (f"train loss {summary['train_loss']:.4f}  global metric {summary['global_metric']:.3f}  "
+                 f"failures {summary['failures'] or 0}")
+        self._draw(end=f"  {extra}\n" if self.tty else "")
+        if not self.tty:
+            self.stream.write(f"  {extra}\n")
 
 
-def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
-                 progress: bool = True, actors: int | None = None, log: Callable[[str], None] | None = None,
-                 stop_after_round: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a scenario; returns the summary. ``stop_after_round`` simulates a kill (tests)."""
+class RunRecorder:
+    """The run directory as an observer: after each round, its device and round records, the checkpoint of
+    the aggregated arrays with the strategy's state, then the state file (in that order, so a crash between
+    them leaves a run that resumes at the last round whose state was written)."""
+
+    def __init__(self, run: RunDir, stop_after_round: int | None = None):
+        self.run = run
+        self.stop_after_round = stop_after_round
+
+    def begin_round(self, round_: int, total_rounds: int) -> None:
+        pass
+
+    def device_done(self, record: DeviceRecord) -> None:
+        pass
+
+    def end_round(self, log: RoundLog) -> None:
+        self.run.append_metrics([{"type": "device", **d.to_dict()} for d in log.devices]
+                                + [{"type": "round", **log.summary()}])
+
+    def __call__(self, log: RoundLog, arrays: Any, strategy: Any) -> None:
+        self.run.save_checkpoint(log.round, from_record(arrays), strategy_state(strategy))
+        self.run.write_state({"rounds_completed": log.round, "finished": False})
+        self.run.log(f"round {log.round}: {len(log.of('train'))} trained, failures {log.failures or 0}, "
+                     f"{log.duration_s:.2f} s")
+        if self.stop_after_round is not None and log.round >= self.stop_after_round:
+            raise _Stop()
+
+
+def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
+                 rounds: int | None = None, progress: bool = True, actors: int | None = None,
+                 log: Callable[[str], None] | None = None, stop_after_round: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a scenario; returns the summary. With ``resume``, the run in ``run_dir`` continues
+    after its last finished round; ``rounds`` then extends it (also a finished run) to that many rounds.
+    ``stop_after_round`` simulates a kill (tests)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # our own progress line says what matters
+    if not progress:
+        logging.getLogger("fleet").setLevel(logging.ERROR)
     log = log or (lambda text: print(text, file=sys.stderr))
     run = RunDir(run_dir if run_dir is not None else scenario.run_dir)
     if resume:
         state = run.state()
-        if state.get("finished"):
-            raise RunError(f"run {run.path} already finished ({state['rounds_completed']} rounds)")
         scenario = parse_scenario(_read_toml(run.path / "scenario.toml"), source=str(run.path / "scenario.toml"))
         done = int(state["rounds_completed"])
+        if rounds is not None:
+            if rounds < done:
+                raise RunError(f"run {run.path} has {done} rounds already; --rounds {rounds} would shorten it")
+            scenario = scenario.with_overrides(rounds=rounds)
+            run.write_scenario(scenario.to_toml())
+        elif state.get("finished"):
+            raise RunError(f"run {run.path} already finished ({done} rounds); extend it with --resume "
+                           f"{run.path} --rounds N")
         run.truncate_metrics(done)
+        run.log(f"resumed after round {done} of {scenario.training.rounds}")
     else:
         run.create(scenario.to_toml())
         done = 0
+        run.log(f"started scenario {scenario.name!r}: {scenario.training.rounds} rounds, "
+                f"{scenario.device_count} devices")
     wall_start = time.perf_counter()
     base = pretrain_base(scenario, log=log)
     builder = ProgramBuilder(scenario, base)
@@ -244,8 +264,7 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     first = fleet.programs[fleet.devices[0].program]
     steps = local_steps(scenario.training.local_steps, scenario.training.local_epochs,
                         scenario.data.samples_per_device or 32, scenario.training.batch_size)
-    grid = FleetGrid(fleet.devices, pool.dispatch, {"local_steps": steps, "lr": scenario.training.lr},
-                     scenario.seed)
+    grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, scenario.training.lr, scenario.seed))
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
     if done:
@@ -254,40 +273,25 @@ def run_scenario(scenario: Scenario, run_dir: str | os.PathLike | None = None, *
     else:
         arrays = initial
         run.save_checkpoint(0, initial, {})
-    remaining = scenario.training.rounds - done
     bar = Progress(scenario.training.rounds, enabled=progress)
-    grid.on_device = bar.device
-    round_times: list[float] = []
-    t_round = [time.perf_counter()]
-
-    def after_round(server_round: int, record) -> None:
-        actual = done + server_round
-        if server_round > 0:
-            _finish_round(run, grid, strategy, actual, from_record(record), bar)
-            round_times.append(time.perf_counter() - t_round[0])
-            if stop_after_round is not None and actual >= stop_after_round:
-                raise _Stop()
-        grid.round = actual + 1
-        random.seed(f"{scenario.seed}-{grid.round}")  # Flower samples nodes with the random module
-        bar.start_round(grid.round)
-        t_round[0] = time.perf_counter()
-        return None
-
+    recorder = RunRecorder(run, stop_after_round)
+    driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=[recorder, bar], checkpoint=recorder,
+                         train_config={LR_KEY: float(scenario.training.lr), LOCAL_STEPS_KEY: int(steps)},
+                         evaluate_config={})
     _set_task_identity()
     try:
-        if remaining > 0:
-            strategy.start(grid=grid, initial_arrays=to_record(arrays),
-                           num_rounds=remaining, evaluate_fn=after_round)
+        driver.run(to_record(arrays), done + 1, scenario.training.rounds)
     except _Stop:
         return {"stopped_after_round": stop_after_round}
     rounds_completed = run.state()["rounds_completed"]
     final, _ = run.load_checkpoint(rounds_completed)
-    personal = personalize(grid, pool, fleet, initial, final, steps, scenario)
-    summary = _summary(scenario, run, fleet, first, personal, round_times, rounds_completed,
-                       time.perf_counter() - wall_start)
+    personal = personalize(pool, fleet, initial, final, steps, scenario)
+    summary = _summary(scenario, run, fleet, first, personal, [l.duration_s for l in driver.logs],
+                       rounds_completed, time.perf_counter() - wall_start)
     summary["hosts"] = {"actors": len(pool.nodes), "nodes": len(set(pool.nodes))}
     run.write_summary(summary)
     run.write_state({"rounds_completed": rounds_completed, "finished": True})
+    run.log(f"finished: {rounds_completed} rounds")
     return summary
 
 
@@ -295,73 +299,33 @@ class _Stop(Exception):
     pass
 
 
-def _finish_round(run: RunDir, grid: FleetGrid, strategy: Any, round_: int, arrays: Mapping[str, np.ndarray],
-                  bar: Progress) -> None:
-    logs = [entry for entry in grid.logs if entry.round == round_]
-    devices = [d for entry in logs for d in entry.devices]
-    failures: dict[str, int] = {}
-    for entry in logs:
-        for cause, count in entry.failures.items():
-            failures[cause] = failures.get(cause, 0) + count
-    rejected = getattr(strategy, "rejected", {}) or {}
-    for cause, count in dict(rejected).items():  # error replies are already counted by their grid-side cause
-        if cause != "error":
-            failures[f"rejected_{cause}"] = failures.get(f"rejected_{cause}", 0) + int(count)
-    train = [d for d in devices if d["kind"] == "train" and "error" not in d]
-    evals = [d for d in devices if d["kind"] == "evaluate" and "error" not in d]
-    record = {"type": "round", "round": round_,
-              "devices_trained": len(train), "devices_evaluated": len(evals), "failures": failures,
-              "train_loss": _mean([d["train_loss"] for d in train]),
-              "metric_before": _mean([d["metric_before"] for d in train]),
-              "metric_after": _mean([d["metric_after"] for d in train]),
-              "global_metric": _mean([d["metric_before"] for d in evals]),
-              "modelled_s_max": max([d["modelled_s"] for d in train], default=0.0),
-              "bytes_up": sum(d["bytes_up"] for d in train), "bytes_down": sum(d.get("bytes_down", 0) for d in devices)}
-    run.append_metrics([{"type": "device", **d} for d in devices] + [record])
-    run.save_checkpoint(round_, arrays, strategy_state(strategy))
-    run.write_state({"rounds_completed": round_, "finished": False})
-    bar.end_round(f"train loss {record['train_loss']:.4f}  global metric {record['global_metric']:.3f}  "
-                  f"failures {failures or 0}")
-
-
-def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def _initial_arrays(fleet: Fleet) -> dict[str, np.ndarray]:
-    """The global adapters: the initial trainables of the highest-rank program."""
-    best = max(fleet.programs.values(), key=lambda p: sum(p.tensors[n].nbytes for n in p.trainable))
-    arrays = best.initial_parameters()
-    for name, t in best.tensors.items():  # FFA-LoRA: A is frozen on the device but still part of the adapter
-        if name.endswith(".lora_a") and name not in arrays and name in best.values:
-            arrays[name] = np.array(best.values[name])
-    return arrays
+    """The global adapters: the initial per-device tensors of the highest-rank program (FFA-LoRA's frozen A
+    included: it is part of the adapter every device receives)."""
+    best = max(fleet.programs.values(), key=lambda p: sum(p.tensors[n].nbytes for n in p.per_device))
+    return best.adapter_values()
 
 
-def personalize(grid: FleetGrid, pool: HostPool, fleet: Fleet, initial: Mapping[str, np.ndarray],
+def personalize(pool: HostPool, fleet: Fleet, initial: Mapping[str, np.ndarray],
                 final: Mapping[str, np.ndarray], steps: int, scenario: Scenario) -> dict[str, list[float]]:
     """Per device: the base model, the global adapter, and the global adapter after local fine-tuning."""
     from fleet.strategies import truncate_state
     by_program: dict[str, list[DeviceInfo]] = {}
     for info in fleet.devices:
         by_program.setdefault(info.program, []).append(info)
-    out = {"device": [], "base": [], "global": [], "personalized": []}
+    out: dict[str, list] = {"device": [], "base": [], "global": [], "personalized": []}
+    lr = scenario.training.lr
     for key, infos in by_program.items():
         rank = fleet.ranks.get(NODE_BASE + infos[0].index)
-        arrays = {"initial": dict(initial), "final": dict(final)}
-        if rank:
-            arrays = {k: truncate_state(v, rank) for k, v in arrays.items()}
-        base_jobs = [{"device": i.index, "arrays": "initial", "steps": 0, "lr": 0.0} for i in infos]
-        tune_jobs = [{"device": i.index, "arrays": "final", "steps": steps, "lr": scenario.training.lr}
-                     for i in infos]
-        base = pool.dispatch(key, "evaluate", base_jobs, arrays)
-        tuned = pool.dispatch(key, "train", tune_jobs, arrays)
+        start, end = (truncate_state(a, rank) if rank else dict(a) for a in (initial, final))
+        base = pool.dispatch(key, [make_job("evaluate", i.index, start, seed=scenario.seed) for i in infos])
+        tuned = pool.dispatch(key, [make_job("personalize", i.index, end, steps=steps, lr=lr, seed=scenario.seed)
+                                    for i in infos])
         for info, b, t in zip(infos, base, tuned):
             out["device"].append(info.index)
-            out["base"].append(b.get("metric_before", float("nan")))
-            out["global"].append(t.get("metric_before", float("nan")))
-            out["personalized"].append(t.get("metric_after", float("nan")))
+            out["base"].append(b.metric_before)
+            out["global"].append(t.metric_before)
+            out["personalized"].append(t.metric_after)
     return out
 
 
@@ -378,20 +342,17 @@ def _summary(scenario: Scenario, run: RunDir, fleet: Fleet, program: Any, person
              round_times: Sequence[float], rounds_completed: int, wall_s: float) -> dict[str, Any]:
     metric = "accuracy" if program.task == "classification" else "auc"
     rounds = [r for r in run.metrics() if r.get("type") == "round"]
-    failures: dict[str, int] = {}
-    for r in rounds:
-        for cause, count in r["failures"].items():
-            failures[cause] = failures.get(cause, 0) + count
+    failures = merge_counts([r["failures"] for r in rounds])
     improved = [p - b for p, b in zip(personal["personalized"], personal["base"]) if np.isfinite(p - b)]
     # the *_accuracy_mean keys hold the task's metric ("metric" says which); AUC runs also get *_auc_mean
-    means = {f"{stage}_{name}_mean": _mean(personal[stage]) for stage in ("base", "global", "personalized")
+    means = {f"{stage}_{name}_mean": mean(personal[stage]) for stage in ("base", "global", "personalized")
              for name in {"accuracy", metric}}
     return {
         "scenario": scenario.name, "rounds_completed": rounds_completed, "devices": len(fleet.devices),
         "metric": metric, "task": program.task,
         "personalization": {
             **means,
-            "improvement_mean": _mean(improved),
+            "improvement_mean": mean(improved),
             "share_of_devices_improved": float(np.mean(np.asarray(improved) > 0)) if improved else float("nan"),
             "distributions": {k: _distribution(personal[k]) for k in ("base", "global", "personalized")},
             "per_device": {k: personal[k] for k in ("device", "base", "global", "personalized")},
@@ -399,6 +360,8 @@ def _summary(scenario: Scenario, run: RunDir, fleet: Fleet, program: Any, person
         "rounds": [{k: r[k] for k in ("round", "train_loss", "global_metric", "devices_trained", "failures")}
                    for r in rounds],
         "failures": failures,
+        "unavailable": merge_counts([r.get("unavailable", {}) for r in rounds]),
+        "rejected": merge_counts([r.get("rejected", {}) for r in rounds]),
         "cost": {"program": {k: program.report[k] for k in ("params", "memory", "flops") if k in program.report},
                  "perf": program.report.get("perf", {}), "programs": sorted(fleet.programs)},
         "timing": {"seconds_per_round": float(np.mean(round_times)) if round_times else float("nan"),

@@ -32,16 +32,21 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fleet.engine import _initial_arrays, build_fleet, clock_hz, group_program, make_fleet_strategy
+from device_runtime.protocol import LOCAL_STEPS_KEY, LR_KEY, JobResult, encode_jobs
+from fleet.arrays import to_record
+from fleet.engine import RunRecorder, _initial_arrays, build_fleet, clock_hz, group_program, make_fleet_strategy
 from fleet.host import DeviceHostCore, local_steps
-from fleet.messages import device_reply, instruction_arrays, job_kind, modelled_seconds
+from fleet.messages import instruction, instruction_arrays, job_from_message, modelled_seconds, reply_from_result
 from fleet.programs import ProgramBuilder, cycles_per_step, pretrain_base
+from fleet.rounds import NodeMap, RoundDriver
+from fleet.runs import RunDir
 from fleet.scenario import DeviceGroup, Scenario, load_scenario
 from fleet.strategies import truncate_state
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the repository root, or the installed FAB's directory
 PARTITION_ID_KEY = "partition-id"
-SCENARIO_KEY, OUT_KEY, MIN_NODES_KEY = "scenario", "out", "min-nodes"
+SCENARIO_KEY, OUT_KEY, MIN_NODES_KEY, ROUNDS_KEY, RUN_DIR_KEY = ("scenario", "out", "min-nodes", "num-server-rounds",
+                                                                 "run-dir")
 NODE_WAIT_S = 120.0
 NODE_POLL_S = 0.5
 
@@ -110,18 +115,20 @@ def run_device(message: Message, context: Context) -> Message:
     loaded = load(scenario_path(context.run_config))
     index = int(context.node_config[PARTITION_ID_KEY])
     device = loaded.device(index)
-    kind = job_kind(message)
     arrays = instruction_arrays(message)
     down_bytes = sum(a.nbytes for a in arrays.values())
     if device.rank:
         arrays = truncate_state(arrays, device.rank)
-    modelled_s = modelled_seconds(kind, cycles_per_step=device.cycles_per_step, steps=loaded.steps,
+    job = job_from_message(message, index, arrays, steps=loaded.steps, lr=float(loaded.scenario.training.lr),
+                           seed=loaded.scenario.seed)
+    modelled_s = modelled_seconds(instruction(message), cycles_per_step=device.cycles_per_step, steps=job.steps,
                                   clock_hz=device.clock_hz, link_bps=device.group.link_kbps * 1e3,
                                   down_bytes=down_bytes)
-    job = {"device": index, "arrays": "global", "steps": loaded.steps,
-           "lr": float(loaded.scenario.training.lr), "fault": ""}
-    result = loaded.host.run(device.key, kind, [job], {"global": arrays})[0]
-    return device_reply(message, kind, result, modelled_s)
+    result = JobResult.from_dict(loaded.host.run(device.key, encode_jobs([job]))[0])
+    if result.ok:
+        compute_s = device.cycles_per_step * job.steps / device.clock_hz if job.trains else 0.0
+        result = result.with_telemetry(link_s=max(0.0, modelled_s - compute_s))
+    return reply_from_result(message, result)
 
 
 client_app = ClientApp()
@@ -150,15 +157,52 @@ def main(grid: Grid, context: Context) -> None:
     # a deployment's node ids are the SuperNodes' own: mixed-rank strategies learn each rank from its replies
     strategy = make_fleet_strategy(scenario, dataclasses.replace(fleet, ranks={}))
     initial = _initial_arrays(fleet)
+    rounds = int(context.run_config.get(ROUNDS_KEY, 0) or scenario.training.rounds)
+    scenario = scenario.with_overrides(rounds=rounds)
+    run = RunDir(_run_dir(context.run_config, scenario))
+    run.create(scenario.to_toml())
+    run.save_checkpoint(0, initial, {})
+    run.log(f"started scenario {scenario.name!r} under flwr run: {rounds} rounds")
     wait_for_nodes(grid, int(context.run_config.get(MIN_NODES_KEY, 0)))
-    log(INFO, "edgefleet: scenario %r, %s, %d rounds", scenario.name, scenario.aggregation.strategy,
-        scenario.training.rounds)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
-                            num_rounds=scenario.training.rounds)
+    log(INFO, "edgefleet: scenario %r, %s, %d rounds, run directory %s", scenario.name,
+        scenario.aggregation.strategy, rounds, run.path)
+    t = scenario.training
+    steps = local_steps(t.local_steps, t.local_epochs, scenario.data.samples_per_device or 32, t.batch_size)
+    by_index = {d.index: d for d in fleet.devices}
+    recorder = RunRecorder(run)
+    driver = RoundDriver(strategy, grid, NodeMap(lambda i: by_index[i].facts() if i in by_index else {}),
+                         seed=scenario.seed, observers=[recorder, FlowerLog()], checkpoint=recorder,
+                         train_config={LR_KEY: float(t.lr), LOCAL_STEPS_KEY: int(steps)})
+    final = driver.run(to_record(initial), 1, rounds)
+    run.write_state({"rounds_completed": rounds, "finished": True})
+    run.log(f"finished: {rounds} rounds")
     out = str(context.run_config.get(OUT_KEY, ""))
     if out:
-        save_npz(Path(out), {k: v.numpy() for k, v in result.arrays.items()})
+        save_npz(Path(out), {k: v.numpy() for k, v in final.items()})
         log(INFO, "edgefleet: final adapters written to %s", out)
+
+
+class FlowerLog:
+    """Round lines in the ServerApp's log, as Flower's own ``Strategy.start()`` writes them."""
+
+    def begin_round(self, round_: int, total_rounds: int) -> None:
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", round_, total_rounds)
+
+    def device_done(self, record) -> None:
+        pass
+
+    def end_round(self, round_log) -> None:
+        s = round_log.summary()
+        log(INFO, "edgefleet: round %d: %d trained, train loss %.4f, global metric %.3f, failures %s",
+            s["round"], s["devices_trained"], s["train_loss"], s["global_metric"], s["failures"] or 0)
+
+
+def _run_dir(run_config: Mapping[str, Any], scenario: Scenario) -> str:
+    """``run_config["run-dir"]``, else the scenario's run_dir with ``-flower`` (a new ``-N`` when taken)."""
+    from fleet.run_cli import _free_dir
+    given = str(run_config.get(RUN_DIR_KEY, ""))
+    return given or _free_dir(scenario.run_dir + "-flower")
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float = NODE_WAIT_S, clock=time.monotonic,

@@ -1,8 +1,10 @@
 """A Flower Grid whose nodes are the fleet's simulated devices.
 
-Any Flower strategy's ``start()`` drives the fleet unchanged: ``send_and_receive`` gets a whole round's
-messages at once, groups them by program, and hands each Ray host actor many devices per call. Availability
-(offline periods, drop-outs), straggler deadlines and injected faults are applied here, per device.
+Any Flower strategy drives the fleet unchanged: ``send_and_receive`` gets a whole round's messages at once,
+turns each into a ``Job`` (device_runtime.protocol), groups them by program and hands them to the host pool,
+which answers with ``JobResult``s; each becomes the reply Message. Availability (offline periods,
+drop-outs), straggler deadlines and injected faults are simulation and are applied here, per device, from
+(seed, round) — so a resumed run draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fleet.messages import (ERROR_DROPOUT, ERROR_STRAGGLER, METRICS_KEY, device_reply, error_reply,
-                            instruction_arrays, instruction_record, job_kind, modelled_seconds)
+from device_runtime.protocol import CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER, Job, JobResult, Telemetry
+from fleet.messages import (instruction, instruction_arrays, instruction_record, job_from_message,
+                            modelled_seconds, reply_from_result)
 
 NODE_BASE = 100  # node id = NODE_BASE + device index (Flower reserves small ids for the SuperLink)
 
@@ -35,29 +38,49 @@ class DeviceInfo:
     periodic: tuple[int, int, int] | None = None  # (on_rounds, off_rounds, phase)
     fault: str = ""              # injected fault kind
     fault_p: float = 0.0
+    target: str = ""
+    runtime: str = "numpy"
+    budget_bytes: int = 0
+
+    def facts(self) -> dict[str, Any]:
+        """What the round log records about the device besides its answers."""
+        return {"group": self.group, "target": self.target, "runtime": self.runtime,
+                "budget_bytes": self.budget_bytes, "modelled_cycles_per_step": self.cycles_per_step,
+                "peak_bytes_by_level": dict(self.peak_bytes_by_level)}
 
 
-@dataclass
-class RoundLog:
-    """What the grid saw in one round: per-device records and failure counts by cause."""
-    round: int
-    devices: list[dict[str, Any]] = field(default_factory=list)
-    failures: dict[str, int] = field(default_factory=dict)
+@dataclass(frozen=True)
+class JobDefaults:
+    """What a job gets when the strategy's config does not say otherwise."""
+    steps: int
+    lr: float
+    seed: int
+
+
+Dispatch = Callable[[str, Sequence[Job]], list[JobResult]]
 
 
 class FleetGrid(Grid):
-    def __init__(self, devices: Sequence[DeviceInfo], dispatch: Callable[..., list[dict[str, Any]]],
-                 training: Mapping[str, Any], seed: int, run_id: int = 1):
-        """``dispatch(program_key, kind, jobs, arrays)`` runs jobs on the host pool and returns result dicts."""
+    def __init__(self, devices: Sequence[DeviceInfo], dispatch: Dispatch, defaults: JobDefaults, run_id: int = 1):
+        """``dispatch(program_key, jobs)`` runs jobs on the host pool and returns their JobResults."""
         self.devices = {NODE_BASE + d.index: d for d in devices}
+        self.by_index = {d.index: d for d in devices}
         self.dispatch = dispatch
-        self.training = dict(training)
-        self.seed = seed
+        self.defaults = defaults
         self.round = 0
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
-        self.logs: list[RoundLog] = []
-        self.on_device: Callable[[dict[str, Any]], None] | None = None  # progress callback
+
+    # ---- what the round driver asks of any grid ------------------------------------------------------
+    def device_of(self, node_id: int) -> int:
+        return node_id - NODE_BASE
+
+    def describe(self, index: int) -> Mapping[str, Any]:
+        info = self.by_index.get(index)
+        return info.facts() if info is not None else {}
+
+    def begin_round(self, round_: int) -> None:
+        self.round = round_
 
     # ---- Grid ABC -------------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -99,79 +122,52 @@ class FleetGrid(Grid):
 
     # ---- execution ------------------------------------------------------------------------------------
     def _rng(self, salt: str) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.round, int.from_bytes(salt.encode()[:8].ljust(8, b"\0"), "little")])
+        return np.random.default_rng([self.defaults.seed, self.round,
+                                      int.from_bytes(salt.encode()[:8].ljust(8, b"\0"), "little")])
 
     def _execute(self, messages: list[Message]) -> list[Message]:
         if not messages:
             return []
-        kind = job_kind(messages[0])
-        log = self._log()
-        rng = self._rng(kind)
-        tables: dict[int, str] = {}
-        arrays: dict[str, dict[str, np.ndarray]] = {}
-        groups: dict[str, list[tuple[Message, dict[str, Any]]]] = {}
+        kind = instruction(messages[0])
+        decoded: dict[int, dict[str, np.ndarray]] = {}   # id(record) → arrays: shared records decode once
+        groups: dict[str, list[tuple[Message, Job, float]]] = {}
         replies: list[Message] = []
-        draws = rng.random((len(messages), 2))
+        draws = self._rng(kind).random((len(messages), 2))
         for (drop_u, fault_u), message in zip(draws, messages):
             info = self.devices[message.metadata.dst_node_id]
             record = instruction_record(message)
-            if record is not None and id(record) not in tables:
-                key = f"a{len(tables)}"
-                tables[id(record)] = key
-                arrays[key] = instruction_arrays(message)
-            if not self.online(info):
-                replies.append(self._error(message, ERROR_DROPOUT, "offline"))
-                log.failures["offline"] = log.failures.get("offline", 0) + 1
+            key = id(record)
+            if key not in decoded:
+                decoded[key] = instruction_arrays(message)
+            arrays = decoded[key]
+            job = job_from_message(message, info.index, arrays, steps=self.defaults.steps, lr=self.defaults.lr,
+                                   seed=self.defaults.seed, round=self.round, deadline_s=info.deadline_s,
+                                   fault=info.fault if (kind == "train" and fault_u < info.fault_p) else "")
+            down = sum(a.nbytes for a in arrays.values())
+            modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=job.steps,
+                                          clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down)
+            failure = self._unavailable(info, kind, drop_u, modelled_s)
+            if failure:
+                replies.append(reply_from_result(message, JobResult.failed(job, *failure)))
                 continue
-            if kind == "train" and drop_u < info.dropout_p:
-                replies.append(self._error(message, ERROR_DROPOUT, "dropped out"))
-                log.failures["dropout"] = log.failures.get("dropout", 0) + 1
-                continue
-            steps = int(self.training["local_steps"])
-            down_bytes = sum(a.nbytes for a in arrays[tables[id(record)]].values()) if record is not None else 0
-            modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=steps,
-                                          clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down_bytes)
-            if kind == "train" and info.deadline_s is not None and modelled_s > info.deadline_s:
-                replies.append(self._error(message, ERROR_STRAGGLER, f"straggler: {modelled_s:.2f} s > deadline"))
-                log.failures["straggler"] = log.failures.get("straggler", 0) + 1
-                continue
-            fault = info.fault if (kind == "train" and fault_u < info.fault_p) else ""
-            job = {"device": info.index, "arrays": tables[id(record)], "steps": steps,
-                   "lr": float(self.training["lr"]), "fault": fault}  # FFA-LoRA's "freeze-lora-a": the program compiles A frozen
-            groups.setdefault(info.program, []).append((message, {**job, "_modelled_s": modelled_s,
-                                                                  "_down": down_bytes}))
+            groups.setdefault(info.program, []).append((message, job, modelled_s))
         for program, items in groups.items():
-            items.sort(key=lambda item: item[1]["device"])  # stable device → host chunks across rounds
-            jobs = [{k: v for k, v in job.items() if not k.startswith("_")} for _, job in items]
-            results = self.dispatch(program, kind, jobs, arrays)
-            for (message, job), result in zip(items, results):
-                replies.append(self._reply(message, kind, job, result, log))
+            items.sort(key=lambda item: item[1].device)  # stable device → host chunks across rounds
+            results = self.dispatch(program, [job for _, job, _ in items])
+            for (message, job, modelled_s), result in zip(items, results):
+                link_s = modelled_s - (job.steps * self.devices[message.metadata.dst_node_id].cycles_per_step
+                                       / self.devices[message.metadata.dst_node_id].clock_hz
+                                       if kind == "train" else 0.0)
+                replies.append(reply_from_result(message, result.with_telemetry(link_s=max(0.0, link_s))
+                                                 if result.ok and not result.telemetry.link_s else result))
         return replies
 
-    def _reply(self, message: Message, kind: str, job: dict[str, Any], result: dict[str, Any],
-               log: RoundLog) -> Message:
-        info = self.devices[message.metadata.dst_node_id]
-        record = {"round": self.round, "kind": kind, "device": info.index, "group": info.group}
-        reply = device_reply(message, kind, result, job["_modelled_s"])
-        if reply.has_error():
-            log.failures["error"] = log.failures.get("error", 0) + 1
-            log.devices.append({**record, "error": result["error"]})
-            return reply
-        metrics = dict(reply.content.metric_records[METRICS_KEY])
-        up_bytes = sum(np.asarray(a).nbytes for a in result["arrays"].values()) if kind == "train" else 0
-        log.devices.append({**record, **{k.replace("-", "_"): v for k, v in metrics.items()},
-                            "bytes_down": int(job["_down"]), "bytes_up": up_bytes,
-                            "wall_s": float(result.get("wall_s", 0.0)),
-                            "cycles": int(info.cycles_per_step * job["steps"]) if kind == "train" else 0,
-                            "peak_bytes_by_level": dict(info.peak_bytes_by_level)})
-        if self.on_device is not None:
-            self.on_device(log.devices[-1])
-        return reply
-
-    def _error(self, message: Message, code: int, reason: str) -> Message:
-        return error_reply(message, code, reason)
-
-    def _log(self) -> RoundLog:
-        if not self.logs or self.logs[-1].round != self.round:
-            self.logs.append(RoundLog(self.round))
-        return self.logs[-1]
+    def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float) -> tuple[str, str] | None:
+        """(cause, reason) when the device does not answer this message in simulation, else None."""
+        if not self.online(info):
+            return CAUSE_OFFLINE, "offline"
+        if kind == "train" and drop_u < info.dropout_p:
+            return CAUSE_DROPOUT, "dropped out"
+        if kind == "train" and info.deadline_s is not None and modelled_s > info.deadline_s:
+            return CAUSE_STRAGGLER, f"straggler: {modelled_s:.2f} s > deadline {info.deadline_s:g} s"
+        return None

@@ -8,9 +8,8 @@ travel as (manifest JSON, .npz bytes), never as pickled objects of ours.
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,6 +17,8 @@ import numpy as np
 from compiler.program import Program
 from device_runtime import NumpyDevice
 from device_runtime.batched import BatchedDevices
+from device_runtime.jobs import batchable, run_job, run_jobs_batched
+from device_runtime.protocol import CAUSE_ERROR, Job, JobResult, decode_jobs
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec
 
@@ -30,29 +31,6 @@ RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device}
 
 # fault injection (scenario fleet.groups[].faults): the kinds a device can be told to simulate
 FAULT_KINDS = ("raise", "nan", "shape")
-
-
-@dataclass(frozen=True)
-class Job:
-    device: int                # device index in the fleet
-    arrays: str                # key into the call's table of adapter sets
-    steps: int
-    lr: float
-    fault: str = ""            # simulate a fault of this kind (tests and fault scenarios)
-
-
-def task_metric(task: str, outputs: np.ndarray, x: np.ndarray, y: np.ndarray | None) -> float:
-    """Accuracy for classification; ROC AUC of the reconstruction error for anomaly detection."""
-    if task == "classification":
-        return float(np.mean(np.argmax(outputs, axis=1) == y))
-    errors = np.mean((outputs - x).reshape(len(x), -1) ** 2, axis=1)
-    labels = np.asarray(y)
-    positives, negatives = errors[labels == 1], errors[labels == 0]
-    if len(positives) == 0 or len(negatives) == 0:
-        return float("nan")
-    # Mann-Whitney U: P(error of an anomaly > error of a normal sample), ties count half
-    greater = (positives[:, None] > negatives[None, :]).sum() + 0.5 * (positives[:, None] == negatives[None, :]).sum()
-    return float(greater / (len(positives) * len(negatives)))
 
 
 DATA_CACHE_BYTES = 1 << 30  # per host
@@ -108,100 +86,35 @@ class DeviceHostCore:
         return "local"
 
     # ---- work -----------------------------------------------------------------------------------------
-    def run(self, key: str, kind: str, jobs: Sequence[Mapping[str, Any]],
-            arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
-        """Run ``kind`` ("train" | "evaluate") for every job; one result dict per job, errors included."""
+    def run(self, key: str, payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run the jobs of ``payload`` (``encode_jobs``) on program ``key``; one JobResult dict per job, in
+        order, failures included. Jobs that one device-axis pass can take together run batched."""
+        jobs = decode_jobs(payload)
         batched = self.batched.get(key)
-        if batched is not None and len(jobs) > 1 and len({(j["steps"], j["lr"]) for j in jobs}) == 1:
-            out: list[dict[str, Any]] = []
+        results: list[JobResult] = []
+        if batched is not None and len(jobs) > 1 and batchable(jobs):
             for i in range(0, len(jobs), batched.devices):
-                out += self._run_batched(batched, kind, [Job(**raw) for raw in jobs[i:i + batched.devices]], arrays)
-            return out
-        device = self.devices[key]
-        results = []
-        for raw in jobs:
-            job = Job(**raw)
-            start = time.perf_counter()
-            try:
-                result = self._one(device, kind, job, arrays[job.arrays])
-                result["wall_s"] = time.perf_counter() - start
-            except Exception as exc:  # a device failure is a reply, not a crash of the host
-                result = {"device": job.device, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-            results.append(result)
-        return results
-
-    def _one(self, device: Any, kind: str, job: Job, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        program = device.program
-        data = self.data(job.device)
-        device.set_params(arrays)
-        device.reset_optimizer()
-        before = device.evaluate(data.x_test, data.y_test)
-        out: dict[str, Any] = {"device": job.device,
-                               "loss_before": before.loss,
-                               "metric_before": task_metric(program.task, before.outputs, data.x_test, data.y_test),
-                               "num_examples": int(len(data.x_train))}
-        if kind == "evaluate":
-            out["num_examples"] = int(len(data.x_test))
-            return out
-        y_train = data.y_train if program.task == "classification" else None
-        trained = device.train(data.x_train, y_train, job.steps, lr=job.lr)
-        params = trained.params
-        for name, value in arrays.items():  # echo what the device holds but does not train (FFA-LoRA's A)
-            params.setdefault(name, np.asarray(value))
-        after = device.evaluate(data.x_test, data.y_test)
-        out.update(arrays=params, loss=float(np.mean(trained.losses)), loss_after=after.loss,
-                   metric_after=task_metric(program.task, after.outputs, data.x_test, data.y_test),
-                   samples=int(trained.telemetry.samples), steps=job.steps)
-        _inject(job, out)
-        return out
+                chunk = jobs[i:i + batched.devices]
+                results += run_jobs_batched(batched, chunk, [self.data(j.device) for j in chunk])
+        else:
+            device = self.devices[key]
+            results = [run_job(device, job, self.data(job.device)) for job in jobs]
+        return [inject_fault(job, result).to_dict() for job, result in zip(jobs, results)]
 
 
-    def _run_batched(self, bd: BatchedDevices, kind: str, jobs: list[Job],
-                     arrays: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        task = bd.program.task
-        data = [self.data(j.device) for j in jobs]
-        x_test = np.stack([d.x_test for d in data])
-        y_test = np.stack([d.y_test for d in data])
-        labels = y_test if task == "classification" else None
-        bd.set_params([arrays[j.arrays] for j in jobs])
-        outputs, losses = bd.evaluate(x_test, labels)
-        results = [{"device": j.device, "loss_before": float(losses[k]),
-                    "metric_before": task_metric(task, outputs[k], data[k].x_test, data[k].y_test),
-                    "num_examples": int(len(data[k].x_test if kind == "evaluate" else data[k].x_train))}
-                   for k, j in enumerate(jobs)]
-        if kind == "train":
-            x_train = np.stack([d.x_train for d in data])
-            y_train = np.stack([d.y_train for d in data]) if task == "classification" else None
-            step_losses = bd.train(x_train, y_train, jobs[0].steps, lr=jobs[0].lr)
-            trained = bd.get_params(len(jobs))
-            outputs, losses = bd.evaluate(x_test, labels)
-            for k, (job, result) in enumerate(zip(jobs, results)):
-                params = trained[k]
-                for name, value in arrays[job.arrays].items():  # echo what is held but not trained
-                    params.setdefault(name, np.asarray(value))
-                result.update(arrays=params, loss=float(step_losses[:, k].mean()), loss_after=float(losses[k]),
-                              metric_after=task_metric(task, outputs[k], data[k].x_test, data[k].y_test),
-                              samples=int(job.steps * bd.batch), steps=job.steps)
-                _inject(job, result)
-        wall = (time.perf_counter() - start) / len(jobs)
-        for result in results:
-            result["wall_s"] = wall
-        return results
-
-
-def _inject(job: Job, result: dict[str, Any]) -> None:
-    """Apply a simulated fault to a finished device result (fault scenarios and tests)."""
+def inject_fault(job: Job, result: JobResult) -> JobResult:
+    """Apply a simulated fault to a device's result (fault scenarios and tests)."""
+    if not job.fault or not result.ok or job.instruction != "train":
+        return result
     if job.fault == "raise":
-        result.clear()
-        result.update(device=job.device, error=f"DeviceError: device {job.device}: simulated failure")
-        return
-    params = result["arrays"]
+        return JobResult.failed(job, CAUSE_ERROR, f"DeviceError: device {job.device}: simulated failure")
+    params = dict(result.arrays)
     first = next(iter(params))
-    if job.fault == "nan":
+    if job.fault == "nan":  # what a device whose values overflowed sends: caught by the guard, not here
         params[first] = np.full_like(params[first], np.nan)
     elif job.fault == "shape":
         params[first] = params[first][..., :-1]
+    return replace(result, arrays=params)
 
 
 def local_steps(training_steps: int | None, epochs: int | None, samples: int, batch: int) -> int:

@@ -1,31 +1,43 @@
-"""The device side of a Flower message, shared by both ways the fleet runs.
+"""Flower messages ⇄ the device protocol, shared by both ways the fleet runs.
 
-A device gets an instruction (an "arrays" ArrayRecord with the global adapters, a "config" ConfigRecord),
-runs one job on a ``DeviceHostCore`` and answers with an "arrays" ArrayRecord (train only) and a "metrics"
-MetricRecord. The simulated fleet (``fleet.grid.FleetGrid``) and the ClientApp of a real Flower deployment
-(``fleet.flower_app``) both build their replies here, so the two paths cannot drift apart.
-
-Reply metrics: "num-examples", "loss-before", "metric-before"; train adds "train-loss", "loss-after",
-"metric-after" and "modelled-s" (the time the device's target would take: compute plus link traffic).
+A device gets an instruction (an "arrays" ArrayRecord with the global adapters, a "config" ConfigRecord with
+the strategy's keys); ``job_from_message`` turns it into a ``Job`` (through ``make_job``, which refuses keys
+no device honours). The device answers with a ``JobResult``; ``reply_from_result`` turns that into the reply
+Message — "arrays" (train only) and "metrics" (the device's numbers and telemetry) — or a Flower Error whose
+code names the failure cause. ``record_from_reply`` reads any reply back into a ``DeviceRecord`` for the
+round log, whichever Grid carried it (``FleetGrid`` in simulation, Flower's own on a deployment).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from device_runtime.protocol import CAUSE_ERROR, CAUSES, Job, JobResult, Telemetry, make_job
 from fleet.arrays import from_record, to_record
+from fleet.roundlog import DeviceRecord
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
 
-# Error codes of replies that carry no result
-ERROR_DROPOUT, ERROR_STRAGGLER, ERROR_DEVICE = 1, 2, 3
+# Flower Error codes of replies without a result: one per failure cause
+ERROR_CODES = {cause: 100 + i for i, cause in enumerate(CAUSES)}
+CAUSE_OF_CODE = {code: cause for cause, code in ERROR_CODES.items()}
+
+# reply metric key → JobResult / Telemetry field
+RESULT_KEYS = {"num-examples": "num_examples", "loss-before": "loss_before", "metric-before": "metric_before",
+               "train-loss": "loss", "loss-after": "loss_after", "metric-after": "metric_after"}
+TELEMETRY_KEYS = {"samples": "samples", "steps": "steps", "wall-s": "wall_s",
+                  "modelled-cycles-per-step": "modelled_cycles_per_step", "measured-cycles": "measured_cycles",
+                  "instructions": "instructions", "bytes-down": "bytes_down", "bytes-up": "bytes_up",
+                  "link-s": "link_s"}
+DEVICE_KEY = "device"
+NO_METRIC = -1.0  # a task metric that does not exist for the data (AUC without anomalies) travels as -1
 
 
-def job_kind(message: Message) -> str:
-    """"train" for a train instruction, "evaluate" otherwise (the kinds ``DeviceHostCore.run`` takes)."""
+def instruction(message: Message) -> str:
+    """"train" for a train message, "evaluate" otherwise."""
     return "train" if message.metadata.message_type.split(".")[0] == MessageType.TRAIN else "evaluate"
 
 
@@ -40,9 +52,15 @@ def instruction_arrays(message: Message) -> dict[str, np.ndarray]:
     return {} if record is None else from_record(record)
 
 
-def instruction_config(message: Message) -> ConfigRecord:
+def instruction_config(message: Message) -> dict[str, Any]:
     content = message.content
-    return content.config_records[CONFIG_KEY] if CONFIG_KEY in content.config_records else ConfigRecord()
+    return dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
+
+
+def job_from_message(message: Message, device: int, arrays: Mapping[str, np.ndarray], **job: Any) -> Job:
+    """The Job a message asks of ``device`` (``arrays``: the message's adapters, decoded once by the caller
+    when many messages share them; ``job``: steps, lr, seed, round, deadline_s, fault defaults)."""
+    return make_job(instruction(message), device, arrays, config=instruction_config(message), **job)
 
 
 def modelled_seconds(kind: str, *, cycles_per_step: int, steps: int, clock_hz: float, link_bps: float,
@@ -53,30 +71,59 @@ def modelled_seconds(kind: str, *, cycles_per_step: int, steps: int, clock_hz: f
     return compute_s + 8 * down_bytes * (2 if kind == "train" else 1) / link_bps
 
 
-def reply_content(kind: str, result: Mapping[str, Any], modelled_s: float) -> RecordDict:
-    """The reply to a job from a ``DeviceHostCore`` result dict without an "error"."""
-    metrics: dict[str, int | float] = {"num-examples": int(result["num_examples"]),
-                                       "loss-before": float(result["loss_before"]),
-                                       "metric-before": _finite(result["metric_before"])}
+def reply_from_result(message: Message, result: JobResult) -> Message:
+    """The reply Message for a device's result: its content, or an Error whose code names the cause."""
+    if not result.ok:
+        return Message(Error(code=ERROR_CODES[result.cause], reason=f"device {result.device}: {result.error}"),
+                       reply_to=message)
+    metrics: dict[str, int | float] = {DEVICE_KEY: int(result.device)}
+    for key, name in RESULT_KEYS.items():
+        value = getattr(result, name)
+        if name == "num_examples":
+            metrics[key] = int(value)
+        elif result.instruction == "train" or name in ("loss_before", "metric_before"):
+            metrics[key] = float(value) if math.isfinite(value) else NO_METRIC
+    for key, name in TELEMETRY_KEYS.items():
+        metrics[key] = getattr(result.telemetry, name)
     content = RecordDict()
-    if kind == "train":
-        content[ARRAYS_KEY] = to_record(result["arrays"])
-        metrics.update({"train-loss": float(result["loss"]), "loss-after": float(result["loss_after"]),
-                        "metric-after": _finite(result["metric_after"]), "modelled-s": float(modelled_s)})
+    if result.instruction == "train":
+        content[ARRAYS_KEY] = to_record(result.arrays)
     content[METRICS_KEY] = MetricRecord(metrics)
-    return content
+    return Message(content, reply_to=message)
 
 
-def error_reply(message: Message, code: int, reason: str) -> Message:
-    return Message(Error(code=code, reason=reason), reply_to=message)
+def error_reply(message: Message, cause: str, reason: str) -> Message:
+    return Message(Error(code=ERROR_CODES.get(cause, ERROR_CODES[CAUSE_ERROR]), reason=reason), reply_to=message)
 
 
-def device_reply(message: Message, kind: str, result: Mapping[str, Any], modelled_s: float) -> Message:
-    """The reply Message: the result's content, or an ``ERROR_DEVICE`` error when the device failed."""
-    if "error" in result:
-        return error_reply(message, ERROR_DEVICE, result["error"])
-    return Message(reply_content(kind, result, modelled_s), reply_to=message)
+def record_from_reply(reply: Message, round_: int, kind: str, device_of: Callable[[int], int],
+                      describe: Callable[[int], Mapping[str, Any]] = lambda index: {}) -> DeviceRecord:
+    """A reply (successful or not) as the round log's DeviceRecord. ``device_of``: node id → device index
+    (used for error replies, which carry no metrics); ``describe``: device index → its static facts (group,
+    target, runtime, budget_bytes, and telemetry defaults: modelled cycles, peak memory by level)."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        index = device_of(node)
+        facts = describe(index)
+        return DeviceRecord(round_, kind, index, *(facts.get(k, "") for k in ("group", "target", "runtime")),
+                            cause=CAUSE_OF_CODE.get(reply.error.code, CAUSE_ERROR), error=reply.error.reason,
+                            budget_bytes=int(facts.get("budget_bytes", 0)),
+                            telemetry=Telemetry(peak_bytes_by_level=facts.get("peak_bytes_by_level", {})))
+    metrics = reply.content.metric_records[METRICS_KEY] if METRICS_KEY in reply.content.metric_records else {}
+    index = int(metrics[DEVICE_KEY]) if DEVICE_KEY in metrics else device_of(node)
+    facts = describe(index)
+    numbers = {name: _number(metrics.get(key), name) for key, name in RESULT_KEYS.items()}
+    telemetry = {name: metrics[key] for key, name in TELEMETRY_KEYS.items() if key in metrics}
+    if not telemetry.get("modelled_cycles_per_step"):
+        telemetry["modelled_cycles_per_step"] = int(facts.get("modelled_cycles_per_step", 0))
+    telemetry["peak_bytes_by_level"] = facts.get("peak_bytes_by_level", {})
+    return DeviceRecord(round_, kind, index, *(facts.get(k, "") for k in ("group", "target", "runtime")),
+                        num_examples=int(numbers.pop("num_examples") or 0), **numbers,
+                        budget_bytes=int(facts.get("budget_bytes", 0)), telemetry=Telemetry(**telemetry))
 
 
-def _finite(value: float) -> float:
-    return float(value) if math.isfinite(value) else -1.0
+def _number(value: Any, name: str) -> float:
+    if value is None:
+        return float("nan")
+    value = float(value)
+    return float("nan") if name.startswith("metric") and value == NO_METRIC else value

@@ -100,6 +100,7 @@ class ProgramBuilder:
         self.source, self.name, self.task, _ = _model_bytes(scenario)
         self._cache: dict[tuple, Program] = {}
         self.freeze_a = scenario.aggregation.strategy == "ffa-lora"
+        self.proximal = scenario.aggregation.strategy == "fedprox"  # devices honour FedProx's proximal-mu
 
     def program(self, target: str, rank: int | None, devices: int = 1) -> Program:
         """The training program for one device (lowered onto ``target``: cost, levels), or with ``devices`` > 1
@@ -108,7 +109,7 @@ class ProgramBuilder:
         if key not in self._cache:
             t = self.scenario.training
             options = CompileOptions(tuning_spec(self.scenario, rank, self.freeze_a), t.batch_size, "auto",
-                                     SGDConfig(t.lr, t.momentum), devices)
+                                     SGDConfig(t.lr, t.momentum, proximal=self.proximal), devices)
             graph = import_onnx(self.source, t.batch_size * devices)
             program = compile_graph(graph, options, self.name, self.task)
             values = dict(program.values)

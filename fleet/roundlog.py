@@ -57,7 +57,7 @@ class DeviceRecord:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DeviceRecord":
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
+        values = {k: (NAN if v is None else v) for k, v in raw.items() if k in known}
         values["telemetry"] = Telemetry.from_dict(raw.get("telemetry", {}))
         return cls(**values)
 

@@ -15,7 +15,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                    help="with --resume: accept these edited scenario keys (only keys safe to change, e.g. "
                         "training.rounds)")
-    p.add_argument("--rounds", type=int, help="override training.rounds")
+    p.add_argument("--rounds", type=int, help="override training.rounds (with --resume: extend the run, "
+                                              "finished or not, to this many rounds)")
     p.add_argument("--devices", type=int, help="override the fleet size (groups scaled in proportion)")
     p.add_argument("--run-dir", help="where the run is written (default: the scenario's run_dir)")
     p.add_argument("--actors", type=int, help="Ray host actors (0 = run in this process)")
@@ -32,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_changes and not args.resume:
         raise ValueError("--allow-changes goes with --resume RUN_DIR")
     if args.resume:
-        if args.scenario or args.rounds or args.devices:
-            raise ValueError("--resume takes only the run directory: the run's own scenario is used")
+        if args.scenario or args.devices:
+            raise ValueError("--resume takes the run directory (and --rounds N to extend it): the run's own "
+                             "scenario is used")
         resumed = RunDir(args.resume).resume(args.allow_changes)  # lock, verify, newest valid checkpoint
         for problem in resumed.problems:
             print(f"edgefleet: {problem}", file=sys.stderr)
-        summary = run_scenario(None, args.resume, resume=True, progress=not args.quiet, actors=args.actors)
+        summary = run_scenario(None, args.resume, resume=True, rounds=args.rounds, progress=not args.quiet,
+                               actors=args.actors)
     else:
         if not args.scenario:
             raise ValueError("give a scenario file, or --resume RUN_DIR")

@@ -348,11 +348,13 @@ def filter_replies(
     def reject(reply: Message, cause: str, reason: str) -> None:
         rejected[cause] += 1
         logger.warning(
-            "round %d: rejected reply from node %d (%s): %s",
-            server_round, reply.metadata.src_node_id, cause, reason,
+            "round %d: rejected reply from %s (%s): %s",
+            server_round, _sender(reply), cause, reason,
         )
 
     for reply in replies:
+        if reply.has_error():  # the device did not answer (failed, offline, dropped out): counted by the round
+            continue           # driver under its cause, not a reply the guard rejects
         sent = expected_shapes if uniform else expected_shapes.get(reply.metadata.src_node_id)
         node = reply.metadata.src_node_id
         base = sent_arrays(node) if (sent_arrays is not None and max_update_norm is not None) else None
@@ -367,6 +369,15 @@ def filter_replies(
             good.remove(reply)
             reject(reply, "error", f"record names / metric keys {_signature(reply)} differ from {majority}")
     return good, rejected
+
+
+def _sender(reply: Message) -> str:
+    """"device N" when the reply says which device it is (edgefleet replies do), else "node N"."""
+    if reply.has_content():
+        for metrics in reply.content.metric_records.values():
+            if isinstance(metrics.get("device"), int):
+                return f"device {metrics['device']}"
+    return f"node {reply.metadata.src_node_id}"
 
 
 def _copy_config(config: ConfigRecord) -> ConfigRecord:

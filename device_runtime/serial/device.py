@@ -17,7 +17,8 @@ import numpy as np
 from compiler.codegen.emit import program_fingerprint
 from compiler.ir import Role
 from compiler.program import Program
-from device_runtime.device import DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches
+from device_runtime.device import (DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches,
+                                   modelled_cycles_per_step)
 from device_runtime.numpy_executor import per_sample_loss
 from device_runtime.serial import framing as fr
 from device_runtime.serial.client import MAX_SPANS_PER_FRAME, BoardClient
@@ -158,8 +159,9 @@ class SerialDevice(ParameterAccess):
         peak = dict(self.program.report.get("memory_by_level", {}))
         peak["board"] = c.static_bytes + c.stack_peak_bytes
         telemetry = Telemetry(samples=steps * self.program.batch, steps=steps, wall_s=time.perf_counter() - start,
-                              cycles=cycles, instructions=instructions, peak_bytes_by_level=peak,
-                              bytes_moved=self.link.stats.bytes_sent + self.link.stats.bytes_received - bytes_before,
+                              modelled_cycles_per_step=modelled_cycles_per_step(self.program),
+                              measured_cycles=cycles, instructions=instructions, peak_bytes_by_level=peak,
+                              link_bytes=self.link.stats.bytes_sent + self.link.stats.bytes_received - bytes_before,
                               link_s=self.link.stats.link_s - link_before)
         return TrainResult(self.get_params(), losses, telemetry)
 

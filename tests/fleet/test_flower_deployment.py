@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from fleet.engine import HostPool, _initial_arrays, _set_task_identity, build_fleet
 from fleet.flower_app import client_app, wait_for_nodes
-from fleet.grid import NODE_BASE, FleetGrid
+from fleet.grid import NODE_BASE, FleetGrid, JobDefaults
 from fleet.host import local_steps
 from fleet.programs import ProgramBuilder, pretrain_base
 from fleet.scenario import load_scenario
@@ -26,7 +26,7 @@ from fleet.scenario import load_scenario
 REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "edgefleet-test"
 STARTUP_S = 60.0      # SuperLink and SuperNodes up and registered
-RUN_S = 180.0         # `flwr run --stream` returns when the run ends
+RUN_S = 420.0         # `flwr run --stream` returns when the run ends
 CLI_S = 30.0          # any other flwr CLI call
 STOP_S = 10.0         # a process exits after SIGTERM
 
@@ -87,8 +87,8 @@ def test_client_app_replies_as_the_fleet_grid(tiny, kind):
     t = scenario.training
     steps = local_steps(t.local_steps, t.local_epochs, scenario.data.samples_per_device or 32, t.batch_size)
     pool = HostPool(scenario, fleet.programs, 0, fleet.batched, fleet.runtimes)
-    grid = FleetGrid(fleet.devices, pool.dispatch, {"local_steps": steps, "lr": t.lr}, scenario.seed)
-    grid.round = 1
+    grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, t.lr, scenario.seed))
+    grid.begin_round(1)
     device = 1
 
     def instruction(node_id: int) -> Message:
@@ -111,8 +111,10 @@ def test_client_app_replies_as_the_fleet_grid(tiny, kind):
             np.testing.assert_allclose(got.content[name][key].numpy(), array.numpy(), rtol=1e-6, atol=1e-7)
     want, have = dict(expected.content["metrics"]), dict(got.content["metrics"])
     assert set(have) == set(want)
+    assert have["device"] == device
     for key, value in want.items():
-        assert have[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+        if key != "wall-s":  # the one number that depends on the wall clock
+            assert have[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     if kind == MessageType.TRAIN:
         assert any(not np.allclose(got.content["arrays"][k].numpy(), v) for k, v in initial.items())
 
@@ -222,6 +224,7 @@ def test_flwr_run_on_superlink_with_two_supernodes(tiny, tmp_path):
            for i, port in enumerate(node_ports)},
     }
     out = tmp_path / "final.npz"
+    run_dir = tmp_path / "run"
     processes: list[subprocess.Popen] = []
     start = time.monotonic()
     try:
@@ -235,7 +238,8 @@ def test_flwr_run_on_superlink_with_two_supernodes(tiny, tmp_path):
             time.sleep(0.5)
         started = time.monotonic()
         run = _flwr("run", str(REPO), CONNECTION, "--stream", "--run-config",
-                    f"scenario='{path}' out='{out}' min-nodes=2", env=env, timeout_s=RUN_S)
+                    f"scenario='{path}' out='{out}' min-nodes=2 num-server-rounds=2 run-dir='{run_dir}'",
+                    env=env, timeout_s=RUN_S)
         assert run.returncode == 0, run.stdout + run.stderr + _tails(tmp_path)
         runs = json.loads(_flwr("ls", CONNECTION, "--format", "json", env=env).stdout)["runs"]
         timings = f"startup {started - start:.1f} s, run {time.monotonic() - started:.1f} s"
@@ -250,6 +254,13 @@ def test_flwr_run_on_superlink_with_two_supernodes(tiny, tmp_path):
     assert set(final) == set(initial)
     assert all(final[k].shape == initial[k].shape for k in initial)
     assert any(not np.allclose(final[k], initial[k]) for k in initial), "the adapters did not change"
+    # the ServerApp wrote the same run directory as `edgefleet run`: round records with device indices
+    from fleet.runs import RunDir
+    records = RunDir(run_dir).metrics()
+    assert [r["round"] for r in records if r["type"] == "round"] == [1, 2]
+    trained = [r for r in records if r["type"] == "device" and r["instruction"] == "train"]
+    assert sorted(r["device"] for r in trained) == [0, 0, 1, 1] and all(r["group"] == "g" for r in trained)
+    assert RunDir(run_dir).state() == {"rounds_completed": 2, "finished": True}
     print(timings, file=sys.stderr)
 
 

@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--search-steps", type=int, default=DEFAULT_STEPS,
                    help=f"SGD steps of each contribution run of --memory-budget (default {DEFAULT_STEPS})")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default 4)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 8)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--lora-targets", help="comma-separated layer globs (default auto: attention and MLP layers, else every MatMul/Gemm layer)")
     p.add_argument("--lora-init", choices=["zero_b", "gaussian", "random"], help="LoRA init (default zero_b)")
     p.add_argument("--batch", type=int, default=8, help="batch size, fixed at compile time (default 8)")

@@ -28,7 +28,7 @@ BIAS_SUFFIXES = (".bias",)
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 4
-    alpha: float = 8.0
+    alpha: float | None = None            # None: the rank, so the update (alpha / rank)·B·A is unscaled
     targets: tuple[str, ...] = ("auto",)  # "auto": attention and MLP layers if the model has them, else
                                           # every MatMul/Gemm layer that is not trained fully
     init: str = "zero_b"  # zero_b: A kaiming-uniform, B = 0 (the usual); gaussian: A ~ N(0, 1/r), B = 0;
@@ -38,6 +38,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise CompileError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))
         if not self.alpha > 0:
             raise CompileError(f"LoRA alpha must be > 0, got {self.alpha!r}")
         if self.init not in LORA_INITS:

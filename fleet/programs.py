@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from compiler.autodiff import SGDConfig
 from compiler.frontend import import_onnx
 from compiler.pipeline import CompileOptions, compile_graph, load_model
 from compiler.program import Program
-from compiler.tuning import LoraConfig
 from device_runtime import NumpyDevice
 from fleet.data import global_dataset
 from fleet.scenario import DeviceGroup, Scenario
@@ -75,13 +75,13 @@ def pretrain_base(scenario: Scenario, log=print) -> dict[str, np.ndarray]:
 
 
 def tuning_spec(scenario: Scenario, rank: int | None = None, freeze_a: bool = False) -> TuningSpec:
-    t = scenario.tuning
-    if t.strategy == "lora":
-        targets = ("auto",) if tuple(t.targets) in ((), ("*",)) else tuple(t.targets)
-        lora = LoraConfig(rank=rank or t.rank or 4, alpha=t.alpha or 8.0, targets=targets, init=t.init or "zero_b",
-                          seed=scenario.seed, freeze_a=freeze_a)
-        return TuningSpec("lora", train=tuple(t.train), last_k=t.last_k, bias_only=t.bias_only, lora=lora)
-    return TuningSpec(t.strategy, train=tuple(t.train), last_k=t.last_k, bias_only=t.bias_only)
+    """The scenario's tuning spec for one kind of device: its LoRA rank, the scenario's seed for the
+    adapters' start, and A frozen for FFA-LoRA."""
+    spec = scenario.tuning.spec
+    if spec.lora is None:
+        return spec
+    lora = dataclasses.replace(spec.lora, rank=rank or spec.lora.rank, seed=scenario.seed, freeze_a=freeze_a)
+    return dataclasses.replace(spec, lora=lora)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,14 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
+
+from compiler.ir import CompileError
+from compiler.tuning import LORA_INITS, LoraConfig
+from compiler.tuning import STRATEGIES as COMPILER_STRATEGIES
+from compiler.tuning import TuningSpec as CompilerTuning
 
 
 class ScenarioError(ValueError):
@@ -40,8 +45,7 @@ class ScenarioError(ValueError):
 # Built-in models: the names of compiler.zoo.ZOO, kept here so reading a scenario does not import onnx
 # (tests/fleet/test_scenario.py checks that the two agree).
 ZOO_MODELS = ("cct-digits", "cct-2-3x2", "deep-ae", "ds-cnn")
-TUNING_STRATEGIES = ("full", "selective", "lora")
-LORA_INITS = ("zero_b", "zero_a")
+TUNING_STRATEGIES = COMPILER_STRATEGIES
 AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
                           "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
                           "fedit", "ffa-lora", "flexlora", "hetlora")
@@ -49,6 +53,8 @@ LORA_AGGREGATIONS = ("fedit", "ffa-lora", "flexlora", "hetlora")       # need tu
 MIXED_RANK_AGGREGATIONS = ("flexlora", "hetlora")                     # can combine adapters of different rank
 DATA_KINDS = ("digits", "machine-sound", "npz")
 RUNTIMES = ("numpy", "qemu", "gvsoc", "serial")
+AVAILABLE_RUNTIMES = ("numpy", "qemu")  # the others are refused at load until their device backends land
+METRICS_AVAILABLE = False               # [metrics] is refused at load until the exporter lands
 AVAILABILITY_KINDS = ("always", "dropout", "periodic")
 
 # The data kinds a zoo model can learn from (zoo models not listed take any kind).
@@ -142,16 +148,46 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TuningSpec:
-    """What the devices train. Keys a strategy does not read hold None / empty / False."""
-    strategy: str = "lora"
-    rank: int | None = 4                 # LoRA rank (the maximum rank when rank_from_memory)
-    alpha: float | None = 4.0            # LoRA scale numerator: the update is (alpha / rank) * B A
-    targets: tuple[str, ...] = ("*",)    # glob patterns of the layers that get adapters
-    train: tuple[str, ...] = ()          # glob patterns of parameters trained fully
-    last_k: int | None = None            # only the last k layers (selective: trained; lora: adapted)
-    bias_only: bool = False              # also train every bias (BitFit)
-    init: str | None = "zero_b"          # which LoRA factor starts at zero
+    """What the devices train: the compiler's own tuning spec (``compiler.tuning.TuningSpec``, one schema
+    for `edgefleet compile` and scenarios) plus what only a fleet has: ranks chosen from memory budgets."""
+    spec: CompilerTuning = field(default_factory=lambda: CompilerTuning("lora"))
     rank_from_memory: bool = False       # each device's rank chosen from its memory budget
+
+    @property
+    def strategy(self) -> str:
+        return self.spec.strategy
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        return self.spec.lora
+
+    @property
+    def rank(self) -> int | None:
+        return self.spec.lora.rank if self.spec.lora else None
+
+    @property
+    def alpha(self) -> float | None:
+        return self.spec.lora.alpha if self.spec.lora else None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.spec.lora.targets if self.spec.lora else ()
+
+    @property
+    def init(self) -> str | None:
+        return self.spec.lora.init if self.spec.lora else None
+
+    @property
+    def train(self) -> tuple[str, ...]:
+        return self.spec.train
+
+    @property
+    def last_k(self) -> int | None:
+        return self.spec.last_k
+
+    @property
+    def bias_only(self) -> bool:
+        return self.spec.bias_only
 
 
 @dataclass(frozen=True)
@@ -386,23 +422,28 @@ def _parse_model(t: _Table, base: Path | None) -> ModelSpec:
 
 
 def _parse_tuning(t: _Table) -> TuningSpec:
+    """Each key's type is checked here (errors name the key path); the values then go to the compiler's
+    ``TuningSpec``, whose rules and defaults are the only ones."""
     strategy = t.choice("strategy", TUNING_STRATEGIES, default="lora")
     t.only_for("strategy", strategy, TUNING_KEYS)
-    if strategy == "full":
-        return TuningSpec(strategy="full", rank=None, alpha=None, targets=(), init=None)
-    train = t.patterns("train", default=())
-    last_k = t.integer("last_k", default=None, minimum=1)
-    bias_only = t.boolean("bias_only", default=False)
-    if strategy == "selective":
-        if not (train or last_k or bias_only):
+    raw: dict[str, Any] = {"strategy": strategy}
+    if strategy != "full":
+        raw.update(train=t.patterns("train", default=()), last_k=t.integer("last_k", default=None, minimum=1),
+                   bias_only=t.boolean("bias_only", default=False))
+        if strategy == "selective" and not (raw["train"] or raw["last_k"] or raw["bias_only"]):
             t.fail("train", 'strategy "selective" needs at least one of train, last_k or bias_only = true')
-        return TuningSpec(strategy="selective", rank=None, alpha=None, targets=(), train=train, last_k=last_k,
-                          bias_only=bias_only, init=None)
-    rank = t.integer("rank", default=4, minimum=1)
-    return TuningSpec(strategy="lora", rank=rank, alpha=t.number("alpha", default=float(rank), above=0),
-                      targets=t.patterns("targets", default=("*",), non_empty=True), train=train,
-                      last_k=last_k, bias_only=bias_only, init=t.choice("init", LORA_INITS, default="zero_b"),
-                      rank_from_memory=t.boolean("rank_from_memory", default=False))
+    rank_from_memory = False
+    if strategy == "lora":
+        raw.update(rank=t.integer("rank", default=LoraConfig.rank, minimum=1),
+                   alpha=t.number("alpha", default=None, above=0),
+                   targets=t.patterns("targets", default=LoraConfig.targets, non_empty=True),
+                   init=t.choice("init", LORA_INITS, default=LoraConfig.init))
+        rank_from_memory = t.boolean("rank_from_memory", default=False)
+    try:
+        spec = CompilerTuning.parse({k: v for k, v in raw.items() if v is not None})
+    except CompileError as exc:
+        t.fail("strategy", str(exc))
+    return TuningSpec(spec, rank_from_memory)
 
 
 def _parse_training(t: _Table, data: DataSpec) -> TrainingSpec:
@@ -488,6 +529,9 @@ def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
     if target.endswith(".toml"):
         target = _resolve(target, base)
     runtime = t.choice("runtime", RUNTIMES, default="numpy")
+    if runtime not in AVAILABLE_RUNTIMES:
+        t.fail("runtime", f'"{runtime}" devices are not available in fleet runs yet (available: '
+                          f'{_choices(AVAILABLE_RUNTIMES)})')
     port = t.string("port", default=None)
     if port is not None and runtime != "serial":
         t.fail("port", f'only used with runtime = "serial", got runtime = "{runtime}"')
@@ -531,6 +575,8 @@ def _parse_ray(t: _Table) -> RaySpec:
 
 
 def _parse_metrics(t: _Table) -> MetricsSpec:
+    if not METRICS_AVAILABLE and t.raw:
+        t.fail(next(iter(t.raw)), "the metrics exporter is not available yet: remove the [metrics] table")
     address = t.string("address", default=None, pattern=_ADDRESS_PATTERN, what='a "host:port" address')
     if address is not None and int(_ADDRESS_PATTERN.match(address).group(2)) > 65535:
         t.fail("address", f"expected a port in [0, 65535], got {_show(address)}")
@@ -554,9 +600,9 @@ def _check_across_sections(s: Scenario, source: str) -> None:
     if s.aggregation.dp is not None and strategy in MIXED_RANK_AGGREGATIONS:
         fail("aggregation.dp", f'DP clipping compares each reply with the global adapters and needs one rank for '
                                f'every device; "{strategy}" mixes ranks')
-    if strategy == "ffa-lora" and s.tuning.init != "zero_b":
-        fail("tuning.init", f'"ffa-lora" keeps A frozen at its random start and needs init = "zero_b", '
-                            f'got "{s.tuning.init}"')
+    if strategy == "ffa-lora" and s.tuning.init == "random":
+        fail("tuning.init", f'"ffa-lora" keeps A frozen at its random start and needs B to start at zero '
+                            f'(init = "zero_b" or "gaussian"), got "{s.tuning.init}"')
     model = s.model.name
     if model in MODEL_DATA_KINDS and s.data.kind not in MODEL_DATA_KINDS[model]:
         fail("data.kind", f'model "{model}" needs one of {_choices(MODEL_DATA_KINDS[model])}, got "{s.data.kind}"')
@@ -627,7 +673,7 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
         "seed": s.seed,
         "run_dir": s.run_dir,
         "model": fields(s.model, _SECTION_KEYS["model"]),
-        "tuning": fields(s.tuning, ("strategy",) + TUNING_KEYS[s.tuning.strategy]),
+        "tuning": _tuning_dict(s.tuning),
         "training": fields(s.training, _SECTION_KEYS["training"]),
         "aggregation": _aggregation_dict(s.aggregation),
         "data": fields(s.data, ("kind",) + DATA_KEYS[s.data.kind]),
@@ -635,6 +681,13 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
         "ray": fields(s.ray, _SECTION_KEYS["ray"]),
         "metrics": fields(s.metrics, _SECTION_KEYS["metrics"]),
     }
+
+
+def _tuning_dict(t: TuningSpec) -> dict[str, Any]:
+    out = {k: v for k, v in t.spec.to_dict().items() if k != "seed" and v not in ([], None)}
+    if t.rank_from_memory:
+        out["rank_from_memory"] = True
+    return out
 
 
 def _aggregation_dict(a: AggregationSpec) -> dict[str, Any]:

@@ -195,6 +195,24 @@ class Progress:
             self.stream.write(f"  {extra}\n")
 
 
+def scenario_steps(scenario: Scenario) -> int:
+    t = scenario.training
+    return local_steps(t.local_steps, t.local_epochs, scenario.data.samples_per_device or 32, t.batch_size)
+
+
+def train_config(scenario: Scenario) -> dict[str, Any]:
+    """What every train instruction carries besides the strategy's own keys."""
+    return {LR_KEY: float(scenario.training.lr), LOCAL_STEPS_KEY: int(scenario_steps(scenario))}
+
+
+def validate(scenario: Scenario) -> None:
+    """What can be refused before anything is written: the strategy must send only keys devices honour."""
+    from fleet.strategies import check_strategy_config
+    _set_task_identity()
+    strategy = make_fleet_strategy(scenario, Fleet({}, []))
+    check_strategy_config(strategy, {"probe": np.zeros(1, np.float32)}, train_config(scenario))
+
+
 class RunRecorder:
     """The run directory as an observer: after each round, its device and round records, the checkpoint of
     the aggregated arrays with the strategy's state, then the state file (in that order, so a crash between
@@ -234,6 +252,8 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
     if not progress:
         logging.getLogger("fleet").setLevel(logging.ERROR)
     log = log or (lambda text: print(text, file=sys.stderr))
+    if not resume:
+        validate(scenario)
     run = RunDir(run_dir if run_dir is not None else scenario.run_dir)
     if resume:
         state = run.state()
@@ -262,8 +282,7 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
     _ray_init(scenario, actors)
     pool = HostPool(scenario, fleet.programs, actors, fleet.batched, fleet.runtimes)
     first = fleet.programs[fleet.devices[0].program]
-    steps = local_steps(scenario.training.local_steps, scenario.training.local_epochs,
-                        scenario.data.samples_per_device or 32, scenario.training.batch_size)
+    steps = scenario_steps(scenario)
     grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, scenario.training.lr, scenario.seed))
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
@@ -276,8 +295,7 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
     bar = Progress(scenario.training.rounds, enabled=progress)
     recorder = RunRecorder(run, stop_after_round)
     driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=[recorder, bar], checkpoint=recorder,
-                         train_config={LR_KEY: float(scenario.training.lr), LOCAL_STEPS_KEY: int(steps)},
-                         evaluate_config={})
+                         train_config=train_config(scenario))
     _set_task_identity()
     try:
         driver.run(to_record(arrays), done + 1, scenario.training.rounds)
@@ -383,12 +401,13 @@ def _ray_init(scenario: Scenario, actors: int) -> None:
     import ray
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": "ERROR", "configure_logging": False}
-    if scenario.ray.address:
-        ray.init(address=scenario.ray.address, **kwargs)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": False}
+    address = scenario.ray.address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS
+    if address:  # joining a cluster: its resources and dashboard are the cluster's own
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=max(actors, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(num_cpus=max(actors, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
+                 include_dashboard=scenario.ray.dashboard, dashboard_host="127.0.0.1", **kwargs)
 
 
 def _set_task_identity() -> None:

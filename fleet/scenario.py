@@ -123,7 +123,7 @@ _SECTION_KEYS = {
     "data": ("kind", "path", "dirichlet_alpha", "samples_per_device", "test_samples_per_device",
              "writer_strength", "anomaly_fraction"),
     "fleet": ("groups",),
-    "ray": ("address", "actors", "devices_per_call"),
+    "ray": ("address", "actors", "devices_per_call", "dashboard"),
     "metrics": ("address", "enabled"),
 }
 _GROUP_KEYS = ("name", "count", "target", "memory_kib", "clock_mhz", "availability", "link_kbps", "deadline_s",
@@ -326,6 +326,7 @@ class RaySpec:
     address: str | None = None           # None = start a local Ray instance
     actors: int = 2                      # device-host actors
     devices_per_call: int = 256          # devices one actor trains in one call
+    dashboard: bool = False              # start Ray's dashboard (local runs; on 127.0.0.1)
 
 
 @dataclass(frozen=True)
@@ -571,16 +572,18 @@ def _parse_availability(t: _Table) -> Availability:
 def _parse_ray(t: _Table) -> RaySpec:
     return RaySpec(address=t.string("address", default=None),
                    actors=t.integer("actors", default=RaySpec.actors, minimum=1),
-                   devices_per_call=t.integer("devices_per_call", default=RaySpec.devices_per_call, minimum=1))
+                   devices_per_call=t.integer("devices_per_call", default=RaySpec.devices_per_call, minimum=1),
+                   dashboard=t.boolean("dashboard", default=False))
 
 
 def _parse_metrics(t: _Table) -> MetricsSpec:
-    if not METRICS_AVAILABLE and t.raw:
-        t.fail(next(iter(t.raw)), "the metrics exporter is not available yet: remove the [metrics] table")
     address = t.string("address", default=None, pattern=_ADDRESS_PATTERN, what='a "host:port" address')
     if address is not None and int(_ADDRESS_PATTERN.match(address).group(2)) > 65535:
         t.fail("address", f"expected a port in [0, 65535], got {_show(address)}")
     enabled = t.boolean("enabled", default=address is not None)
+    if enabled and not METRICS_AVAILABLE:
+        t.fail("enabled" if t.given("enabled") else "address",
+               "the metrics exporter is not available yet: remove the [metrics] table")
     if enabled and address is None:
         address = DEFAULT_METRICS_ADDRESS
     return MetricsSpec(enabled=enabled, address=address)

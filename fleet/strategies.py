@@ -41,6 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from device_runtime.protocol import FREEZE_LORA_A_KEY, LORA_RANK_KEY, PRUNE_GAMMA_KEY  # keys devices honour
 from fleet.arrays import from_array, from_record, to_record
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -63,9 +64,6 @@ logger = logging.getLogger(__name__)
 
 LORA_A_SUFFIX = ".lora_a"
 LORA_B_SUFFIX = ".lora_b"
-FREEZE_LORA_A_KEY = "freeze-lora-a"
-LORA_RANK_KEY = "lora-rank"
-PRUNE_GAMMA_KEY = "lora-prune-gamma"
 REJECT_CAUSES = ("nan", "shape", "norm", "error")
 
 State = dict[str, np.ndarray]
@@ -763,3 +761,57 @@ def strategy_from_spec(aggregation, *, fraction: float, devices: int,
         dp = {k: v for k, v in a.dp.to_dict().items()}
         dp.setdefault("num_sampled_clients", max(1, int(fraction * devices)))  # Flower samples int(f·n)
     return make_strategy(a.strategy, max_update_norm=a.max_update_norm, dp=dp, **options)
+
+
+# --- what a strategy sends the devices ------------------------------------------------------------
+
+
+class _ProbeGrid(Grid):
+    """A grid of ``nodes`` idle nodes that only builds messages: what ``configure_train`` asks of it."""
+
+    def __init__(self, nodes: int = 16) -> None:
+        from flwr.supercore.run import Run
+        self._run = Run.create_empty(1)
+        self.nodes = list(range(100, 100 + nodes))
+
+    @property
+    def run(self):
+        return self._run
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError("the probe grid only builds messages")
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError("the probe grid only builds messages")
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError("the probe grid only builds messages")
+
+
+def check_strategy_config(strategy: Strategy, arrays: Mapping[str, np.ndarray],
+                          train_config: Mapping[str, object], where: str = "aggregation.strategy") -> set[str]:
+    """The configuration keys ``strategy`` sends with a train instruction (probed by building one round's
+    messages); a key that no device honours raises ``ProtocolError`` naming it. Returns the keys."""
+    from device_runtime.protocol import check_config
+    import random
+    state = random.getstate()  # sampling nodes must not disturb the run's own draws
+    try:
+        messages = list(strategy.configure_train(1, to_record(arrays), ConfigRecord(dict(train_config)),
+                                                 _ProbeGrid()))
+    finally:
+        random.setstate(state)
+    keys: set[str] = set()
+    for message in messages:
+        for record in message.content.config_records.values():
+            keys.update(record.keys())
+    check_config({k: None for k in keys}, where=f"{where} {type(getattr(strategy, 'strategy', strategy)).__name__}")
+    return keys

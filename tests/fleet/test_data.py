@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -288,8 +287,8 @@ def test_npz_stacking_needs_equal_shapes(tmp_path):
 # ---- cost ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", [DIGITS, SOUND], ids=["digits", "sound"])
-def test_a_thousand_devices_are_cheap(spec):
+def test_a_thousand_devices_in_one_call(spec):
+    """A thousand devices' data in one vectorised call (how fast: benchmarks/fleet_data.py)."""
     spec = dataclasses.replace(spec, samples_per_device=32, test_samples_per_device=32)
-    start = time.perf_counter()
-    fleet_data(spec, 0, range(1000))
-    assert time.perf_counter() - start < 5.0
+    data = fleet_data(spec, 0, range(1000))
+    assert data.x_train.shape[:2] == (1000, 32) and data.x_test.shape[:2] == (1000, 32)

@@ -22,6 +22,8 @@ from fleet.arrays import from_record, to_record
 from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid, JobDefaults
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
 from fleet.programs import DEFAULT_CLOCK_MHZ, ProgramBuilder, cycles_per_step, pretrain_base
+from fleet.progress import RunProgress
+from fleet.records import round_log_records
 from fleet.roundlog import DeviceRecord, RoundLog, mean, merge_counts
 from fleet.rounds import RoundDriver, restore_strategy_state, strategy_state
 from fleet.runs import RunDir, RunError
@@ -155,46 +157,6 @@ def make_fleet_strategy(scenario: Scenario, fleet: Fleet):
     return make_strategy(a.strategy, **options)
 
 
-class Progress:
-    """One live line on a terminal (round, devices done, loss); a line per round otherwise."""
-
-    def __init__(self, total_rounds: int, stream=sys.stderr, enabled: bool = True):
-        self.total = total_rounds
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = enabled and stream.isatty()
-        self.round = 0
-        self.done = 0
-        self.losses: list[float] = []
-
-    def device_done(self, record: DeviceRecord) -> None:
-        self.done += 1
-        if record.instruction == "train" and record.ok:
-            self.losses.append(record.loss)
-        if self.tty and self.done % 16 == 0:
-            self._draw()
-
-    def _draw(self, end: str = "") -> None:
-        loss = f"{np.mean(self.losses):.4f}" if self.losses else "-"
-        filled = int(20 * self.round / max(self.total, 1))
-        line = f"[{'#' * filled}{'.' * (20 - filled)}] round {self.round}/{self.total}  devices {self.done}  loss {loss}"
-        self.stream.write(("\r" + line + end) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def begin_round(self, round_: int, total_rounds: int) -> None:
-        self.round, self.total, self.done, self.losses = round_, total_rounds or self.total, 0, []
-
-    def end_round(self, log: RoundLog) -> None:
-        if not self.enabled:
-            return
-        summary = log.summary()
-        extra = (f"train loss {summary['train_loss']:.4f}  global metric {summary['global_metric']:.3f}  "
-                 f"failures {summary['failures'] or 0}")
-        self._draw(end=f"  {extra}\n" if self.tty else "")
-        if not self.tty:
-            self.stream.write(f"  {extra}\n")
-
-
 def scenario_steps(scenario: Scenario) -> int:
     t = scenario.training
     return local_steps(t.local_steps, t.local_epochs, scenario.data.samples_per_device or 32, t.batch_size)
@@ -229,8 +191,7 @@ class RunRecorder:
         pass
 
     def end_round(self, log: RoundLog) -> None:
-        self.run.append_metrics([{"type": "device", **d.to_dict()} for d in log.devices]
-                                + [{"type": "round", **log.summary()}])
+        self.run.append_metrics(round_log_records(log))
 
     def __call__(self, log: RoundLog, arrays: Any, strategy: Any) -> None:
         self.run.save_checkpoint(log.round, from_record(arrays), strategy_state(strategy))
@@ -292,13 +253,14 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
     else:
         arrays = initial
         run.save_checkpoint(0, initial, {})
-    bar = Progress(scenario.training.rounds, enabled=progress)
+    bar = RunProgress(scenario.training.rounds, enabled=progress)
     recorder = RunRecorder(run, stop_after_round)
     driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=[recorder, bar], checkpoint=recorder,
                          train_config=train_config(scenario))
     _set_task_identity()
     try:
-        driver.run(to_record(arrays), done + 1, scenario.training.rounds)
+        with bar:
+            driver.run(to_record(arrays), done + 1, scenario.training.rounds)
     except _Stop:
         return {"stopped_after_round": stop_after_round}
     rounds_completed = run.state()["rounds_completed"]

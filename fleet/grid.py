@@ -155,11 +155,12 @@ class FleetGrid(Grid):
             items.sort(key=lambda item: item[1].device)  # stable device → host chunks across rounds
             results = self.dispatch(program, [job for _, job, _ in items])
             for (message, job, modelled_s), result in zip(items, results):
-                link_s = modelled_s - (job.steps * self.devices[message.metadata.dst_node_id].cycles_per_step
-                                       / self.devices[message.metadata.dst_node_id].clock_hz
-                                       if kind == "train" else 0.0)
-                replies.append(reply_from_result(message, result.with_telemetry(link_s=max(0.0, link_s))
-                                                 if result.ok and not result.telemetry.link_s else result))
+                info = self.devices[message.metadata.dst_node_id]
+                compute_s = job.steps * info.cycles_per_step / info.clock_hz if kind == "train" else 0.0
+                if result.ok:
+                    result = result.with_telemetry(modelled_s=compute_s,
+                                                   link_s=result.telemetry.link_s or max(0.0, modelled_s - compute_s))
+                replies.append(reply_from_result(message, result))
         return replies
 
     def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float) -> tuple[str, str] | None:

@@ -72,7 +72,7 @@ def _comparable(records):
     """Records without what depends on the wall clock."""
     out = []
     for r in records:
-        r = {k: v for k, v in r.items() if k not in ("duration_s", "timings")}
+        r = {k: v for k, v in r.items() if k not in ("duration_s", "timings", "started_at", "ended_at")}
         if "telemetry" in r:
             r["telemetry"] = {k: v for k, v in r["telemetry"].items() if k != "wall_s"}
         if "server_metrics" in r:

@@ -255,7 +255,9 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
         run.save_checkpoint(0, initial, {})
     bar = RunProgress(scenario.training.rounds, enabled=progress)
     recorder = RunRecorder(run, stop_after_round)
-    driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=[recorder, bar], checkpoint=recorder,
+    observers: list[Any] = [recorder, bar]
+    exporter = _exporter(scenario, run, fleet, observers)
+    driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=observers, checkpoint=recorder,
                          train_config=train_config(scenario))
     _set_task_identity()
     try:
@@ -263,6 +265,9 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
             driver.run(to_record(arrays), done + 1, scenario.training.rounds)
     except _Stop:
         return {"stopped_after_round": stop_after_round}
+    finally:
+        if exporter is not None:
+            exporter.close()
     rounds_completed = run.state()["rounds_completed"]
     final, _ = run.load_checkpoint(rounds_completed)
     personal = personalize(pool, fleet, initial, final, steps, scenario)
@@ -277,6 +282,23 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
 
 class _Stop(Exception):
     pass
+
+
+def _exporter(scenario: Scenario, run: RunDir, fleet: Fleet, observers: list[Any]) -> Any:
+    """The run's metrics exporter when the scenario's [metrics] table enables it (an observer of the
+    driver; counters restored from the run directory on resume)."""
+    if not scenario.metrics.enabled:
+        return None
+    from fleet.exporter import serve_run
+    from fleet.metrics import FleetMetrics
+    metrics = FleetMetrics()
+    for info in fleet.devices:
+        metrics.register_device(info.index, info.group, info.target, info.runtime, info.budget_bytes,
+                                dict(info.peak_bytes_by_level))
+    exporter = serve_run(run.path, scenario.metrics.address, scenario.training.rounds, metrics)
+    observers.append(metrics)
+    run.log(f"metrics served at {exporter.url}")
+    return exporter
 
 
 def _initial_arrays(fleet: Fleet) -> dict[str, np.ndarray]:

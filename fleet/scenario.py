@@ -54,7 +54,7 @@ MIXED_RANK_AGGREGATIONS = ("flexlora", "hetlora")                     # can comb
 DATA_KINDS = ("digits", "machine-sound", "npz")
 RUNTIMES = ("numpy", "qemu", "gvsoc", "serial")
 AVAILABLE_RUNTIMES = ("numpy", "qemu")  # the others are refused at load until their device backends land
-METRICS_AVAILABLE = False               # [metrics] is refused at load until the exporter lands
+METRICS_AVAILABLE = True                # the exporter (fleet.exporter) has landed
 AVAILABILITY_KINDS = ("always", "dropout", "periodic")
 
 # The data kinds a zoo model can learn from (zoo models not listed take any kind).

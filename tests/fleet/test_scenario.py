@@ -152,9 +152,7 @@ def test_availability_kinds():
      'fleet.groups[0].runtime: "gvsoc" devices are not available in fleet runs yet'),
     (lambda r: r["fleet"]["groups"][0].update(runtime="serial", count=1, port="/dev/ttyUSB0"),
      'fleet.groups[0].runtime: "serial" devices are not available in fleet runs yet'),
-    (lambda r: r.update(metrics={"enabled": True}),
-     "metrics.enabled: the metrics exporter is not available yet"),
-], ids=["gvsoc", "serial", "metrics"])
+], ids=["gvsoc", "serial"])
 def test_unavailable_features_are_refused_at_load(monkeypatch, edit, expected):
     """A runtime or table whose feature has not landed is refused when the scenario loads, not at run time
     (remove a case, and its flag in fleet.scenario, when the feature lands)."""

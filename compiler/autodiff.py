@@ -221,6 +221,9 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
 
 def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig, mu: str = "") -> None:
     if sgd.proximal:  # FedProx: g + μ·(p − p₀), from ordinary ops (the backward stays ordinary IR)
+        if g.train_channels(param):
+            raise CompileError(f"parameter {param!r}: the proximal option (FedProx) does not combine with a "
+                               "sparse channel subset yet")
         anchor = param + ANCHOR_SUFFIX
         if anchor in g.tensors:
             raise CompileError(f"internal: tensor {anchor!r} exists already")

@@ -127,7 +127,7 @@ def run_device(message: Message, context: Context) -> Message:
     result = JobResult.from_dict(loaded.host.run(device.key, encode_jobs([job]))[0])
     if result.ok:
         compute_s = device.cycles_per_step * job.steps / device.clock_hz if job.trains else 0.0
-        result = result.with_telemetry(link_s=max(0.0, modelled_s - compute_s))
+        result = result.with_telemetry(modelled_s=compute_s, link_s=max(0.0, modelled_s - compute_s))
     return reply_from_result(message, result)
 
 

@@ -58,10 +58,10 @@ def start_ray(scenario: Any, actors: int) -> RaySession | None:
     if address:
         ray.init(address=address, **INIT_OPTIONS)
         return RaySession(ray.get_runtime_context().gcs_address, False, True)
-    return start_local_ray(max(actors, os.cpu_count() or 1))  # fleet.limits warns when actors > cores
+    return start_local_ray(max(actors, os.cpu_count() or 1), dashboard=bool(getattr(scenario.ray, "dashboard", False)))  # fleet.limits warns when actors > cores
 
 
-def start_local_ray(num_cpus: int) -> RaySession:
+def start_local_ray(num_cpus: int, dashboard: bool = False) -> RaySession:
     """A local Ray instance on loopback with token authentication (see the module docstring)."""
     import ray
     import ray._private.ray_constants as ray_constants
@@ -72,7 +72,8 @@ def start_local_ray(num_cpus: int) -> RaySession:
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     _reload_ray_config()
     temp_dir = os.environ.get("RAY_TMPDIR") or str(ray_temp_dir())
-    ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **INIT_OPTIONS)
+    options = {**INIT_OPTIONS, "include_dashboard": dashboard, "dashboard_host": LOOPBACK}  # opt-in
+    ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **options)
     return RaySession(ray.get_runtime_context().gcs_address, True, True)
 
 

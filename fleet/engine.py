@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 
 from device_runtime.protocol import (LOCAL_STEPS_KEY, LR_KEY, Job, JobResult, encode_jobs, make_job)
 from fleet.arrays import from_record, to_record
+from fleet.cluster import start_ray
 from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid, JobDefaults
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
 from fleet.programs import DEFAULT_CLOCK_MHZ, ProgramBuilder, cycles_per_step, pretrain_base
@@ -142,19 +144,11 @@ def clock_hz(group: DeviceGroup, program: Any) -> float:
 
 
 def make_fleet_strategy(scenario: Scenario, fleet: Fleet):
-    from fleet.strategies import make_strategy
-    a = scenario.aggregation
-    options: dict[str, Any] = {"fraction_train": scenario.training.fraction,
-                               "fraction_evaluate": scenario.training.fraction,
-                               "min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
-    extra = {"proximal_mu": a.proximal_mu, "eta": a.server_lr, "beta_1": a.beta_1, "beta_2": a.beta_2,
-             "tau": a.tau}
-    if a.strategy == "fedavgm":
-        extra = {"server_learning_rate": a.server_lr, "server_momentum": a.server_momentum}
-    options.update({k: v for k, v in extra.items() if v is not None})
-    if a.strategy in ("flexlora", "hetlora"):
-        options["node_ranks"] = dict(fleet.ranks)
-    return make_strategy(a.strategy, **options)
+    """The scenario's [aggregation] strategy (any Flower strategy by name, DP clipping, a norm bound),
+    guarded; mixed-rank strategies get each node's rank."""
+    from fleet.strategies import strategy_from_spec
+    return strategy_from_spec(scenario.aggregation, fraction=scenario.training.fraction,
+                              devices=scenario.device_count, node_ranks=dict(fleet.ranks))
 
 
 def scenario_steps(scenario: Scenario) -> int:
@@ -203,11 +197,24 @@ class RunRecorder:
 
 
 def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
-                 rounds: int | None = None, progress: bool = True, actors: int | None = None,
-                 log: Callable[[str], None] | None = None, stop_after_round: int | None = None) -> dict[str, Any]:
+                 rounds: int | None = None, allow_changes: Sequence[str] = (), progress: bool = True,
+                 actors: int | None = None, log: Callable[[str], None] | None = None,
+                 stop_after_round: int | None = None) -> dict[str, Any]:
     """Run (or resume) a scenario; returns the summary. With ``resume``, the run in ``run_dir`` continues
-    after its last finished round; ``rounds`` then extends it (also a finished run) to that many rounds.
-    ``stop_after_round`` simulates a kill (tests)."""
+    after its newest valid checkpoint (``allow_changes``: edited scenario keys to accept, fleet.runs);
+    ``rounds`` then extends it (also a finished run) to that many rounds. The run directory is locked for
+    the whole call. ``stop_after_round`` simulates a kill (tests)."""
+    run = RunDir(run_dir if run_dir is not None else scenario.run_dir)
+    try:
+        return _run_scenario(scenario, run, resume, rounds, allow_changes, progress, actors, log,
+                             stop_after_round)
+    finally:
+        run.unlock()
+
+
+def _run_scenario(scenario: Scenario | None, run: RunDir, resume: bool, rounds: int | None,
+                  allow_changes: Sequence[str], progress: bool, actors: int | None,
+                  log: Callable[[str], None] | None, stop_after_round: int | None) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # our own progress line says what matters
     if not progress:
@@ -215,11 +222,15 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
     log = log or (lambda text: print(text, file=sys.stderr))
     if not resume:
         validate(scenario)
-    run = RunDir(run_dir if run_dir is not None else scenario.run_dir)
+    checkpoint: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
     if resume:
+        resumed = run.resume(allow_changes)  # lock, verify, newest valid checkpoint, metrics cut back to it
+        for problem in resumed.problems:
+            log(f"edgefleet: {problem}")
         state = run.state()
-        scenario = parse_scenario(_read_toml(run.path / "scenario.toml"), source=str(run.path / "scenario.toml"))
-        done = int(state["rounds_completed"])
+        scenario = parse_scenario(tomllib.loads(resumed.scenario_toml), source=str(run.path / "scenario.toml"))
+        done = resumed.rounds_completed
+        checkpoint = (resumed.arrays, resumed.strategy_state) if done else None
         if rounds is not None:
             if rounds < done:
                 raise RunError(f"run {run.path} has {done} rounds already; --rounds {rounds} would shorten it")
@@ -228,7 +239,6 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
         elif state.get("finished"):
             raise RunError(f"run {run.path} already finished ({done} rounds); extend it with --resume "
                            f"{run.path} --rounds N")
-        run.truncate_metrics(done)
         run.log(f"resumed after round {done} of {scenario.training.rounds}")
     else:
         run.create(scenario.to_toml())
@@ -237,18 +247,19 @@ def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = 
                 f"{scenario.device_count} devices")
     wall_start = time.perf_counter()
     base = pretrain_base(scenario, log=log)
+    run.check_base(base)  # a resumed run trains on the base it started with
     builder = ProgramBuilder(scenario, base)
     fleet = build_fleet(scenario, builder)
     actors = scenario.ray.actors if actors is None else actors
-    _ray_init(scenario, actors)
+    start_ray(scenario, actors)
     pool = HostPool(scenario, fleet.programs, actors, fleet.batched, fleet.runtimes)
     first = fleet.programs[fleet.devices[0].program]
     steps = scenario_steps(scenario)
     grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, scenario.training.lr, scenario.seed))
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
-    if done:
-        arrays, server_state = run.load_checkpoint(done)
+    if checkpoint is not None:
+        arrays, server_state = checkpoint
         restore_strategy_state(strategy, server_state)
     else:
         arrays = initial
@@ -369,29 +380,6 @@ def _summary(scenario: Scenario, run: RunDir, fleet: Fleet, program: Any, person
         "timing": {"seconds_per_round": float(np.mean(round_times)) if round_times else float("nan"),
                    "wall_seconds": wall_s},
     }
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    import tomllib
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing; not an edgefleet run directory") from None
-
-
-def _ray_init(scenario: Scenario, actors: int) -> None:
-    if actors <= 0:
-        return
-    import ray
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": False}
-    address = scenario.ray.address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS
-    if address:  # joining a cluster: its resources and dashboard are the cluster's own
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=max(actors, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
-                 include_dashboard=scenario.ray.dashboard, dashboard_host="127.0.0.1", **kwargs)
 
 
 def _set_task_identity() -> None:

@@ -28,7 +28,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from fleet.engine import run_scenario
     from fleet.limits import preflight
-    from fleet.runs import RunDir
     from fleet.scenario import load_scenario
     if args.allow_changes and not args.resume:
         raise ValueError("--allow-changes goes with --resume RUN_DIR")
@@ -36,11 +35,9 @@ def run(args: argparse.Namespace) -> int:
         if args.scenario or args.devices:
             raise ValueError("--resume takes the run directory (and --rounds N to extend it): the run's own "
                              "scenario is used")
-        resumed = RunDir(args.resume).resume(args.allow_changes)  # lock, verify, newest valid checkpoint
-        for problem in resumed.problems:
-            print(f"edgefleet: {problem}", file=sys.stderr)
-        summary = run_scenario(None, args.resume, resume=True, rounds=args.rounds, progress=not args.quiet,
-                               actors=args.actors)
+        # locks, verifies the scenario and checkpoints, resumes from the newest valid one (fleet.runs)
+        summary = run_scenario(None, args.resume, resume=True, rounds=args.rounds, allow_changes=args.allow_changes,
+                               progress=not args.quiet, actors=args.actors)
     else:
         if not args.scenario:
             raise ValueError("give a scenario file, or --resume RUN_DIR")

@@ -199,22 +199,24 @@ class RunRecorder:
 def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
                  rounds: int | None = None, allow_changes: Sequence[str] = (), progress: bool = True,
                  actors: int | None = None, log: Callable[[str], None] | None = None,
-                 stop_after_round: int | None = None) -> dict[str, Any]:
+                 stop_after_round: int | None = None, observers: Sequence[Any] = ()) -> dict[str, Any]:
     """Run (or resume) a scenario; returns the summary. With ``resume``, the run in ``run_dir`` continues
     after its newest valid checkpoint (``allow_changes``: edited scenario keys to accept, fleet.runs);
     ``rounds`` then extends it (also a finished run) to that many rounds. The run directory is locked for
-    the whole call. ``stop_after_round`` simulates a kill (tests)."""
+    the whole call. ``stop_after_round`` simulates a kill (tests); ``observers`` (RoundObservers) are told of
+    each round after the run directory, the progress display and the exporter."""
     run = RunDir(run_dir if run_dir is not None else scenario.run_dir)
     try:
         return _run_scenario(scenario, run, resume, rounds, allow_changes, progress, actors, log,
-                             stop_after_round)
+                             stop_after_round, observers)
     finally:
         run.unlock()
 
 
 def _run_scenario(scenario: Scenario | None, run: RunDir, resume: bool, rounds: int | None,
                   allow_changes: Sequence[str], progress: bool, actors: int | None,
-                  log: Callable[[str], None] | None, stop_after_round: int | None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None, stop_after_round: int | None,
+                  extra_observers: Sequence[Any] = ()) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # our own progress line says what matters
     if not progress:
@@ -266,9 +268,10 @@ def _run_scenario(scenario: Scenario | None, run: RunDir, resume: bool, rounds: 
         run.save_checkpoint(0, initial, {})
     bar = RunProgress(scenario.training.rounds, enabled=progress)
     recorder = RunRecorder(run, stop_after_round)
-    observers: list[Any] = [recorder, bar]
-    exporter = _exporter(scenario, run, fleet, observers)
-    driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=observers, checkpoint=recorder,
+    watchers: list[Any] = [recorder, bar]
+    exporter = _exporter(scenario, run, fleet, watchers)
+    watchers += list(extra_observers)  # the caller's, told after the run directory, progress and exporter
+    driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=watchers, checkpoint=recorder,
                          train_config=train_config(scenario))
     _set_task_identity()
     try:

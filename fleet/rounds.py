@@ -106,6 +106,9 @@ class RoundDriver:
         messages = list(self.strategy.configure_train(round_, arrays, ConfigRecord(dict(self.train_config)),
                                                       self.grid))
         log.sampled = sorted(self.fleet.device_of(m.metadata.dst_node_id) for m in messages)
+        for observer in self.observers:  # optional: observers that track devices' states (the exporter)
+            if hasattr(observer, "jobs_sent"):
+                observer.jobs_sent(round_, log.sampled)
         replies = self._exchange(messages, round_, log)
         log.timings["train_s"], clock = time.perf_counter() - clock, time.perf_counter()
         aggregated, train_metrics = self.strategy.aggregate_train(round_, replies)

@@ -276,10 +276,14 @@ def test_stock_robust_and_dp_strategies_run_unchanged(tmp_path, name):
     _set_task_identity()
     strategy = Guarded(ROBUST[name]())
     logs: list[RoundLog] = []
+    sent: list[tuple[int, list[int]]] = []
 
     class Keep:
         def begin_round(self, round_, total_rounds):
             pass
+
+        def jobs_sent(self, round_, devices):  # optional hook: the exporter's "training" state
+            sent.append((round_, list(devices)))
 
         def device_done(self, record):
             assert isinstance(record, DeviceRecord) and record.group == "g"
@@ -290,6 +294,7 @@ def test_stock_robust_and_dp_strategies_run_unchanged(tmp_path, name):
     driver = RoundDriver(strategy, grid, seed=s.seed, observers=[Keep()], train_config=train_config(s))
     final = from_record(driver.run(to_record(initial), 1, 2))
     assert [log.round for log in logs] == [1, 2]
+    assert sent == [(1, list(range(9))), (2, list(range(9)))]
     assert all(len(log.of("train")) == 9 and not log.failures for log in logs)
     assert all(np.isfinite(v).all() for v in final.values())
     assert any(not np.allclose(final[k], initial[k]) for k in initial)

@@ -2,7 +2,6 @@
 personalization that helps."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from fleet.engine import run_scenario
 from fleet.runs import RunDir, RunError
-from fleet.scenario import parse_scenario
+from tests.fleet.runs_compare import comparable, scenario_with
 
 BASE = {
     "name": "tiny", "seed": 3,
@@ -24,14 +23,7 @@ BASE = {
 
 
 def scenario(**changes):
-    raw = copy.deepcopy(BASE)
-    for path, value in changes.items():
-        node = raw
-        keys = path.split(".")
-        for key in keys[:-1]:
-            node = node[key] if not key.isdigit() else node[int(key)]
-        node[keys[-1]] = value
-    return parse_scenario(raw, source="test")
+    return scenario_with(BASE, **changes)
 
 
 def device_records(run_dir):
@@ -68,19 +60,6 @@ def test_run_writes_the_run_directory(tmp_path, ray_local):
     assert run.state()["finished"]  # the finished run is untouched
 
 
-def _comparable(records):
-    """Records without what depends on the wall clock."""
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in ("duration_s", "timings", "started_at", "ended_at")}
-        if "telemetry" in r:
-            r["telemetry"] = {k: v for k, v in r["telemetry"].items() if k != "wall_s"}
-        if "server_metrics" in r:
-            r["server_metrics"] = {k: v for k, v in r["server_metrics"].items() if "wall-s" not in k}
-        out.append(r)
-    return out
-
-
 def test_resume_equals_uninterrupted(tmp_path, ray_local):
     s = scenario(**{"training.rounds": 4, "aggregation.strategy": "fedavgm"})
     run_scenario(s, tmp_path / "full", progress=False)
@@ -94,7 +73,7 @@ def test_resume_equals_uninterrupted(tmp_path, ray_local):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert _comparable(full.metrics()) == _comparable(resumed.metrics())
+    assert comparable(full.metrics()) == comparable(resumed.metrics())
     sa = json.loads((tmp_path / "full" / "summary.json").read_text())["personalization"]
     sb = json.loads((tmp_path / "killed" / "summary.json").read_text())["personalization"]
     assert sa["per_device"] == sb["per_device"]

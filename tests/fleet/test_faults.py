@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fleet.cluster import descendants
-from fleet.runs import finite_json
+from tests.fleet.runs_compare import comparable
 from fleet.runs import RunDir
 
 SCENARIO = """
@@ -70,19 +70,6 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def _comparable(records):
-    """Records without what depends on the wall clock; NaN as null (NaN != NaN)."""
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in ("duration_s", "timings", "started_at", "ended_at", "wall_s")}
-        if "telemetry" in r:
-            r["telemetry"] = {k: v for k, v in r["telemetry"].items() if k != "wall_s"}
-        if "server_metrics" in r:
-            r["server_metrics"] = {k: v for k, v in r["server_metrics"].items() if "wall-s" not in k}
-        out.append(finite_json(r))
-    return out
-
-
 def _same_run(a: Path, b: Path, rounds: int = 4) -> None:
     ra, rb = RunDir(a), RunDir(b)
     assert ra.state() == rb.state() == {"rounds_completed": rounds, "finished": True}
@@ -94,7 +81,7 @@ def _same_run(a: Path, b: Path, rounds: int = 4) -> None:
             np.testing.assert_array_equal(xa[key], xb[key], err_msg=f"round {r} {key}")
         for key in sa:
             np.testing.assert_array_equal(sa[key], sb[key], err_msg=f"round {r} strategy {key}")
-    assert _comparable(ra.metrics()) == _comparable(rb.metrics())
+    assert comparable(ra.metrics()) == comparable(rb.metrics())
 
 
 @pytest.fixture(scope="module")

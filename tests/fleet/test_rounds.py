@@ -3,7 +3,6 @@ carried out on the device, config keys no device honours, stock and robust Flowe
 test for each finding of the fleet-core issue)."""
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
@@ -27,8 +26,8 @@ from fleet.programs import ProgramBuilder, pretrain_base
 from fleet.roundlog import DeviceRecord, RoundLog
 from fleet.rounds import RoundDriver
 from fleet.runs import RunDir
-from fleet.scenario import parse_scenario
 from fleet.strategies import Guarded, check_strategy_config
+from tests.fleet.runs_compare import comparable, scenario_with
 
 BASE = {
     "name": "rounds", "seed": 5,
@@ -42,26 +41,7 @@ BASE = {
 
 
 def scenario(**changes):
-    raw = copy.deepcopy(BASE)
-    for path, value in changes.items():
-        node = raw
-        *keys, last = path.split(".")
-        for key in keys:
-            node = node[key]
-        node[last] = value
-    return parse_scenario(raw, source="test")
-
-
-def _no_wall(records):
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in ("duration_s", "timings", "started_at", "ended_at")}
-        if "telemetry" in r:
-            r["telemetry"] = {k: v for k, v in r["telemetry"].items() if k != "wall_s"}
-        if "server_metrics" in r:
-            r["server_metrics"] = {k: v for k, v in r["server_metrics"].items() if "wall-s" not in k}
-        out.append(r)
-    return out
+    return scenario_with(BASE, **changes)
 
 
 def assert_same_run(a_dir, b_dir, rounds):
@@ -73,7 +53,7 @@ def assert_same_run(a_dir, b_dir, rounds):
         np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
     for key in state_a:
         np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
-    assert _no_wall(a.metrics()) == _no_wall(b.metrics())
+    assert comparable(a.metrics()) == comparable(b.metrics())
 
 
 # ---- the protocol --------------------------------------------------------------------------------------

@@ -127,10 +127,14 @@ def test_a_killed_host_actor_stops_with_one_line_then_resumes_identical(uninterr
     root, _ = uninterrupted
     run_dir = root / "actor"
     proc = _cli(str(root / "scenario.toml"), "--run-dir", str(run_dir), "--actors", "1")
-    _wait_for(run_dir / "checkpoints" / "round-0001.npz", proc)
-    hosts = [p for p in descendants(proc.pid) if b"DeviceHost" in _cmdline(p)]
-    assert hosts, "no host actor process found"
-    os.kill(hosts[0], signal.SIGKILL)
+    _wait_for(run_dir / "checkpoints" / "round-0000.npz", proc)  # written once the host actors are up
+    proc.send_signal(signal.SIGSTOP)  # hold the orchestrator so a fast run cannot finish before the kill
+    try:
+        hosts = [p for p in descendants(proc.pid) if b"DeviceHost" in _cmdline(p)]
+        assert hosts, "no host actor process found"
+        os.kill(hosts[0], signal.SIGKILL)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     code, err = _finish(proc)
     if code != 0:  # stopped: one line naming the cause
         lines = [ln for ln in err.splitlines() if ln.startswith("edgefleet: error:")]

@@ -29,19 +29,25 @@ class ScrapedEachRound:
         self.server = server
 
     def begin_round(self, round_: int, total_rounds: int) -> None:
-        pass
+        self._wait_for(round_ - 1, after=time.time())  # a scrape before each round, also on a fast machine
 
     def device_done(self, record) -> None:
         pass
 
     def end_round(self, log: RoundLog) -> None:
+        self._wait_for(log.round, after=time.time())
+
+    def _wait_for(self, rounds_completed: int, after: float) -> None:
+        """Until Prometheus holds a sample taken after ``after`` with that many rounds completed."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            result = self.server.query("edgefleet_rounds_completed_total")
-            if result and float(result[0]["value"][1]) == log.round:
+            value = self.server.query("edgefleet_rounds_completed_total")
+            scraped = self.server.query("timestamp(edgefleet_rounds_completed_total)")  # the sample's own time
+            if value and scraped and float(scraped[0]["value"][1]) >= after and \
+                    float(value[0]["value"][1]) == rounds_completed:
                 return
             time.sleep(0.2)
-        raise AssertionError(f"Prometheus did not scrape round {log.round}")
+        raise AssertionError(f"Prometheus did not scrape {rounds_completed} rounds completed")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The Device interface every backend (numpy, QEMU, GVSoC, serial board) implements, and its result types."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 import numpy as np

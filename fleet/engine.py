@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -29,9 +27,8 @@ from fleet.records import round_log_records
 from fleet.roundlog import DeviceRecord, RoundLog, mean, merge_counts
 from fleet.rounds import RoundDriver, restore_strategy_state, strategy_state
 from fleet.runs import RunDir, RunError
-from fleet.scenario import DeviceGroup, Dropout, Periodic, Scenario, load_scenario, parse_scenario
+from fleet.scenario import AVAILABLE_RUNTIMES, DeviceGroup, Dropout, Periodic, Scenario, load_scenario, parse_scenario
 
-FLEET_RUNTIMES = ("numpy", "qemu")  # runtimes a fleet group can use today (fleet.scenario refuses others)
 
 
 @dataclass
@@ -129,9 +126,9 @@ def peak_memory(program: Any) -> tuple[tuple[str, int], ...]:
 def group_program(builder: ProgramBuilder, group: DeviceGroup) -> tuple[str, int | None, Any]:
     """A group's program, its key (target and LoRA rank) and its rank."""
     rank = builder.rank_for(group)
-    if group.runtime not in FLEET_RUNTIMES:
+    if group.runtime not in AVAILABLE_RUNTIMES:
         raise RunError(f"fleet group {group.name!r}: runtime {group.runtime!r} is not available in fleet runs yet "
-                       f"(available: {', '.join(FLEET_RUNTIMES)})")
+                       f"(available: {', '.join(AVAILABLE_RUNTIMES)})")
     key = f"{group.target}-r{rank}" if rank else group.target
     if group.runtime != "numpy":
         key += f"-{group.runtime}"

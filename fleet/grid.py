@@ -9,7 +9,7 @@ drop-outs), straggler deadlines and injected faults are simulation and are appli
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from device_runtime.protocol import CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER, Job, JobResult, Telemetry
+from device_runtime.protocol import CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER, Job, JobResult
 from fleet.messages import (instruction, instruction_arrays, instruction_record, job_from_message,
                             modelled_seconds, reply_from_result)
 

@@ -13,7 +13,7 @@ import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from device_runtime.protocol import CAUSE_ERROR, CAUSES, Job, JobResult, Telemetry, make_job
 from fleet.arrays import from_record, to_record
@@ -90,10 +90,6 @@ def reply_from_result(message: Message, result: JobResult) -> Message:
         content[ARRAYS_KEY] = to_record(result.arrays)
     content[METRICS_KEY] = MetricRecord(metrics)
     return Message(content, reply_to=message)
-
-
-def error_reply(message: Message, cause: str, reason: str) -> Message:
-    return Message(Error(code=ERROR_CODES.get(cause, ERROR_CODES[CAUSE_ERROR]), reason=reason), reply_to=message)
 
 
 def record_from_reply(reply: Message, round_: int, kind: str, device_of: Callable[[int], int],

@@ -28,6 +28,10 @@ class SGDConfig:
     # every gradient buffer alive until then.
     fused_update: bool = True
     proximal: bool = False
+    # integer parameters (an int8 program, compiler/quantize.py): QAS scaling of their gradients, and
+    # "round" (the int8 weight updated in place) or "master" (a float32 copy of its updated channels)
+    qas: bool = True
+    int_update: str = "round"
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
@@ -40,6 +44,8 @@ class SGDConfig:
         out: dict[str, Any] = {"kind": "sgd", "lr": self.lr, "momentum": self.momentum,
                                "weight_decay": self.weight_decay, "fused_update": self.fused_update,
                                "lr_tensor": LR_TENSOR}
+        if any(graph.tensors[p].dtype != "float32" for p in graph.by_role(Role.TRAINABLE)):
+            out["int8"] = {"qas": self.qas, "update": self.int_update}
         if self.proximal:
             out["proximal_mu_tensor"] = PROXIMAL_MU_TENSOR
             out["anchors"] = {p: p + ANCHOR_SUFFIX for p in graph.by_role(Role.TRAINABLE)}
@@ -220,6 +226,9 @@ def differentiate(graph: Graph, loss: str, sgd: SGDConfig | None) -> tuple[Graph
 
 
 def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig, mu: str = "") -> None:
+    if g.dtype(param) != "float32":
+        _emit_integer_update(g, param, grad, lr, sgd)
+        return
     if sgd.proximal:  # FedProx: g + μ·(p − p₀), from ordinary ops (the backward stays ordinary IR)
         if g.train_channels(param):
             raise CompileError(f"parameter {param!r}: the proximal option (FedProx) does not combine with a "
@@ -242,4 +251,33 @@ def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig,
     axis, channels = g.train_channels(param) or (0, 0)
     g.emit_n("SGD", inputs, f"{param}.update", momentum=sgd.momentum, weight_decay=sgd.weight_decay,
              axis=axis, channels=channels)
+    g.phase = "backward"
+
+
+QAS_SUFFIX = ".qas"        # the per-channel QAS factor of an integer parameter (compiler/quantize.py)
+MASTER_SUFFIX = ".master"  # the float32 copy of an int8 weight's updated channels
+
+
+def _emit_integer_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig) -> None:
+    """QSGD of an int8 weight or int32 bias, its gradient first multiplied by the QAS factor when QAS is on."""
+    if sgd.momentum or sgd.weight_decay or sgd.proximal:
+        raise CompileError(f"parameter {param!r} is {g.dtype(param)}: int8 training takes plain SGD (no momentum, "
+                           "weight decay or proximal term)")
+    g.phase, g.layer = "update", param.rsplit(".", 1)[0]
+    axis, channels = g.train_channels(param) or (0, 0)
+    shape = g.tensors[param].grad_shape
+    if sgd.qas:
+        if param + QAS_SUFFIX not in g.values:
+            raise CompileError(f"internal: integer parameter {param!r} has no QAS factor")
+        factor = np.asarray(g.values[param + QAS_SUFFIX], np.float32)[:shape[axis]]
+        factor = factor.reshape((1,) * axis + (-1,) + (1,) * (len(shape) - axis - 1))
+        grad = g.emit("Mul", [grad, g.const(factor, f"{param}.qas_factor")], f"{param}.grad")
+    inputs = [param, grad, lr]
+    if sgd.int_update == "master" and g.dtype(param) == "int8":
+        master = g.names(param + MASTER_SUFFIX)
+        index = (slice(None),) * axis + (slice(0, shape[axis]),)
+        g.tensors[master] = TensorSpec(master, shape, "float32", Role.OPT_STATE)
+        g.values[master] = np.asarray(g.values[param])[index].astype(np.float32)
+        inputs.append(master)
+    g.emit_n("QSGD", inputs, f"{param}.update", axis=axis, channels=channels)
     g.phase = "backward"

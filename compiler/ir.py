@@ -36,7 +36,7 @@ class Role(str, Enum):
 
 PERSISTENT_ROLES = frozenset({Role.FROZEN, Role.TRAINABLE, Role.CONSTANT, Role.OPT_STATE, Role.HYPER})
 
-DTYPE_BYTES = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
+DTYPE_BYTES = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1, "int8": 1}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -20,6 +21,7 @@ from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
 from compiler.ops import UPDATE_OPS, get_op
 from compiler.plan import MemoryPlan, check_plan, plan_memory
 from compiler.program import Phase, Program, Step, TensorInfo
+from compiler.quantize import Int8Options, quantize_graph
 from compiler.report import build_report, layer_table
 from compiler.tuning import TuningSpec, apply_tuning
 
@@ -34,12 +36,15 @@ class CompileOptions:
     loss: str = "auto"
     sgd: SGDConfig = field(default_factory=SGDConfig)
     devices: int = 1  # device axis: one program trains this many devices at once (import with batch·devices)
+    int8: Int8Options | None = None  # train the int8 form of the model (compiler/quantize.py)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise CompileError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise CompileError(f"batch must be an integer >= 1, got {self.batch!r}")
+        if self.int8 is not None and self.devices != 1:
+            raise CompileError("int8 programs train one device each (devices = 1)")
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto, seed: int = 0) -> tuple[onnx.ModelProto | str, str, str]:
@@ -112,12 +117,16 @@ def _phase(graph: Graph, plan: MemoryPlan, results: Sequence[str]) -> Phase:
 
 def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", task_hint: str = "auto") -> Program:
     """Compile an imported graph (batch ``options.batch``, or batch·devices with a device axis)."""
+    sgd = options.sgd
+    if options.int8 is not None:
+        graph = quantize_graph(graph, options.int8.calibration)
+        sgd = dataclasses.replace(sgd, qas=options.int8.qas, int_update=options.int8.update)
     tuned = apply_tuning(graph, options.tuning)
     per_device = per_device_tensors(tuned)
     graph = add_device_axis(tuned, options.devices)
     forward, loss, label, task = add_loss(graph, options.loss, task_hint)
     forward, loss = scale_loss(forward, loss, options.devices)
-    train, _ = differentiate(forward, loss, options.sgd)
+    train, _ = differentiate(forward, loss, sgd)
     # batched devices also keep the outputs, so each device's loss can be read per step
     train_results = (loss,) if options.devices == 1 else (loss, forward.outputs[0])
     train = train.pruned(keep=train_results, always=UPDATE_OPS)
@@ -139,19 +148,20 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
         params_bytes=train_plan.params_bytes, values=values,
         train=_phase(train, train_plan, train_results), evaluate=_phase(eval_graph, eval_plan, (forward.outputs[0], loss)),
         tuning=options.tuning.to_dict(),
-        optimizer=options.sgd.manifest(train), devices=options.devices)
+        optimizer=sgd.manifest(train), devices=options.devices)
     return program.replace(report=build_report(program, train_plan, tuned.notes, layer_table(tuned)))
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",
                   batch: int = 8, loss: str = "auto", lr: float = 0.01, momentum: float = 0.0,
                   weight_decay: float = 0.0, seed: int = 0, devices: int = 1, fused_update: bool = True,
-                  proximal: bool = False) -> Program:
+                  proximal: bool = False, int8: Int8Options | None = None) -> Program:
     """Compile a zoo model name, an ONNX file or a ModelProto into a training Program (``devices`` > 1: one
     program that trains that many devices at once; see compiler.device_axis; ``proximal``: FedProx's pull
-    towards anchor values, see compiler.autodiff.SGDConfig)."""
+    towards anchor values, see compiler.autodiff.SGDConfig; ``int8``: train the model's int8 form, see
+    compiler/quantize.py)."""
     source, name, task_hint = load_model(model, seed)
     options = CompileOptions(TuningSpec.parse(tuning), batch, loss,
-                             SGDConfig(lr, momentum, weight_decay, fused_update, proximal), devices)
+                             SGDConfig(lr, momentum, weight_decay, fused_update, proximal), devices, int8)
     graph = import_onnx(source, options.batch * options.devices)
     return compile_graph(graph, options, name, task_hint)

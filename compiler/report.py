@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
+
 from compiler.ir import Role
 from compiler.ops import get_op
 
@@ -65,7 +67,7 @@ def build_report(program: "Program", plan: "MemoryPlan", notes: Mapping[str, Any
     for step in program.train.steps:
         if get_op(step.op).updates and len(step.inputs) > 1:
             grad_bytes += program.tensors[step.inputs[1]].nbytes
-            updated[step.inputs[0]] = program.tensors[step.inputs[1]].nbytes // 4
+            updated[step.inputs[0]] = _elements(program.tensors[step.inputs[1]])
     flops = {"forward": 0, "backward": 0, "update": 0}
     gemm_flops = {"forward": 0, "backward": 0}
     for step in program.train.steps:
@@ -82,10 +84,12 @@ def build_report(program: "Program", plan: "MemoryPlan", notes: Mapping[str, Any
     }
     if "lora_targets" in notes:
         extra["lora_targets"] = list(notes["lora_targets"])
+    if "int8" in notes:
+        extra["int8"] = dict(notes["int8"])
     return {**extra,
         "model": program.model, "batch": program.batch, "task": program.task, "tuning": dict(program.tuning),
-        "params": {"total": sum(t.nbytes // 4 for t in params.values()),
-                   "trainable": sum(updated.get(n, t.nbytes // 4) for n, t in trainable.items()),
+        "params": {"total": sum(_elements(t) for t in params.values()),
+                   "trainable": sum(updated.get(n, _elements(t)) for n, t in trainable.items()),
                    "trainable_tensors": len(trainable)},
         "memory": {
             "frozen_weights_bytes": _bytes(program, Role.FROZEN),
@@ -180,3 +184,7 @@ def _target_text(key: str, data: Mapping[str, Any]) -> str:
         return f"{_kib(data['total_bytes'])} ({links})"
     return (f"{data['cycles_per_step']:,} cycles/step, {data['images_per_second']:.1f} images/s, "
             f"{data['flop_per_cycle']:.2f} FLOP/cycle")
+
+
+def _elements(t: Any) -> int:
+    return int(np.prod(t.shape, dtype=np.int64))

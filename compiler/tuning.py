@@ -247,7 +247,7 @@ def _channel_axis(graph: Graph, weight: str) -> int | None:
     for node in graph.nodes:
         if len(node.inputs) < 2 or node.inputs[1] != weight:
             continue
-        if node.op == "Conv":
+        if node.op in ("Conv", "QConv", "QLinear"):
             axes.add(0)
         elif node.op == "Gemm" and not node.attrs.get("transA", 0):
             axes.add(0 if node.attrs.get("transB", 0) else 1)
@@ -291,7 +291,7 @@ def _restriction(graph: Graph, layer: str, weight: str, value: str) -> tuple[int
     k = int(value) if value.isdigit() else max(1, int(channels * SPARSE_RATIOS[value]))
     if k > channels:
         raise CompileError(f"sparse: layer {layer!r} has {channels} output channels, {k} asked")
-    group = max((int(n.attrs.get("group", 1)) for n in graph.nodes if n.op == "Conv" and n.inputs[1] == weight),
+    group = max((int(n.attrs.get("group", 1)) for n in graph.nodes if n.op in ("Conv", "QConv") and n.inputs[1] == weight),
                 default=1)
     per_group = channels // group if group > 1 else 1
     if k % per_group:

@@ -6,6 +6,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from compiler.autodiff import MASTER_SUFFIX
 from device_runtime.protocol import Telemetry
 
 
@@ -70,14 +71,23 @@ class ParameterAccess:
             if np.shape(value) != view.shape:
                 raise DeviceError(f"parameter {name!r}: shape {np.shape(value)} does not match {view.shape}")
             np.copyto(view, value, casting="same_kind")
+            self._sync_master(name)
+
+    def _sync_master(self, name: str) -> None:
+        """An int8 weight's float32 master copy (compiler.autodiff.MASTER_SUFFIX) restarts from its values."""
+        master = self.program.tensors.get(name + MASTER_SUFFIX)
+        if master is not None:
+            self.param_views[master.name][...] = self.param_views[name][tuple(slice(0, d) for d in master.shape)]
 
     def get_params(self) -> dict[str, np.ndarray]:
         return {n: self.param_views[n].copy() for n in self.program.trainable}
 
     def reset_optimizer(self) -> None:
         for name, t in self.program.tensors.items():
-            if t.role == "optimizer_state":
+            if t.role == "optimizer_state" and not name.endswith(MASTER_SUFFIX):
                 self.param_views[name][...] = 0
+            elif t.role == "optimizer_state":
+                self._sync_master(name[: -len(MASTER_SUFFIX)])
 
     def set_proximal(self, mu: float, anchors: Mapping[str, np.ndarray] | None = None) -> None:
         """FedProx: pull each trainable towards its anchor with strength ``mu`` (anchors: the values the

@@ -19,7 +19,7 @@ from compiler.ops import get_op
 from compiler.program import Phase, Program, TensorInfo
 from compiler.codegen.templates import REDMULE_KERNELS, Ref, Template, bind, site_of, template_for
 
-C_TYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "uint8_t"}
+C_TYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "uint8_t", "int8": "int8_t"}
 PHASES = (("train", "TR"), ("evaluate", "EV"))
 MAX_SYMBOL_CHARS = 40
 

@@ -26,8 +26,9 @@ REGISTRY: dict[str, "Op"] = {}
 KINDS = ("gemm", "conv", "elementwise", "reduction", "pool", "norm", "data", "loss", "optimizer")
 # How the target cost model charges a step (compiler/targets/tiling.py): a GEMM view tiled for L1 and RedMulE,
 # the fused LoRA row-panel kernels, the sum of the plain GEMM steps it runs ("composite": LoRA on a conv,
-# compiler/targets/fused_conv.py), a stream through L1 on the cores, or nothing (a view).
-COSTS = ("gemm", "fused", "composite", "stream", "none")
+# compiler/targets/fused_conv.py), an int8 GEMM on the cores' 4-way int8 dot products (the quantized layers,
+# compiler/targets/int8.py), a stream through L1 on the cores, or nothing (a view).
+COSTS = ("gemm", "fused", "composite", "int8", "stream", "none")
 
 
 class Op:

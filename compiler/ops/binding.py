@@ -19,7 +19,7 @@ from compiler.ops.layout import broadcast_strides, coalesce, contiguous_strides,
 
 Shape = tuple[int, ...]
 
-DTYPE_CODES = {"float32": 0, "float64": 1, "int64": 2, "int32": 3, "bool": 4}  # EF_F32 ... in ef_kernels.h
+DTYPE_CODES = {"float32": 0, "float64": 1, "int64": 2, "int32": 3, "bool": 4, "int8": 5}  # EF_F32 ... in ef_kernels.h
 _HOLE = re.compile(r"\$\{(\w+)\}")
 
 

@@ -64,6 +64,23 @@ def fixed(value: Any) -> Input:
     return Input(value.shape, "fixed", trainable=False, value=value)
 
 
+def _int8(*shape: int, edges: bool = False) -> np.ndarray:
+    """Fixed int8 values over the whole range (with ``edges``: some exactly at −128 and 127)."""
+    v = np.random.default_rng(int(np.prod(shape))).integers(-128, 128, shape).astype(np.int8)
+    if edges:
+        v.reshape(-1)[::5] = -128
+        v.reshape(-1)[1::7] = 127
+    return v
+
+
+def _int32(*shape: int) -> np.ndarray:
+    return np.random.default_rng(7).integers(-5000, 5000, shape).astype(np.int32)
+
+
+def _scale(n: int, size: float = 1e-2) -> np.ndarray:
+    return (np.random.default_rng(n).uniform(0.5, 2.0, n) * size).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Case:
     inputs: tuple[Input, ...]
@@ -194,6 +211,30 @@ CASES: dict[str, list[Case]] = {
     "LayerNormalization": [case((3, 5), (5,), (5,)),
                            case((2, 3, 4), (3, 4), (3, 4), axis=1, epsilon=1e-3, id="two axes"),
                            case((3, 5), (5,), id="no bias")],
+    # int8 (compiler/ops/quantized.py): integer inputs, forward compared bit for bit with TORCH below
+    "Quantize": [case(frozen(3, 4), scale=0.02, zero_point=-5, onnx=False)],
+    "Dequantize": [case(fixed(_int8(3, 4)), zero_point=-3, onnx=False),
+                   case(fixed(_int8(5)), scale=0.5, zero_point=2, onnx=False, id="scaled")],
+    "RequantGrad": [case(frozen(2, 3, 4), fixed(_scale(3)), fixed(_int8(2, 3, 4, edges=True)), onnx=False),
+                    case(frozen(2, 3), fixed(_scale(3)), onnx=False, id="float output")],
+    "QConv": [case(fixed(_int8(2, 3, 6, 7)), fixed(_int8(4, 3, 3, 3)), fixed(_int32(4)), fixed(_scale(4, 1e-3)),
+                   pads=(1, 1, 1, 1), x_zero=-7, y_zero=-128, onnx=False, grad=False),
+              case(fixed(_int8(2, 4, 8, 8)), fixed(_int8(4, 1, 3, 3)), fixed(_int32(4)), fixed(_scale(4, 1e-2)),
+                   strides=(2, 2), pads=(0, 1, 1, 0), group=4, x_zero=3, y_zero=5, onnx=False, grad=False,
+                   id="depthwise strided asymmetric"),
+              case(fixed(_int8(1, 5, 4, 4)), fixed(_int8(3, 5, 1, 1)), fixed(_int32(3)), fixed(_scale(3, 5e-3)),
+                   x_zero=-128, onnx=False, grad=False, id="pointwise")],
+    "QLinear": [case(fixed(_int8(3, 6)), fixed(_int8(4, 6)), fixed(_int32(4)), fixed(_scale(4, 1e-3)), x_zero=-2,
+                     y_zero=-128, onnx=False, grad=False),
+                case(fixed(_int8(3, 6)), fixed(_int8(4, 6)), fixed(_int32(4)), fixed(_scale(4, 1e-3)), x_zero=9,
+                     output="float32", onnx=False, grad=False, id="float logits")],
+    "QGlobalAveragePool": [case(fixed(_int8(2, 3, 4, 5)), onnx=False, grad=False),
+                           case(fixed(_int8(2, 3, 6)), onnx=False, grad=False, id="1-D")],
+    "QSGD": [case(fixed(_int8(4, 3)), frozen(4, 3), fixed(np.float32(0.7)), onnx=False, grad=False),
+             case(fixed(_int32(4)), frozen(2), fixed(np.float32(300.0)), axis=0, channels=2, onnx=False, grad=False,
+                  id="int32 first channels"),
+             case(fixed(_int8(4, 3)), frozen(2, 3), fixed(np.float32(0.7)), fixed(_int8(2, 3).astype(np.float32)),
+                  axis=0, channels=2, onnx=False, grad=False, id="master")],
     "BatchNormalization": [case((2, 3, 4, 4), frozen(3), frozen(3), frozen(3), frozen(3, kind="positive")),
                            case((4, 3), frozen(3), frozen(3), frozen(3), frozen(3, kind="positive"),
                                 epsilon=1e-3, id="2-D")],
@@ -238,6 +279,23 @@ def t_conv(x, w, b=None, *, strides, pads, dilations, group, auto_pad, **_):
     pads = _explicit_pads(x, w.shape[2:], strides, pads, dilations, auto_pad)
     conv = F.conv1d if rank == 1 else F.conv2d
     return conv(_pad(x, pads), w, b, stride=strides or 1, dilation=dilations or 1, groups=group)
+
+
+def _t_requant(acc, scale, zero):
+    """int8 requantization in float32: clamp(round(acc·scale) + zero) (torch.round: half to even)."""
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    return torch.clamp(torch.round(acc.float() * scale.float().view(shape)) + zero, -128, 127)
+
+
+def t_qconv(x, w, b, scale, *, strides, pads, dilations, group, auto_pad, x_zero, y_zero):
+    acc = t_conv(x.double() - x_zero, w.double(), None, strides=strides, pads=pads, dilations=dilations, group=group,
+                 auto_pad=auto_pad)
+    return _t_requant(acc + b.double().view(1, -1, *(1,) * (x.dim() - 2)), scale, y_zero)
+
+
+def t_qlinear(x, w, b, scale, *, x_zero, y_zero, output):
+    acc = (x.double() - x_zero) @ w.double().T + b.double()
+    return acc.float() * scale.float() if output == "float32" else _t_requant(acc, scale, y_zero)
 
 
 def t_max_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode, auto_pad, **_):
@@ -367,10 +425,17 @@ TORCH = {
         x, x.shape[axis:], scale, b, epsilon),
     "BatchNormalization": lambda x, scale, b, mean, var, *, epsilon, **_: F.batch_norm(
         x, mean, var, scale, b, training=False, eps=epsilon),
+    "QConv": t_qconv,
+    "QLinear": t_qlinear,
+    "QGlobalAveragePool": lambda x: torch.clamp(torch.round(
+        x.double().sum(dim=tuple(range(2, x.dim())), keepdim=True).float() / float(np.prod(x.shape[2:]))), -128, 127),
 }
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+INT8_OPS = ("Quantize", "Dequantize", "RequantGrad", "QConv", "QLinear", "QGlobalAveragePool")
+
+
 def has_gradient(op: Op) -> bool:
     return type(op).gradient is not Op.gradient
 
@@ -525,6 +590,15 @@ def onnx_model(op_name: str, c: Case, values: list[np.ndarray]) -> onnx.ModelPro
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
+
+
+@pytest.mark.parametrize("op_name,c", params(lambda name, c: name in TORCH and name in INT8_OPS))
+def test_quantized_forward_matches_torch_bit_for_bit(op_name, c):
+    values = make_values(c, "float32", np.random.default_rng(SEED))
+    got = get_op(op_name).run(values, get_op(op_name).resolve_attrs(dict(c.attrs)))[0]
+    want = TORCH[op_name](*(torch.tensor(v) for v in values), **get_op(op_name).resolve_attrs(dict(c.attrs)))
+    np.testing.assert_array_equal(got.astype(np.float32), want.numpy().astype(np.float32))
+    assert np.unique(got).size > 4  # not all saturated
 
 
 @pytest.mark.parametrize("op_name,c", ONNX_CASES)

@@ -53,6 +53,24 @@ def ints(dtype, *shape: int) -> Make:
     return lambda rng: rng.integers(-50, 50, shape).astype(dtype)
 
 
+def int8(*shape: int, edges: bool = False) -> Make:
+    def make(rng):
+        v = rng.integers(-128, 128, shape).astype(np.int8)
+        if edges:
+            v.reshape(-1)[::5] = -128
+            v.reshape(-1)[1::7] = 127
+        return v
+    return make
+
+
+def int32s(*shape: int) -> Make:
+    return lambda rng: rng.integers(-5000, 5000, shape).astype(np.int32)
+
+
+def scales(n: int, size: float = 1e-2) -> Make:
+    return lambda rng: (rng.uniform(0.5, 2.0, n) * size).astype(np.float32)
+
+
 def fixed(value) -> Make:
     value = np.asarray(value)
     return lambda rng: value.copy()
@@ -340,4 +358,20 @@ CASES: dict[str, list[KCase]] = {
             k((6, 2, 3), (2, 2, 3), fixed(np.float32(0.1)), (2, 2, 3), momentum=0.9, axis=0, channels=2,
               id="sparse first channels"),
             k((3, 5), (3, 2), fixed(np.float32(0.1)), weight_decay=0.01, axis=1, channels=2, id="sparse columns")],
+    # int8 (the quantized graph): exact integers, so any difference is a bug
+    "Quantize": [k(normal(3, 5), scale=0.01, zero_point=-3), k(normal(4, 2, 3), scale=0.5, zero_point=0, id="halves")],
+    "Dequantize": [k(int8(3, 5), zero_point=-5), k(int8(7), scale=0.25, zero_point=3, id="scaled")],
+    "RequantGrad": [k((2, 3, 4), scales(3), int8(2, 3, 4, edges=True)), k((2, 3), scales(3), id="float output")],
+    "QConv": [k(int8(*x), int8(*w), int32s(w[0]), scales(w[0], 2e-3), x_zero=-7, y_zero=-128, id=id_,
+                **{key: v for key, v in a.items() if key != "kernel_shape"})
+              for x, w, a, id_ in CONVS if not a.get("auto_pad")],
+    "QLinear": [k(int8(3, 6), int8(4, 6), int32s(4), scales(4, 2e-3), x_zero=-2, y_zero=-128),
+                k(int8(2, 64), int8(12, 64), int32s(12), scales(12, 1e-3), x_zero=9, output="float32",
+                  id="float logits")],
+    "QGlobalAveragePool": [k(int8(2, 3, 4, 5)), k(int8(2, 3, 6), id="1-D"), k(int8(1, 64, 25, 5), id="ds-cnn")],
+    "QSGD": [k(int8(4, 3), (4, 3), fixed(np.float32(0.7))),
+             k(int32s(4), (2,), fixed(np.float32(300.0)), axis=0, channels=2, id="int32 first channels"),
+             k(int8(4, 3), (2, 3), fixed(np.float32(0.7)), lambda rng: int8(2, 3)(rng).astype(np.float32), axis=0,
+               channels=2, id="master"),
+             k(int8(4, 3), (4, 3), fixed(np.float32(500.0)), id="saturating")],
 }

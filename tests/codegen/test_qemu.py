@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from functools import lru_cache
 
 import numpy as np
 import pytest
 
-from compiler import zoo
+from compiler import compile_model, zoo
+from compiler.program import Program
+from compiler.quantize import Int8Options
+from compiler.zoo.task_data import task_data
 from device_runtime import NumpyDevice
 from device_runtime.device import DeviceError
 from device_runtime.qemu import QemuDevice
-from tests.codegen.programs import AE_LORA, CCT_SPARSE, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning
+from tests.codegen.programs import AE_LORA, CCT_SPARSE, DS_CNN_SPARSE, K_STEPS, assert_same_training, compiled, data_for, frozen_tuning
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-riscv32") is None or shutil.which("riscv64-unknown-elf-gcc") is None,
@@ -85,3 +89,29 @@ def test_zfinx_build_trains_like_numpy_on_qemu(tmp_path, model, tuning):
     text = subprocess.run([objdump, "-d", str(device.executable)], capture_output=True, text=True).stdout
     assert "fmul.s\ta" in text or "fmadd.s\ta" in text, "float ops must use integer registers (Zfinx)"
     assert "flw\t" not in text and "fsw\t" not in text, "no F registers on the cluster cores"
+
+
+@lru_cache(maxsize=None)
+def _int8_program(update: str) -> Program:
+    x, _ = task_data("ds-cnn", 32, seed=3)
+    return compile_model("ds-cnn", dict(DS_CNN_SPARSE), batch=2, lr=0.05, int8=Int8Options(x, update=update))
+
+
+@pytest.mark.parametrize("board", ["rv32-qemu", "rv32-zfinx-qemu"])
+@pytest.mark.parametrize("update", ["round", "master"])
+def test_int8_training_on_qemu_equals_the_executor(tmp_path, board, update):
+    """The int8 kernels (ef_quant.c) on QEMU, built for rv32imf and as the cluster runs them (Zfinx): the same int8
+    and int32 parameters as the numpy executor bit for bit after K SGD steps, the float32 masters and losses within
+    the codegen parity tolerance."""
+    program = _int8_program(update)
+    x, y = task_data("ds-cnn", 12, seed=4)
+    device = QemuDevice(program, tmp_path, board=board, timeout_s=QEMU_TIMEOUT_S)
+    got = device.train(x, y, K_STEPS)
+    reference = NumpyDevice(program)
+    want = reference.train(x, y, K_STEPS)
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
+    for name, value in want.params.items():
+        assert got.params[name].dtype == value.dtype
+        np.testing.assert_array_equal(got.params[name], value, err_msg=name)
+    assert any(not np.array_equal(want.params[n], program.values[n]) for n in want.params)
+    np.testing.assert_array_equal(device.evaluate(x, y).outputs, reference.evaluate(x, y).outputs)

@@ -23,7 +23,7 @@ extern "C" {
 #define EF_MAX_RANK 8
 
 /* dtype codes (Cast, Gather) */
-enum { EF_F32 = 0, EF_F64 = 1, EF_I64 = 2, EF_I32 = 3, EF_BOOL = 4 };
+enum { EF_F32 = 0, EF_F64 = 1, EF_I64 = 2, EF_I32 = 3, EF_BOOL = 4, EF_I8 = 5 };
 
 /* sliding-window geometry (Conv, pools and their gradients): an int array indexed by these names.
  * 1-D ops run as 2-D with H = 1. M is the output channel count (C for pools); G the group count. */
@@ -170,6 +170,26 @@ void ef_mse_loss_grad(float *dpred, const float *pred, const float *target, cons
 /* ---- optimizer: in place; velocity NULL = no momentum buffer; param rows of cols elements ld apart ------- */
 void ef_sgd(float *param, const float *grad, const float *lr, float *velocity, int rows, int cols, int ld,
             float momentum, float weight_decay);
+
+/* ---- int8 (ef_quant.c): the quantized graph's forward in integers, its float32 backward helpers ----------- */
+/* y = clamp(rint(x / scale) + zero_point, -128, 127) */
+void ef_quantize(int8_t *y, const float *x, int n, float scale, int zero_point);
+/* y = (x - zero_point) · scale */
+void ef_dequantize(float *y, const int8_t *x, int n, float scale, int zero_point);
+/* dx = dy · scale[c] over (outer, channels, inner), 0 where y (NULL: none) is -128 or 127 */
+void ef_requant_grad(float *dx, const float *dy, const float *scale, const int8_t *y, int outer, int channels,
+                     int inner);
+/* y = clamp(rint((Σ (x - x_zero)·w + bias) · scale[m]) + y_zero): a grouped conv over the window `win` */
+void ef_qconv(int8_t *y, const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, const int *win,
+              int x_zero, int y_zero);
+/* x (n, k), w (m, k): acc = (x - x_zero)·wᵀ + b; y int8 requantized, or (out_float) float32 acc · scale[j] */
+void ef_qlinear(void *y, const int8_t *x, const int8_t *w, const int32_t *b, const float *scale, int n, int m, int k,
+                int x_zero, int y_zero, int out_float);
+/* y[p] = clamp(rint(Σ x / plane_size)) per plane */
+void ef_qglobal_average_pool(int8_t *y, const int8_t *x, int planes, int plane_size);
+/* integer SGD in place (int8, or int32 when int32 != 0), rows of cols updated elements ld apart:
+ * master NULL: p = clamp(p + rint(-(g·lr))); else master -= g·lr, p = clamp(rint(master)) */
+void ef_qsgd(void *param, int int32, const float *grad, const float *lr, float *master, int rows, int cols, int ld);
 
 #ifdef __cplusplus
 }

@@ -76,6 +76,7 @@ class Target:
     op_cycles_per_element: Mapping[str, float] = field(default_factory=dict)  # per op name, overrides the kind
     source: str = ""
     options: "TargetOptions" = field(default_factory=lambda: TargetOptions())
+    int8_macs_per_cycle: float = 0.0                # per core, int8 layers (4-way int8 dot products); 0: not given
 
     @property
     def l1_tile_bytes(self) -> int:
@@ -127,6 +128,7 @@ SCHEMA: dict[str, tuple[str, str, bool]] = {
     "redmule.job_setup_cycles": (*_NAT_INT, True),
     "cluster.gemm_macs_per_cycle_per_core": (*_POS_NUM, True),
     "cluster.fork_cycles": (*_NAT_INT, True),
+    "cluster.int8_macs_per_cycle_per_core": (*_POS_NUM, False),
     **{f"cluster.cycles_per_element.{kind}": (*_POS_NUM, True) for kind in CORE_KINDS},
     "options.default_level": ("level", "", False),
     "options.double_buffering": ("bool", "", False),
@@ -219,6 +221,7 @@ def parse_target(data: Mapping[str, Any], where: str, default_name: str) -> Targ
         links=MappingProxyType(links), redmule=redmule,
         core_gemm_macs_per_cycle=float(flat["cluster.gemm_macs_per_cycle_per_core"]),
         fork_cycles=flat["cluster.fork_cycles"],
+        int8_macs_per_cycle=float(flat.get("cluster.int8_macs_per_cycle_per_core", 0.0)),
         cycles_per_element=MappingProxyType({k: float(flat[f"cluster.cycles_per_element.{k}"]) for k in CORE_KINDS}),
         op_cycles_per_element=MappingProxyType({k: float(v) for k, v in overrides.items()}),
         source=where, options=TargetOptions(

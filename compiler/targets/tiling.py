@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from compiler.ir import CompileError
 from compiler.ops import get_op
 from compiler.program import Step, TensorInfo
 from compiler.targets.cost import (Flow, StepCost, candidates, cluster_elementwise_cycles, cluster_gemm_cycles,
@@ -46,6 +47,8 @@ def _cost_step(step: Step, tensors: Mapping[str, TensorInfo], levels: Mapping[st
         return cost_fused(step, tensors, levels, target, only_unit)
     if op.cost == "composite":  # its parts pay no step overhead of their own: the step pays it once
         return cost_lora_conv(step, tensors, levels, lambda s, t, lv: _cost_step(s, t, lv, target, cache, only_unit))
+    if op.cost == "int8":
+        return _best_streaming(step, op.kind, tensors, levels, target, _int8_compute(step, tensors, target))
     if op.cost == "gemm":
         view = gemm_view(step, tensors, levels)
         if cache is None or only_unit is not None:
@@ -184,8 +187,25 @@ def _best_gemm(step: Step, view: GemmView, target: Target, only_unit: str | None
 
 
 # ---- everything else: streamed through L1 on the cores ----------------------------------------------------
+def _int8_compute(step: Step, tensors: Mapping[str, TensorInfo], target: Target) -> Callable[[int], int]:
+    """An int8 layer (QConv, QLinear) on the cores, per tiling: a parallel region per tile, the int8 MACs at
+    ``cluster.int8_macs_per_cycle_per_core`` (4-way int8 dot products), and the requantization of every output
+    at the target's elementwise cost. Its operands stream through L1 like any streamed step (each byte once)."""
+    if not target.int8_macs_per_cycle:
+        raise CompileError(f"target {target.name!r} has no cluster.int8_macs_per_cycle_per_core for the int8 layer "
+                           f"{step.name!r}")
+    outputs = math.prod(tensors[step.outputs[0]].shape)
+    macs = outputs * math.prod(tensors[step.inputs[1]].shape[1:])  # QConv: C/g·kh·kw per output; QLinear: K
+    requant = math.ceil(outputs / target.cores) * target.element_cycles(step.op, "elementwise")
+
+    def compute(tiles: int) -> int:
+        return tiles * target.fork_cycles + math.ceil(macs / (target.cores * target.int8_macs_per_cycle)) + \
+            math.ceil(requant)
+    return compute
+
+
 def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], levels: Mapping[str, str],
-                    target: Target) -> StepCost:
+                    target: Target, compute_for: Callable[[int], int] | None = None) -> StepCost:
     op = get_op(step.op)
     ins = [tensors[n] for n in step.inputs if n]
     outs = [tensors[n] for n in step.outputs] + [_updated(op, tensors[step.inputs[i]], step.attrs) for i in op.updates
@@ -222,7 +242,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
     once_out = moved("L1->L2", group(r_out, False), 1) + moved("L2->L3", group(r_out, True), 1)
 
     def flow_for(tiles: int) -> Flow:
-        compute = cluster_elementwise_cycles(target, step.op, kind, work, tiles)
+        compute = compute_for(tiles) if compute_for else cluster_elementwise_cycles(target, step.op, kind, work, tiles)
         return Flow(tiles, compute, moved("L2->L1", s_in_all, tiles), moved("L1->L2", s_out_all, tiles),
                     moved("L3->L2", s_in_far, tiles), moved("L2->L3", s_out_far, tiles), once_in, once_out)
 

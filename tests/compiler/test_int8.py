@@ -132,3 +132,21 @@ def test_momentum_with_int8_is_one_line():
     x, _ = task_data("ds-cnn", 8)
     with pytest.raises(CompileError, match=r"int8 training takes plain SGD"):
         compile_model("ds-cnn", SPARSE, batch=1, momentum=0.9, int8=Int8Options(x))
+
+
+def test_cycle_model_charges_int8_layers_at_the_int8_rate():
+    import dataclasses
+
+    from compiler.targets import load_target, lower_to_target
+    program, _, _ = _compiled(batch=1)
+    target = load_target("siracusa")
+    lowered = lower_to_target(program, target)
+    layers = [s for s in lowered.train.steps if s.op in ("QConv", "QLinear")]
+    assert len(layers) == 10 and all(s.unit == "cluster" and s.cycles > 0 for s in layers)
+    faster = lower_to_target(program, dataclasses.replace(target, int8_macs_per_cycle=2 * target.int8_macs_per_cycle))
+    conv0 = {s.name: s.cycles for s in faster.train.steps}["conv0"]
+    assert conv0 < {s.name: s.cycles for s in lowered.train.steps}["conv0"]
+    fp32 = lower_to_target(compile_model("ds-cnn", SPARSE, batch=1, lr=LR), target)
+    assert lowered.report["perf"]["cycles_per_step"] < fp32.report["perf"]["cycles_per_step"]
+    with pytest.raises(CompileError, match=r"has no cluster.int8_macs_per_cycle_per_core for the int8 layer"):
+        lower_to_target(program, dataclasses.replace(target, int8_macs_per_cycle=0.0))

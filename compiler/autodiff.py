@@ -38,7 +38,6 @@ class SGDConfig:
             raise CompileError(f"invalid optimizer settings {self}: need lr > 0, 0 <= momentum < 1, "
                                "weight_decay >= 0")
 
-
     def manifest(self, graph: "Graph") -> dict[str, Any]:
         """The Program's optimizer entry: settings and the runtime tensors a device sets."""
         out: dict[str, Any] = {"kind": "sgd", "lr": self.lr, "momentum": self.momentum,
@@ -50,6 +49,37 @@ class SGDConfig:
             out["proximal_mu_tensor"] = PROXIMAL_MU_TENSOR
             out["anchors"] = {p: p + ANCHOR_SUFFIX for p in graph.by_role(Role.TRAINABLE)}
         return out
+
+
+@dataclass(frozen=True)
+class AdamConfig(SGDConfig):
+    """PyTorch's Adam (L2 weight decay, no AMSGrad): two state tensors per trainable (first and second moment)
+    and two bias corrections. For training from scratch (a base model's pretraining), where plain SGD stalls on
+    deep, unnormalised networks; on-device tuning normally stays with SGD, whose state is one buffer or none."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.momentum or not all(0 <= b < 1 for b in self.betas) or not self.eps > 0:
+            raise CompileError(f"invalid Adam settings {self}: need momentum 0 (Adam has betas), 0 <= betas < 1, "
+                               "eps > 0")
+
+    def manifest(self, graph: "Graph") -> dict[str, Any]:
+        return {**super().manifest(graph), "kind": "adam", "betas": list(self.betas), "eps": self.eps}
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer_config(optimizer: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                     fused_update: bool = True, proximal: bool = False) -> SGDConfig:
+    """The optimizer's settings by name: "sgd" (momentum allowed) or "adam" (PyTorch's default betas, eps)."""
+    if optimizer == "sgd":
+        return SGDConfig(lr, momentum, weight_decay, fused_update, proximal)
+    if optimizer == "adam":
+        return AdamConfig(lr, momentum, weight_decay, fused_update, proximal)
+    raise CompileError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
 LR_TENSOR = "optimizer.lr"
@@ -241,6 +271,9 @@ def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig,
         g.phase, g.layer = "update", param.rsplit(".", 1)[0]
         pull = g.emit("Mul", [g.emit("Sub", [param, anchor], f"{param}.prox"), mu], f"{param}.prox")
         grad = g.emit("Add", [grad, pull], f"{param}.grad")
+    if isinstance(sgd, AdamConfig):
+        _emit_adam(g, param, grad, lr, sgd)
+        return
     inputs = [param, grad, lr]
     if sgd.momentum:
         velocity = g.names(f"{param}.momentum")
@@ -260,9 +293,9 @@ MASTER_SUFFIX = ".master"  # the float32 copy of an int8 weight's updated channe
 
 def _emit_integer_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig) -> None:
     """QSGD of an int8 weight or int32 bias, its gradient first multiplied by the QAS factor when QAS is on."""
-    if sgd.momentum or sgd.weight_decay or sgd.proximal:
+    if sgd.momentum or sgd.weight_decay or sgd.proximal or isinstance(sgd, AdamConfig):
         raise CompileError(f"parameter {param!r} is {g.dtype(param)}: int8 training takes plain SGD (no momentum, "
-                           "weight decay or proximal term)")
+                           "weight decay, proximal term or Adam)")
     g.phase, g.layer = "update", param.rsplit(".", 1)[0]
     axis, channels = g.train_channels(param) or (0, 0)
     shape = g.tensors[param].grad_shape
@@ -280,4 +313,18 @@ def _emit_integer_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SG
         g.values[master] = np.asarray(g.values[param])[index].astype(np.float32)
         inputs.append(master)
     g.emit_n("QSGD", inputs, f"{param}.update", axis=axis, channels=channels)
+    g.phase = "backward"
+
+
+def _emit_adam(g: GradBuilder, param: str, grad: str, lr: str, adam: AdamConfig) -> None:
+    inputs = [param, grad, lr]
+    for state, shape in (("adam_m", g.shape(grad)), ("adam_v", g.shape(grad)), ("adam_corrections", (2,))):
+        name = g.names(f"{param}.{state}")
+        g.tensors[name] = TensorSpec(name, shape, "float32", Role.OPT_STATE)
+        g.values[name] = np.zeros(shape, np.float32)
+        inputs.append(name)
+    g.phase, g.layer = "update", param.rsplit(".", 1)[0]
+    axis, channels = g.train_channels(param) or (0, 0)
+    g.emit_n("Adam", inputs, f"{param}.update", beta1=adam.betas[0], beta2=adam.betas[1], eps=adam.eps,
+             weight_decay=adam.weight_decay, axis=axis, channels=channels)
     g.phase = "backward"

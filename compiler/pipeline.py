@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from compiler import zoo
-from compiler.autodiff import SGDConfig, differentiate
+from compiler.autodiff import SGDConfig, differentiate, optimizer_config
 from compiler.device_axis import add_device_axis, per_device_tensors, scale_loss
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError, Graph, Node, Role, TensorSpec
@@ -155,13 +155,14 @@ def compile_graph(graph: Graph, options: CompileOptions, name: str = "model", ta
 def compile_model(model: str | os.PathLike | onnx.ModelProto, tuning: str | dict | TuningSpec = "lora",
                   batch: int = 8, loss: str = "auto", lr: float = 0.01, momentum: float = 0.0,
                   weight_decay: float = 0.0, seed: int = 0, devices: int = 1, fused_update: bool = True,
-                  proximal: bool = False, int8: Int8Options | None = None) -> Program:
+                  proximal: bool = False, int8: Int8Options | None = None, optimizer: str = "sgd") -> Program:
     """Compile a zoo model name, an ONNX file or a ModelProto into a training Program (``devices`` > 1: one
     program that trains that many devices at once; see compiler.device_axis; ``proximal``: FedProx's pull
     towards anchor values, see compiler.autodiff.SGDConfig; ``int8``: train the model's int8 form, see
-    compiler/quantize.py)."""
+    compiler/quantize.py; ``optimizer``: "sgd" or "adam", see compiler.autodiff.AdamConfig)."""
     source, name, task_hint = load_model(model, seed)
     options = CompileOptions(TuningSpec.parse(tuning), batch, loss,
-                             SGDConfig(lr, momentum, weight_decay, fused_update, proximal), devices, int8)
+                             optimizer_config(optimizer, lr, momentum, weight_decay, fused_update, proximal), devices,
+                             int8)
     graph = import_onnx(source, options.batch * options.devices)
     return compile_graph(graph, options, name, task_hint)

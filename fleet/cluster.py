@@ -9,8 +9,10 @@ Local runs (no ``ray.address`` in the scenario and no ``RAY_ADDRESS``) start Ray
 - Ray's token authentication is on (``RAY_AUTH_MODE=token``): every gRPC call into the GCS, the raylets and the
   workers must carry the run's random token (``RAY_AUTH_TOKEN``, inherited by the processes Ray starts, never
   written to disk); a call without it is refused as UNAUTHENTICATED;
-- Ray's session directory (logs, the object store's and raylet's unix sockets) is a private directory
-  (0700, owner checked) unless ``RAY_TMPDIR`` names another.
+- Ray's session directory (logs, the object store's and raylet's unix sockets) lies inside a private directory
+  (0700, owner checked) unless ``RAY_TMPDIR`` names another. Ray makes the directory it is given world-writable
+  (``try_make_directory_shared``: mode 0777 at every ``ray.init``), so it is given a subdirectory of the private
+  one: what Ray opens up stays behind the 0700 parent.
 
 Joining a cluster (``ray.address`` or ``RAY_ADDRESS``): what the cluster binds and whether it wants a token is
 the cluster's own configuration; docs/cluster.md says what must be open and how to pass the token.
@@ -78,8 +80,12 @@ def start_local_ray(num_cpus: int, dashboard: bool = False) -> RaySession:
 
 
 def ray_temp_dir() -> Path:
-    """Short (unix socket paths are limited to 107 bytes) and private."""
-    return private_dir(Path(tempfile.gettempdir()) / f"edgefleet-ray-{os.geteuid()}", "Ray session directory")
+    """Short (unix socket paths are limited to 107 bytes) and private: ``r`` inside a 0700 directory, since Ray
+    chmods the directory it is given to 0777."""
+    parent = private_dir(Path(tempfile.gettempdir()) / f"edgefleet-ray-{os.geteuid()}", "Ray session directory")
+    inner = parent / "r"
+    inner.mkdir(mode=0o700, exist_ok=True)
+    return inner
 
 
 def _reload_ray_config() -> None:

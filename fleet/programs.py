@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from compiler import CompileError, TuningSpec
-from compiler.autodiff import SGDConfig
+from compiler.autodiff import SGDConfig, optimizer_config
 from compiler.frontend import import_onnx
 from compiler.pipeline import CompileOptions, compile_graph, load_model
 from compiler.program import Program
@@ -24,6 +24,7 @@ from fleet.scenario import DeviceGroup, Scenario
 
 RANK_CANDIDATES = (1, 2, 4, 8, 16, 32)
 PRETRAIN_BATCH = 32
+PRETRAIN_MOMENTUM = 0.9  # SGD's; Adam has its betas
 DEFAULT_CLOCK_MHZ = 360.0
 
 
@@ -42,7 +43,8 @@ def pretrain_base(scenario: Scenario, log=print) -> dict[str, np.ndarray]:
     cached by a hash of everything that determines the result."""
     source, name, task, raw = _model_bytes(scenario)
     spec = {"model": hashlib.sha256(raw).hexdigest(), "data": scenario.to_dict()["data"], "seed": scenario.seed,
-            "steps": scenario.model.pretrain_steps, "lr": scenario.model.pretrain_lr, "version": 1}
+            "steps": scenario.model.pretrain_steps, "lr": scenario.model.pretrain_lr,
+            "optimizer": scenario.model.pretrain_optimizer, "version": 1}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / f"base-{name}-{key}.npz"
     if path.exists():
@@ -51,8 +53,9 @@ def pretrain_base(scenario: Scenario, log=print) -> dict[str, np.ndarray]:
                 return {k: npz[k] for k in npz.files}
         except (OSError, ValueError):
             pass  # a corrupt cache entry is rebuilt
+    momentum = PRETRAIN_MOMENTUM if scenario.model.pretrain_optimizer == "sgd" else 0.0
     options = CompileOptions(TuningSpec("full"), PRETRAIN_BATCH, "auto",
-                             SGDConfig(scenario.model.pretrain_lr, momentum=0.9))
+                             optimizer_config(scenario.model.pretrain_optimizer, scenario.model.pretrain_lr, momentum))
     program = compile_graph(import_onnx(source, PRETRAIN_BATCH), options, name, task)
     values = {n: np.asarray(program.values[n]) for n in program.trainable}
     if scenario.model.pretrain_steps > 0:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
+from compiler.autodiff import OPTIMIZERS
 from compiler.ir import CompileError
 from compiler.tuning import LORA_INITS, LoraConfig
 from compiler.tuning import STRATEGIES as COMPILER_STRATEGIES
@@ -114,7 +115,7 @@ _MAX_SEED = 2**63 - 1
 _TOP_KEYS = ("name", "seed", "run_dir", "model", "tuning", "training", "aggregation", "data", "fleet", "ray",
              "metrics")
 _SECTION_KEYS = {
-    "model": ("name", "pretrain_steps", "pretrain_lr"),
+    "model": ("name", "pretrain_steps", "pretrain_lr", "pretrain_optimizer"),
     "tuning": ("strategy", "rank", "alpha", "targets", "train", "last_k", "bias_only", "init",
                "rank_from_memory"),
     "training": ("rounds", "fraction", "local_steps", "local_epochs", "batch_size", "lr", "momentum"),
@@ -138,8 +139,9 @@ _AVAILABILITY_TABLE_KEYS = ("kind", "p", "on_rounds", "off_rounds", "phase")
 @dataclass(frozen=True)
 class ModelSpec:
     name: str                   # a zoo model name, or an absolute/relative path ending .onnx
-    pretrain_steps: int = 200   # SGD steps on the non-personalized data before federated tuning
+    pretrain_steps: int = 200   # optimizer steps on the non-personalized data before federated tuning
     pretrain_lr: float = 0.05
+    pretrain_optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam" (compiler.pipeline.OPTIMIZERS)
 
     @property
     def is_onnx(self) -> bool:
@@ -419,7 +421,8 @@ def _parse_model(t: _Table, base: Path | None) -> ModelSpec:
         t.fail_value("name", f"a zoo model ({', '.join(ZOO_MODELS)}) or a path ending .onnx", name, ZOO_MODELS)
     return ModelSpec(name=name,
                      pretrain_steps=t.integer("pretrain_steps", default=ModelSpec.pretrain_steps, minimum=0),
-                     pretrain_lr=t.number("pretrain_lr", default=ModelSpec.pretrain_lr, above=0))
+                     pretrain_lr=t.number("pretrain_lr", default=ModelSpec.pretrain_lr, above=0),
+                     pretrain_optimizer=t.choice("pretrain_optimizer", OPTIMIZERS, default=ModelSpec.pretrain_optimizer))
 
 
 def _parse_tuning(t: _Table) -> TuningSpec:

@@ -130,9 +130,9 @@ class Op:
     # in-place parameter updates: indices of inputs that ``forward``'s results are written back into
     updates: ClassVar[tuple[int, ...]] = ()
 
-    def update_shape(self, shape: Shape, **attrs: Any) -> Shape:
-        """The shape of the part of an updated input this op writes (the cost model charges its bytes): all of
-        it, unless the op updates a sub-tensor (SGD of a sparse update)."""
+    def update_shape(self, shape: Shape, index: int = 0, **attrs: Any) -> Shape:
+        """The shape of the part of updated input ``index`` this op writes (the cost model charges its bytes):
+        all of it, unless the op updates a sub-tensor (an optimizer step of a sparse update)."""
         return tuple(shape)
 
     # ---- helpers used by the passes -----------------------------------------------------------------

@@ -208,7 +208,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
                     target: Target, compute_for: Callable[[int], int] | None = None) -> StepCost:
     op = get_op(step.op)
     ins = [tensors[n] for n in step.inputs if n]
-    outs = [tensors[n] for n in step.outputs] + [_updated(op, tensors[step.inputs[i]], step.attrs) for i in op.updates
+    outs = [tensors[n] for n in step.outputs] + [_updated(op, tensors[step.inputs[i]], step.attrs, i) for i in op.updates
                                                    if i < len(step.inputs) and step.inputs[i]]
     elements = max([_elements(t) for t in ins + outs] + [0])
     if elements == 0:
@@ -261,9 +261,9 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
                     int(dma), tiles, (math.ceil(elements / tiles),), footprint, by_link, 0, {"cluster": cycles})
 
 
-def _updated(op, info: TensorInfo, attrs: Mapping[str, Any]) -> TensorInfo:
-    """The part of an in-place updated tensor the step reads and writes (a sparse update's channels)."""
-    shape = op.update_shape(info.shape, **attrs)
+def _updated(op, info: TensorInfo, attrs: Mapping[str, Any], index: int) -> TensorInfo:
+    """The part of in-place updated input ``index`` the step reads and writes (a sparse update's channels)."""
+    shape = op.update_shape(info.shape, index, **attrs)
     return info if shape == tuple(info.shape) else dataclasses.replace(info, shape=shape)
 
 

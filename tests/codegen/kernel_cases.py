@@ -374,4 +374,10 @@ CASES: dict[str, list[KCase]] = {
              k(int8(4, 3), (2, 3), fixed(np.float32(0.7)), lambda rng: int8(2, 3)(rng).astype(np.float32), axis=0,
                channels=2, id="master"),
              k(int8(4, 3), (4, 3), fixed(np.float32(500.0)), id="saturating")],
+    "Adam": [k((3, 4), (3, 4), fixed(np.float32(0.01)), (3, 4), positive(3, 4), fixed(np.zeros(2, np.float32))),
+             k((3, 4), (3, 4), fixed(np.float32(0.01)), (3, 4), positive(3, 4),
+               fixed(np.array([0.488, 0.0297], np.float32)), beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.01,
+               id="later step, weight decay"),
+             k((6, 2, 3), (2, 2, 3), fixed(np.float32(0.01)), (2, 2, 3), positive(2, 2, 3),
+               fixed(np.zeros(2, np.float32)), axis=0, channels=2, id="sparse first channels")],
 }

@@ -173,6 +173,11 @@ CASES: dict[str, list[Case]] = {
     "SGD": [case(frozen(3, 4), frozen(3, 4), fixed(np.float32(0.1)), onnx=False, grad=False),
             case(frozen(3, 4), frozen(3, 4), fixed(np.float32(0.1)), frozen(3, 4), momentum=0.9, weight_decay=0.01,
                  onnx=False, grad=False, id="momentum")],
+    "Adam": [case(frozen(3, 4), frozen(3, 4), fixed(np.float32(0.1)), fixed(np.zeros((3, 4))), fixed(np.zeros((3, 4))),
+                  fixed(np.zeros(2)), onnx=False, grad=False, id="first step"),
+             case(frozen(3, 4), frozen(3, 4), fixed(np.float32(0.1)), frozen(3, 4), frozen(3, 4, kind="positive"),
+                  fixed(np.array([1 - 0.8**3, 1 - 0.99**3])), beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.01, onnx=False,
+                  grad=False, id="third step, weight decay")],
     # conv
     "Conv": [case((2, 3, 7, 8), (4, 3, 3, 3), (4,), id="bias"),
              case((2, 4, 9, 8), (6, 2, 3, 2), strides=(2, 1), pads=(1, 0, 2, 1), dilations=(1, 2), group=2,
@@ -241,7 +246,7 @@ CASES: dict[str, list[Case]] = {
 }
 
 # ops with no onnxruntime counterpart, and our ops whose ONNX name differs
-NO_ONNX = {"SGD", "MSELoss"}
+NO_ONNX = {"SGD", "Adam", "MSELoss"}
 ONNX_NAMES = {"SoftmaxCrossEntropy": "SoftmaxCrossEntropyLoss"}
 # attributes of our IR that ONNX takes as (constant) inputs, in ONNX's input order
 ONNX_INPUT_ATTRS = {
@@ -699,6 +704,30 @@ def test_sgd_matches_torch():
         np.testing.assert_allclose(new[0], p.detach().numpy(), rtol=1e-12)
         if velocity:
             np.testing.assert_allclose(new[1], sgd.state[p]["momentum_buffer"].numpy(), rtol=1e-12)
+
+
+def test_adam_matches_torch():
+    """One Adam step from given moments and bias corrections (the corrections 1 − βᵗ of step t − 1 are torch's
+    step count t − 1) equals torch.optim.Adam's step."""
+    for c in CASES["Adam"]:
+        param, grad, lr, m, v, corrections = make_values(c, "float64", np.random.default_rng(SEED))
+        attrs = get_op("Adam").resolve_attrs(dict(c.attrs))
+        new = get_op("Adam").run([param, grad, lr, m, v, corrections], attrs)
+        betas = (attrs["beta1"], attrs["beta2"])
+        done = int(round(np.log(1 - corrections[0]) / np.log(betas[0]))) if corrections[0] else 0
+
+        p = torch.tensor(param, requires_grad=True)
+        adam = torch.optim.Adam([p], lr=float(lr), betas=betas, eps=attrs["eps"], weight_decay=attrs["weight_decay"])
+        if done:
+            adam.state[p] = {"step": torch.tensor(float(done)), "exp_avg": torch.tensor(m),
+                             "exp_avg_sq": torch.tensor(v)}
+        p.grad = torch.tensor(grad)
+        adam.step()
+        np.testing.assert_allclose(new[0], p.detach().numpy(), rtol=1e-12)
+        if done:
+            np.testing.assert_allclose(new[1], adam.state[p]["exp_avg"].numpy(), rtol=1e-12)
+            np.testing.assert_allclose(new[2], adam.state[p]["exp_avg_sq"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(new[3], [1 - betas[0] ** (done + 1), 1 - betas[1] ** (done + 1)], rtol=1e-12)
 
 
 def test_reduce_max_gradient_splits_ties_like_torch_amax():

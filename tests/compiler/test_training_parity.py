@@ -34,10 +34,11 @@ STRATEGIES = {
 }
 BATCH = {"cct-2-3x2": 2, "cct-digits": 4, "deep-ae": 8, "ds-cnn": 4}
 LR, MOMENTUM = 0.01, 0.9
+ADAM_LR = 1e-3
 
 
 def torch_reference(model: onnx.ModelProto, program: Program, x: np.ndarray, y: np.ndarray | None,
-                    steps: int) -> tuple[list[float], dict[str, np.ndarray]]:
+                    steps: int, optimizer: str = "sgd") -> tuple[list[float], dict[str, np.ndarray]]:
     trainable = set(program.trainable)
     lora_layers = {weight_layer(n.rsplit(".lora_", 1)[0] + ".weight") for n in trainable if ".lora_" in n}
     alpha = program.tuning.get("alpha", 8.0)
@@ -46,7 +47,8 @@ def torch_reference(model: onnx.ModelProto, program: Program, x: np.ndarray, y: 
     oracle = TorchOnnx(model, trainable={n for n in trainable if ".lora_" not in n}, lora=lora, dtype=torch.float64)
     params = oracle.parameters()
     assert set(params) == trainable
-    opt = torch.optim.SGD(list(params.values()), lr=LR, momentum=MOMENTUM)
+    opt = (torch.optim.SGD(list(params.values()), lr=LR, momentum=MOMENTUM) if optimizer == "sgd" else
+           torch.optim.Adam(list(params.values()), lr=ADAM_LR))
     batch, losses = program.batch, []
     for step in range(steps):
         idx = (np.arange(batch) + step * batch) % len(x)
@@ -88,6 +90,27 @@ def test_executor_training_equals_pytorch(model: str, strategy: str, steps: int)
         if np.abs(ref - program.values[name]).max() > 1e-6 * scale:
             assert not np.array_equal(result.params[name], program.values[name]), name
     assert any(not np.array_equal(v, program.values[n]) for n, v in result.params.items())
+
+
+@pytest.mark.parametrize("model,strategy", [("deep-ae", "full"), ("cct-digits", "lora+head")])
+def test_adam_training_equals_pytorch(model: str, strategy: str) -> None:
+    """10 Adam steps (the optimizer of base-model pretraining) equal torch.optim.Adam's: losses and parameters."""
+    batch = BATCH[model]
+    program = compile_model(model, STRATEGIES[model][strategy], batch=batch, lr=ADAM_LR, optimizer="adam")
+    assert program.optimizer["kind"] == "adam"
+    x, y = _data(model, batch)
+    result = NumpyDevice(program).train(x, y, 10)
+    ref_losses, ref_params = torch_reference(zoo.build(model), program, x, y, 10, optimizer="adam")
+    np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-4, atol=1e-6)
+    # Adam divides each element's gradient by its own RMS, so an element whose gradient is at rounding level
+    # takes a step whose size float32 rounding decides: every element within 1 % of the largest possible move
+    # (lr per step), and all but 0.1 % within the tight tolerance of the SGD tests
+    for name, ref in ref_params.items():
+        scale = max(float(np.abs(ref).max()), 1e-3)
+        np.testing.assert_allclose(result.params[name], ref, rtol=1e-4, atol=0.01 * ADAM_LR * 10, err_msg=name)
+        tight = np.isclose(result.params[name], ref, rtol=1e-4, atol=1e-4 * scale)
+        assert tight.mean() >= 0.999, (name, tight.mean())
+    assert ref_losses[-1] < ref_losses[0]
 
 
 def test_unfused_updates_run_after_the_backward_pass_and_train_the_same():

@@ -79,6 +79,24 @@ def test_local_ray_binds_loopback_and_requires_the_token():
     assert child.returncode == 0
 
 
+def test_the_default_session_directory_stays_private_across_runs(tmp_path):
+    """Without RAY_TMPDIR, two local Ray sessions one after the other both start (Ray chmods the directory it
+    is given to 0777; the one edgefleet checks must stay 0700 so the second run is not refused)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    short = tempfile.mkdtemp(prefix="ef-")  # TMPDIR for the children: short, for the unix socket paths
+    env.update(TMPDIR=short, PYTHONPATH=os.getcwd())
+    try:
+        for _ in range(2):
+            child = subprocess.run([sys.executable, "-c", CHILD], env=env, input="\n", capture_output=True,
+                                   text=True, timeout=300)
+            assert child.returncode == 0, child.stderr[-2000:]
+            private = os.path.join(short, f"edgefleet-ray-{os.geteuid()}")
+            assert os.stat(private).st_mode & 0o777 == 0o700
+            assert any(name.startswith("session_") for name in os.listdir(os.path.join(private, "r")))
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
 def test_cluster_address_comes_from_the_scenario_then_the_environment(monkeypatch):
     class Ray:
         address = None

@@ -170,6 +170,8 @@ void ef_mse_loss_grad(float *dpred, const float *pred, const float *target, cons
 /* ---- optimizer: in place; velocity NULL = no momentum buffer; param rows of cols elements ld apart ------- */
 void ef_sgd(float *param, const float *grad, const float *lr, float *velocity, int rows, int cols, int ld,
             float momentum, float weight_decay);
+void ef_adam(float *param, const float *grad, const float *lr, float *m, float *v, float *corrections, int rows,
+             int cols, int ld, float beta1, float beta2, float eps, float weight_decay);
 
 /* ---- int8 (ef_quant.c): the quantized graph's forward in integers, its float32 backward helpers ----------- */
 /* y = clamp(rint(x / scale) + zero_point, -128, 127) */

@@ -24,15 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.codegen import build_elf, read_manifest
-from compiler.codegen.build import default_cache_dir, firmware_key, get_board
-from compiler.codegen.emit import generate
+from compiler.codegen.build import firmware_key
 from compiler.codegen.siracusa import JOB_STEPS, job_header, patch_section
 from compiler.ir import CompileError
 from compiler.program import Program
 from device_runtime.device import DeviceError
-from device_runtime.qemu import (MODE_TRAIN, OutFile, QemuDevice, _cause, _slug, _view, decode_out,
-                                 encode_batches)
+from device_runtime.qemu import MODE_TRAIN, OutFile, QemuDevice, _cause, decode_out, encode_batches
 
 GVSOC_ENV = "EDGEFLEET_GVSOC"
 GVSOC_TARGET = "siracusa"
@@ -118,33 +115,14 @@ class GvsocDevice(QemuDevice):
     def __init__(self, program: Program, workdir: str | os.PathLike | None = None, *, name: str = "gvsoc",
                  gvsoc: str | os.PathLike | None = None, timeout_s: float = RUN_TIMEOUT_S):
         self.gvsoc = find_gvsoc(gvsoc)
-        self.name = name
-        self.program = program
-        self.board = get_board("siracusa")
-        self.timeout_s = timeout_s
-        self.icount = False
-        self.workdir = Path(workdir) if workdir is not None else None
-        self.params = np.zeros(program.params_bytes, np.uint8)
-        self.param_views = {n: _view(self.params, off, program.tensors[n]) for n, off in program.param_offsets.items()}
-        for n, value in program.values.items():
-            if n in self.param_views:
-                np.copyto(self.param_views[n], value, casting="same_kind")
-        self.lr_tensors = [n for n, t in program.tensors.items() if t.role == "hyper"]
-        source, self.fingerprint = generate(program)
-        key = firmware_key(source + job_header(program), self.board, None)
-        root = self.workdir / "build" if self.workdir else default_cache_dir()
-        try:
-            self.executable = build_elf(program, root / f"{_slug(program.model)}-siracusa-{key[:16]}", "siracusa")
-        except CompileError as exc:
-            raise DeviceError(f"{name}: cannot build the firmware: {exc}") from None
-        manifest = read_manifest(self.executable)
+        manifest = self._set_up(program, workdir, name, "siracusa", timeout_s, icount=False)
         self.job_steps = int(manifest.get("job_steps", JOB_STEPS))
         self.out_ranges = [tuple(r) for r in manifest.get("out_ranges", [])]
-        self.last_run_s = 0.0
         self.last_transcript = ""
         self.last_profile: dict[int, int] = {}      # cycles per program step index over the last run's steps
-        self.last_step_cycles = np.zeros(0, np.uint64)
-        self.last_step_instructions = np.zeros(0, np.uint64)
+
+    def _firmware_key(self, source: str) -> str:
+        return firmware_key(source + job_header(self.program), self.board, None)
 
     def _run(self, mode: int, steps: list) -> OutFile:
         """Runs of at most ``job_steps`` steps each (the ELF's job region), parameters carried between them."""

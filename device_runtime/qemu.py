@@ -114,6 +114,13 @@ class QemuDevice(ParameterAccess):
 
     def __init__(self, program: Program, workdir: str | os.PathLike | None = None, *, name: str = "qemu",
                  board: str = "rv32-qemu", timeout_s: float = RUN_TIMEOUT_S, icount: bool = True):
+        manifest = self._set_up(program, workdir, name, board, timeout_s, icount)
+        self.memory_mib = (manifest.get("memory") or {}).get("memory_mib", 128)
+
+    def _set_up(self, program: Program, workdir: str | os.PathLike | None, name: str, board: str, timeout_s: float,
+                icount: bool) -> dict:
+        """What every ELF-running device does first (QemuDevice, GvsocDevice): the parameter region with the
+        program's values, then the firmware, built once per content key; returns the firmware's manifest."""
         self.name = name
         self.program = program
         self.board = get_board(board)
@@ -127,17 +134,20 @@ class QemuDevice(ParameterAccess):
                 np.copyto(self.param_views[n], value, casting="same_kind")
         self.lr_tensors = lr_tensors(program)
         source, self.fingerprint = generate(program)
-        key = firmware_key(source, self.board, memory_map(program, self.board))
+        key = self._firmware_key(source)
         root = self.workdir / "build" if self.workdir else default_cache_dir()
         try:
             self.executable = build_elf(program, root / f"{_slug(program.model)}-{self.board.name}-{key[:16]}",
                                         self.board.name)
         except CompileError as exc:
             raise DeviceError(f"{name}: cannot build the firmware: {exc}") from None
-        self.memory_mib = (read_manifest(self.executable).get("memory") or {}).get("memory_mib", 128)
-        self.last_run_s = 0.0                                   # wall time of the last QEMU run
+        self.last_run_s = 0.0                                   # wall time of the last run
         self.last_step_cycles = np.zeros(0, np.uint64)          # per-step counters of the last train()
         self.last_step_instructions = np.zeros(0, np.uint64)
+        return read_manifest(self.executable)
+
+    def _firmware_key(self, source: str) -> str:
+        return firmware_key(source, self.board, memory_map(self.program, self.board))
 
     # ---- running --------------------------------------------------------------------------------------------
     def _batches(self, x: np.ndarray, y: np.ndarray | None, steps: int) -> list[tuple[np.ndarray, np.ndarray | None]]:

@@ -27,7 +27,12 @@ def _qemu_device(program: Program, name: str):
     return QemuDevice(program, name=name)
 
 
-RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device}
+def _gvsoc_device(program: Program, name: str):
+    from device_runtime.gvsoc import GvsocDevice  # GVSoC from $EDGEFLEET_GVSOC or PATH (checked at scenario load)
+    return GvsocDevice(program, name=name)
+
+
+RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device, "gvsoc": _gvsoc_device}
 
 # fault injection (scenario fleet.groups[].faults): the kinds a device can be told to simulate
 FAULT_KINDS = ("raise", "nan", "shape")
@@ -54,7 +59,8 @@ class DeviceHostCore:
     def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False,
                 runtime: str = "numpy") -> str:
         """Install a program under ``key``; ``batched``: its device-axis form, used for many devices at once;
-        ``runtime``: "numpy" (the executor) or "qemu" (the RISC-V ELF on qemu-system-riscv32)."""
+        ``runtime``: "numpy" (the executor), "qemu" (the RISC-V ELF on qemu-system-riscv32) or "gvsoc" (the
+        siracusa ELF on GVSoC)."""
         program = Program.from_bytes(manifest, params, where=f"program {key}")
         if batched:
             self.batched[key] = BatchedDevices(program)

@@ -54,7 +54,7 @@ LORA_AGGREGATIONS = ("fedit", "ffa-lora", "flexlora", "hetlora")       # need tu
 MIXED_RANK_AGGREGATIONS = ("flexlora", "hetlora")                     # can combine adapters of different rank
 DATA_KINDS = ("digits", "machine-sound", "npz")
 RUNTIMES = ("numpy", "qemu", "gvsoc", "serial")
-AVAILABLE_RUNTIMES = ("numpy", "qemu")  # the others are refused at load until their device backends land
+AVAILABLE_RUNTIMES = ("numpy", "qemu", "gvsoc")  # the others are refused at load until their device backends land
 METRICS_AVAILABLE = True                # the exporter (fleet.exporter) has landed
 AVAILABILITY_KINDS = ("always", "dropout", "periodic")
 
@@ -536,6 +536,8 @@ def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
     if runtime not in AVAILABLE_RUNTIMES:
         t.fail("runtime", f'"{runtime}" devices are not available in fleet runs yet (available: '
                           f'{_choices(AVAILABLE_RUNTIMES)})')
+    if runtime == "gvsoc":
+        _check_gvsoc(t, target)
     port = t.string("port", default=None)
     if port is not None and runtime != "serial":
         t.fail("port", f'only used with runtime = "serial", got runtime = "{runtime}"')
@@ -548,6 +550,19 @@ def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
                        link_kbps=t.number("link_kbps", default=DeviceGroup.link_kbps, above=0),
                        deadline_s=t.number("deadline_s", default=None, above=0),
                        runtime=runtime, port=port, faults=_parse_faults(t))
+
+
+def _check_gvsoc(t: _Table, target: str) -> None:
+    """A GVSoC group runs the siracusa firmware: a siracusa target, and a GVSoC to run it on (found now, so that a
+    run does not fail at its first round)."""
+    from device_runtime.device import DeviceError
+    from device_runtime.gvsoc import find_gvsoc
+    if not Path(target).stem.startswith("siracusa"):
+        t.fail("target", f'runtime = "gvsoc" runs the siracusa firmware: expected a siracusa target, got "{target}"')
+    try:
+        find_gvsoc()
+    except DeviceError as exc:
+        t.fail("runtime", str(exc))
 
 
 def _parse_faults(group: _Table) -> "Faults | None":

@@ -134,8 +134,10 @@ BOARDS: dict[str, Board] = {
                         "--crt0=semihost"),
                        "rv32_qemu", "firmware.elf", RISCV_PACKAGES, True),
     # The cluster cores' ISA (rv32imc + Zfinx: floats in the integer registers), compiled by zig's clang and
-    # linked with picolibc's rv32imac/ilp32 multilib, run by QEMU with zfinx=true: the siracusa kernels in CI.
-    "rv32-zfinx-qemu": Board("rv32-zfinx-qemu", "riscv64-unknown-elf-gcc", ZFINX_CFLAGS, "rv32_qemu", "firmware.elf",
+    # linked with picolibc's rv32imac/ilp32 multilib, run by QEMU with zfinx=true: the siracusa kernels in CI. The
+    # generic HAL runs a team of 8 "cores" in turn, so the HAL kernels split their work as on the cluster.
+    "rv32-zfinx-qemu": Board("rv32-zfinx-qemu", "riscv64-unknown-elf-gcc", (*ZFINX_CFLAGS, "-DEF_HAL_GENERIC_CORES=8"),
+                             "rv32_qemu", "firmware.elf",
                              RISCV_PACKAGES + " and the PyPI package ziglang", True, compile_with="zig",
                              link_flags=("-march=rv32imac", "-mabi=ilp32", "--specs=picolibc.specs",
                                          "--oslib=semihost", "--crt0=semihost"),

@@ -17,7 +17,7 @@ import numpy as np
 from compiler.ir import CompileError
 from compiler.ops import get_op
 from compiler.program import Phase, Program, TensorInfo
-from compiler.codegen.templates import REDMULE_KERNELS, Ref, Template, bind, site_of, template_for
+from compiler.codegen.templates import CLUSTER_KERNELS, REDMULE_KERNELS, Ref, Template, bind, site_of, template_for
 
 C_TYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "bool": "uint8_t", "int8": "int8_t"}
 PHASES = (("train", "TR"), ("evaluate", "EV"))
@@ -120,15 +120,17 @@ def step_call(program: Program, step, symbols: Symbols) -> str | None:
     return f"{kernel_name(step, template)}({', '.join(render(v, symbols) for _, v in args)});"
 
 
+HAL_KERNELS = {"redmule": REDMULE_KERNELS, "cluster": CLUSTER_KERNELS}
+
+
 def kernel_name(step, template: Template) -> str:
-    """The template's kernel, or the HAL's RedMulE path for a GEMM step lowered onto RedMulE."""
-    if step.unit == "redmule":
-        return REDMULE_KERNELS.get(template.kernel, template.kernel)
-    return template.kernel
+    """The template's kernel, or the HAL's: for a GEMM step lowered onto RedMulE, its RedMulE path; for a step
+    lowered onto the cores, its L1-streamed all-core version (when the op has one)."""
+    return HAL_KERNELS.get(step.unit, {}).get(template.kernel, template.kernel)
 
 
 def uses_hal(program: Program) -> bool:
-    return any(s.unit == "redmule" and template_for(s.op, s.name).kernel in REDMULE_KERNELS
+    return any(template_for(s.op, s.name).kernel in HAL_KERNELS.get(s.unit, {})
                for phase in (program.train, program.evaluate) for s in phase.steps)
 
 
@@ -253,7 +255,8 @@ def generate(program: Program) -> tuple[str, int]:
         "",
         '#include "ef_kernels.h"',
         '#include "ef_program.h"',
-        *(['#include "ef_hal.h" /* GEMM steps lowered onto RedMulE */'] if uses_hal(program) else []),
+        *(['#include "ef_hal.h" /* steps lowered onto RedMulE or the cluster */', '#include "ef_hal_stream.h"']
+          if uses_hal(program) else []),
         "",
         f"#define EF_FINGERPRINT 0x{mark:08x}u",
     ]

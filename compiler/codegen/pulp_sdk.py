@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 from compiler.codegen.build import BUILD_TIMEOUT_S, HAL_DIR, PULP_GCC, Board, firmware_key, reusable, write_manifest
 from compiler.codegen.emit import generate
+from compiler.codegen.siracusa import check_program
 from compiler.ir import CompileError
 from compiler.program import Program
 
@@ -32,18 +33,6 @@ APP = "firmware"
 SDK_HINT = (f"siracusa build needs the PULP SDK: set PULP_SDK_HOME (source $PULP_SDK_HOME/configs/siracusa.sh) "
             f"and put {PULP_GCC} (PULP GCC, $PULP_RISCV_GCC_TOOLCHAIN/bin) on PATH")
 MAKE_ARGS = ("all", "platform=gvsoc")
-
-
-def check_program(program: Program) -> None:
-    """The siracusa build runs programs lowered for a Siracusa target whose tensors all live in L2."""
-    if not str(program.target.get("name", "")).startswith("siracusa"):
-        raise CompileError(f"siracusa build needs a program lowered for a siracusa target (edgefleet compile "
-                           f"--target siracusa, or compiler.targets.lower_to_target); {program.model!r} is lowered "
-                           f"for {program.target.get('name') or 'no target'}")
-    in_l3 = sorted(n for n, t in program.tensors.items() if t.level == "L3")
-    if in_l3:
-        raise CompileError(f"siracusa build keeps every tensor in L2, but the lowering put {len(in_l3)} in L3 "
-                           f"(first: {in_l3[0]!r}); use a smaller batch or model")
 
 
 def find_pulp_sdk(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -72,8 +61,9 @@ def find_pulp_sdk(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _sources(board: Board) -> list[Path]:
-    """What goes into src/: the board's sources and headers, and the register map the pmsis HAL includes."""
-    return board.sources + board.headers + [HAL_DIR / "pulp" / "ef_hal_pulp_regs.h"]
+    """What goes into src/: the board's sources and headers, and the pulp HAL headers the pmsis HAL includes (the
+    register map, the DMA and RedMulE code)."""
+    return board.sources + board.headers + sorted((HAL_DIR / "pulp").glob("*.h"))
 
 
 def makefile(board: Board, sources: Sequence[Path], extra_cflags: Sequence[str]) -> str:

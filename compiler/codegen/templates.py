@@ -3,7 +3,8 @@
 
 A step that target lowering put on RedMulE (Step.unit == "redmule") calls the HAL's kernel instead (tiled GEMM,
 fused LoRA layer) with the same arguments (compiler/codegen/hal/ef_hal.h); the ops that have one say so
-(``Op.redmule``). Every board links a HAL, so the choice is the program's alone.
+(``Op.redmule``). Likewise a streamed step on the cores (Step.unit == "cluster") calls the HAL's L1-tiled, all-core
+version (hal/ef_hal_stream.c) of the ops that have one (``Op.cluster``). Every board links a HAL, so the choice is the program's alone.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ VIEW = Template("")
 
 TEMPLATES: dict[str, Template] = {name: op.template for name, op in REGISTRY.items() if op.template is not None}
 REDMULE_KERNELS: dict[str, str] = {op.c_kernel: op.redmule_kernel for op in REGISTRY.values() if op.redmule}
+CLUSTER_KERNELS: dict[str, str] = {op.c_kernel: op.cluster_kernel for op in REGISTRY.values() if op.cluster}
 
 
 def template_for(op: str, step: str = "") -> Template:
@@ -37,4 +39,4 @@ def site_of(step_name: str, op_name: str, inputs, outputs, attrs: Mapping[str, A
     return Site(step_name, op_name, tuple(inputs), tuple(outputs), shapes, dtypes, resolved)
 
 
-__all__ = ["REDMULE_KERNELS", "TEMPLATES", "VIEW", "Ref", "Site", "Template", "bind", "site_of", "template_for"]
+__all__ = ["CLUSTER_KERNELS", "REDMULE_KERNELS", "TEMPLATES", "VIEW", "Ref", "Site", "Template", "bind", "site_of", "template_for"]

@@ -42,6 +42,7 @@ class Op:
     internal: ClassVar[bool] = False  # compiler-made (a loss, the optimizer, a fused layer): not in docs/ops.md
     c_call: ClassVar[str | None] = None  # the C kernel call with ${holes} (binding.py); "" for a view
     redmule: ClassVar[bool] = False   # the HAL runs it on RedMulE as ef_hal_<kernel> with the same arguments
+    cluster: ClassVar[bool] = False   # the HAL streams it through L1 on all cores as ef_hal_<kernel> (same arguments)
     cost: ClassVar[str] = ""          # one of COSTS; "" derives it from ``view`` and ``kind``
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -72,6 +73,10 @@ class Op:
     @property
     def redmule_kernel(self) -> str:
         return "ef_hal_" + self.c_kernel[len("ef_"):] if self.redmule else ""
+
+    @property
+    def cluster_kernel(self) -> str:
+        return "ef_hal_" + self.c_kernel[len("ef_"):] if self.cluster else ""
 
     def c_args(self, site: Site) -> Mapping[str, Any]:
         """Every hole of ``c_call`` from the step (binding.py); views have no call and no arguments."""

@@ -90,6 +90,7 @@ class Add(Binary):
     name = "Add"
     ufunc = np.add
     c_call = "ef_add(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
+    cluster = True
 
     def gradient(self, g, x, y, dy):
         return dy[0], dy[0]
@@ -99,6 +100,7 @@ class Sub(Binary):
     name = "Sub"
     ufunc = np.subtract
     c_call = "ef_sub(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
+    cluster = True
 
     def gradient(self, g, x, y, dy):
         return dy[0], (g.emit("Neg", [dy[0]]) if g.needs(x[1]) else None)
@@ -108,6 +110,7 @@ class Mul(Binary):
     name = "Mul"
     ufunc = np.multiply
     c_call = "ef_mul(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
+    cluster = True
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Mul", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -119,6 +122,7 @@ class Div(Binary):
     name = "Div"
     ufunc = np.divide
     c_call = "ef_div(${y}, ${a}, ${b}, ${rank}, ${shape}, ${sa}, ${sb})"
+    cluster = True
 
     def gradient(self, g, x, y, dy):
         da = g.emit("Div", [dy[0], x[1]]) if g.needs(x[0]) else None
@@ -152,6 +156,7 @@ class Pow(Binary):
 class Neg(Unary):
     name = "Neg"
     c_call = "ef_neg(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return -a
@@ -166,6 +171,7 @@ class Neg(Unary):
 class Relu(Unary):
     name = "Relu"
     c_call = "ef_relu(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return np.maximum(a, 0).astype(a.dtype, copy=False)
@@ -181,6 +187,7 @@ class ReluGrad(UnaryGrad):
     """dx = dy where y > 0 (reads the Relu output, so the input may be freed or overwritten)."""
     name = "ReluGrad"
     c_call = "ef_relu_grad(${dx}, ${v}, ${dy}, ${n})"
+    cluster = True
 
     def forward(self, y, dy):
         return np.multiply(dy, y > 0)  # 8x faster than np.where; the same for finite dy
@@ -193,6 +200,7 @@ class Sigmoid(Unary):
     name = "Sigmoid"
     flops_per_element = 4
     c_call = "ef_sigmoid(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return (1.0 / (1.0 + np.exp(-a))).astype(a.dtype, copy=False)
@@ -205,6 +213,7 @@ class SigmoidGrad(UnaryGrad):
     name = "SigmoidGrad"
     flops_per_element = 3
     c_call = "ef_sigmoid_grad(${dx}, ${v}, ${dy}, ${n})"
+    cluster = True
 
     def forward(self, y, dy):
         return dy * y * (1 - y)
@@ -214,6 +223,7 @@ class Tanh(Unary):
     name = "Tanh"
     flops_per_element = 4
     c_call = "ef_tanh(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return np.tanh(a)
@@ -226,6 +236,7 @@ class TanhGrad(UnaryGrad):
     name = "TanhGrad"
     flops_per_element = 3
     c_call = "ef_tanh_grad(${dx}, ${v}, ${dy}, ${n})"
+    cluster = True
 
     def forward(self, y, dy):
         return dy * (1 - y * y)
@@ -243,6 +254,7 @@ class Gelu(Unary):
     name = "Gelu"
     flops_per_element = 8
     c_call = "ef_gelu(${y}, ${x}, ${n}, ${approximate})"
+    cluster = True
 
     def forward(self, a, *, approximate="none"):
         if approximate == "tanh":
@@ -261,6 +273,7 @@ class GeluGrad(UnaryGrad):
     name = "GeluGrad"
     flops_per_element = 12
     c_call = "ef_gelu_grad(${dx}, ${v}, ${dy}, ${n}, ${approximate})"
+    cluster = True
 
     def forward(self, x, dy, *, approximate="none"):
         if approximate == "tanh":
@@ -279,6 +292,7 @@ class Erf(Unary):
     name = "Erf"
     flops_per_element = 8
     c_call = "ef_erf(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return erf(a).astype(a.dtype, copy=False)
@@ -290,6 +304,7 @@ class Erf(Unary):
 class ErfGrad(UnaryGrad):
     name = "ErfGrad"
     c_call = "ef_erf_grad(${dx}, ${v}, ${dy}, ${n})"
+    cluster = True
 
     def forward(self, x, dy):
         return (dy * TWO_OVER_SQRT_PI * np.exp(-x * x)).astype(dy.dtype, copy=False)
@@ -298,6 +313,7 @@ class ErfGrad(UnaryGrad):
 class Sqrt(Unary):
     name = "Sqrt"
     c_call = "ef_sqrt(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return np.sqrt(a)
@@ -309,6 +325,7 @@ class Sqrt(Unary):
 class Exp(Unary):
     name = "Exp"
     c_call = "ef_exp(${y}, ${x}, ${n})"
+    cluster = True
 
     def fn(self, a):
         return np.exp(a)

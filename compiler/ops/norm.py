@@ -20,6 +20,7 @@ class Softmax(Op):
     name = "Softmax"
     kind = "norm"
     c_call = "ef_softmax(${y}, ${x}, ${outer}, ${n}, ${inner})"
+    cluster = True
 
     def infer(self, x, *, axis=-1):
         norm_axis(axis, len(x))
@@ -48,6 +49,7 @@ class SoftmaxGrad(Op):
     kind = "norm"
     backward_only = True
     c_call = "ef_softmax_grad(${dx}, ${y}, ${dy}, ${outer}, ${n}, ${inner})"
+    cluster = True
 
     def infer(self, y, dy, *, axis=-1):
         return dy
@@ -127,6 +129,7 @@ class LayerNormalization(Op):
     name = "LayerNormalization"
     kind = "norm"
     c_call = "ef_layer_normalization(${y}, ${x}, ${scale}, ${bias}, ${rows}, ${n}, ${ns}, ${epsilon})"
+    cluster = True
 
     def infer(self, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
         normalized = tuple(x[a] for a in _normalized_axes(x, axis))
@@ -179,6 +182,7 @@ class LayerNormGradInput(Op):
     kind = "norm"
     backward_only = True
     c_call = "ef_layer_norm_grad_input(${dx}, ${x}, ${scale}, ${dy}, ${rows}, ${n}, ${ns}, ${epsilon})"
+    cluster = True
 
     def infer(self, x, scale, dy, *, axis=-1, epsilon=1e-5):
         return x
@@ -219,6 +223,7 @@ class LayerNormGradScale(Op):
     kind = "norm"
     backward_only = True
     c_call = "ef_layer_norm_grad_scale(${ds}, ${x}, ${dy}, ${rows}, ${n}, ${epsilon})"
+    cluster = True
 
     def infer(self, x, dy, *, axis=-1, epsilon=1e-5):
         return tuple(x[norm_axis(axis, len(x)):])

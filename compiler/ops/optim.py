@@ -20,6 +20,7 @@ class SGD(Op):
     kind = "optimizer"
     internal = True
     c_call = "ef_sgd(${param}, ${grad}, ${lr}, ${velocity}, ${rows}, ${cols}, ${ld}, ${momentum}, ${weight_decay})"
+    cluster = True
     num_outputs = -1
     updates = (0, 3)
     foldable = False

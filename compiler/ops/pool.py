@@ -30,6 +30,7 @@ class MaxPool(Op):
     name = "MaxPool"
     kind = "pool"
     c_call = "ef_max_pool(${y}, ${x}, ${win})"
+    cluster = True
 
     def infer(self, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0, auto_pad="NOTSET",
               storage_order=0):
@@ -62,6 +63,7 @@ class MaxPoolGrad(Op):
     kind = "pool"
     backward_only = True
     c_call = "ef_max_pool_grad(${dx}, ${x}, ${dy}, ${win})"
+    cluster = True
 
     def infer(self, x, dy, **attrs):
         return x

@@ -68,6 +68,7 @@ class Transpose(Op):
     name = "Transpose"
     kind = "data"
     c_call = "ef_transpose(${y}, ${x}, ${esize}, ${rank}, ${shape}, ${sx})"
+    cluster = True
 
     def infer(self, x, *, perm=None):
         perm = perm if perm is not None else tuple(reversed(range(len(x))))
@@ -345,6 +346,7 @@ class ReduceSumTo(Op):
     kind = "reduction"
     backward_only = True
     c_call = "ef_reduce_sum_to(${y}, ${x}, ${ny}, ${rank}, ${shape}, ${sy})"
+    cluster = True
 
     def infer(self, x, *, shape):
         if tuple(np.broadcast_shapes(x, tuple(shape))) != tuple(x):

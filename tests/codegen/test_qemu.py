@@ -13,6 +13,9 @@ from compiler import compile_model, zoo
 from compiler.program import Program
 from compiler.quantize import Int8Options
 from compiler.zoo.task_data import task_data
+from compiler.codegen import generate_c
+from compiler.codegen.templates import CLUSTER_KERNELS
+from compiler.targets import load_target, lower_to_target
 from device_runtime import NumpyDevice
 from device_runtime.device import DeviceError
 from device_runtime.qemu import QemuDevice
@@ -115,3 +118,23 @@ def test_int8_training_on_qemu_equals_the_executor(tmp_path, board, update):
         np.testing.assert_array_equal(got.params[name], value, err_msg=name)
     assert any(not np.array_equal(want.params[n], program.values[n]) for n in want.params)
     np.testing.assert_array_equal(device.evaluate(x, y).outputs, reference.evaluate(x, y).outputs)
+
+
+LOWERED_ZFINX_CASES = [("deep-ae", frozen_tuning(AE_LORA)), ("cct-digits", "lora"), ("cct-digits", "full"),
+                       ("torch-mlp", "lora+head")]
+
+
+@pytest.mark.parametrize("model, tuning", LOWERED_ZFINX_CASES,
+                         ids=[f"{m}-{t if isinstance(t, str) else 'lora'}" for m, t in LOWERED_ZFINX_CASES])
+def test_zfinx_build_of_a_program_lowered_for_siracusa_trains_like_numpy_on_qemu(tmp_path, model, tuning):
+    """A program lowered for siracusa calls the HAL's cluster kernels (the streamed non-GEMM kernels and, for its
+    larger GEMMs, the tiled GEMM and LoRA kernels); built for the cluster's ISA and run on QEMU with zfinx=true
+    (the generic HAL's team of 8 "cores" run in turn), it trains like the numpy executor."""
+    program = lower_to_target(compiled(model, tuning), load_target("siracusa"))
+    source = generate_c(program)
+    streamed = sorted(k for k in CLUSTER_KERNELS.values() if f"{k}(" in source)
+    assert streamed, "a lowered program calls the streamed cluster kernels"
+    x, y = data_for(program, 12)
+    device = QemuDevice(program, tmp_path, board="rv32-zfinx-qemu", timeout_s=QEMU_TIMEOUT_S)
+    assert_same_training(device.train(x, y, K_STEPS), NumpyDevice(program).train(x, y, K_STEPS))
+    print(f"\n{model}: {len(streamed)} streamed kernels: {', '.join(streamed)}")

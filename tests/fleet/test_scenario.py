@@ -148,11 +148,9 @@ def test_availability_kinds():
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda r: r["fleet"]["groups"][0].update(runtime="gvsoc"),
-     'fleet.groups[0].runtime: "gvsoc" devices are not available in fleet runs yet'),
     (lambda r: r["fleet"]["groups"][0].update(runtime="serial", count=1, port="/dev/ttyUSB0"),
      'fleet.groups[0].runtime: "serial" devices are not available in fleet runs yet'),
-], ids=["gvsoc", "serial"])
+], ids=["serial"])
 def test_unavailable_features_are_refused_at_load(monkeypatch, edit, expected):
     """A runtime or table whose feature has not landed is refused when the scenario loads, not at run time
     (remove a case, and its flag in fleet.scenario, when the feature lands)."""
@@ -416,3 +414,23 @@ def test_override_devices_totals_exactly(counts, extra):
         share = devices * weight / total
         if all(devices * c / total >= 1 for c in counts):  # no group was lifted to its minimum of one
             assert abs(group.count - share) < 1
+
+
+def test_gvsoc_group_needs_gvsoc_and_a_siracusa_target(monkeypatch, tmp_path):
+    """A runtime = "gvsoc" group is checked at load: GVSoC must be found (one line saying how to point edgefleet at
+    one) and the group's target must be a siracusa target (its firmware is the siracusa ELF)."""
+    from device_runtime.gvsoc import GVSOC_ENV, GVSOC_HINT
+    monkeypatch.setattr(fleet.scenario, "AVAILABLE_RUNTIMES", SHIPPED_RUNTIMES)
+    monkeypatch.delenv(GVSOC_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    gvsoc_group = changed(lambda r: r["fleet"]["groups"][0].update(runtime="gvsoc"))
+    assert error_of(gvsoc_group) == f"scenario.toml: fleet.groups[0].runtime: {GVSOC_HINT}"
+    fake = tmp_path / "gvsoc"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert parse(gvsoc_group).fleet.groups[0].runtime == "gvsoc"
+    monkeypatch.setenv(GVSOC_ENV, str(tmp_path / "missing"))
+    assert f"fleet.groups[0].runtime: {GVSOC_ENV} names" in error_of(gvsoc_group)
+    monkeypatch.setenv(GVSOC_ENV, str(fake))
+    on_qemu = changed(lambda r: r["fleet"]["groups"][0].update(runtime="gvsoc", target="rv32-qemu"))
+    assert 'fleet.groups[0].target: runtime = "gvsoc" runs the siracusa firmware' in error_of(on_qemu)

@@ -9,6 +9,9 @@
  *             RedMulE jobs on L1 tiles moved by the DMA (ef_hal_gemm.c, written once against this header)
  *   LoRA      ef_hal_lora_linear / ef_hal_lora_linear_grad: the ef_lora_linear(_grad) ABI, one pass over row
  *             panels with the adapter fused into each output tile (ef_hal_lora.c, against this header too)
+ *   streams   ef_hal_<op> for the elementwise, normalisation, reduction, data, pooling and optimizer kernels: the
+ *             ef_<op> ABI streamed through L1 and split over the cores (ef_hal_stream.c, against this header too;
+ *             declared in ef_hal_stream.h)
  *
  * Two implementations (docs/codegen.md, "The HAL and the siracusa board"):
  *   generic/  portable and single-threaded: memcpy DMA, a C loop standing in for RedMulE, a static L1 pool.
@@ -118,6 +121,7 @@ ef_hal_lora_plan_t ef_hal_lora_linear_plan(int m, int n, int k, int r, int devic
 /* dx, da, db: whether that gradient is wanted (non-NULL in the call) */
 ef_hal_lora_plan_t ef_hal_lora_linear_grad_plan(int m, int n, int k, int r, int devices, int trans_b, int dx, int da,
                                                 int db, uint32_t l1_bytes);
+
 
 #ifdef __cplusplus
 }

@@ -2,8 +2,10 @@
 update's contribution analysis). Seeded; nothing is downloaded.
 
 - ``cct-digits``: scikit-learn's 8×8 handwritten digits (bundled with scikit-learn), scaled to [0, 1].
-- ``ds-cnn``: synthetic keywords — 12 classes, each a fixed random 49×10 MFCC pattern (smoothed over time)
-  spoken with a random time shift, loudness and additive noise.
+- ``ds-cnn``: synthetic keywords — 12 classes, each a fixed pair of 8 fixed "phonemes" (7-frame × 10-MFCC
+  patterns, smoothed over time) spoken in order with a random onset, gap and loudness over noise (σ 0.5).
+  (An earlier generator — one smoothed random 49×10 pattern per class — did not train above chance: a
+  time-shifted noise pattern gives a pooled CNN nothing local to detect.)
 - ``cct-2-3x2``: synthetic 10-class 32×32 RGB images — a class colour blob at a class position, jittered,
   on noise.
 - ``deep-ae``: synthetic machine-sound frames (640 features) around one spectral template (no labels).
@@ -36,15 +38,32 @@ def _digits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return (digits.images[pick] / 16.0).astype(np.float32)[:, None], digits.target[pick].astype(np.int64)
 
 
+KEYWORD_PHONEMES = 8          # a bank of fixed "phonemes": short spectral patterns
+PHONEME_FRAMES = 7
+KEYWORD_NOISE = 0.5
+
+
 def _keywords(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each keyword is a fixed pair of phonemes (the 12 classes use 12 distinct pairs of 8), spoken in order with a
+    random onset, gap and loudness over noise. The phonemes are what a conv stack detects; the pair is what a
+    pooled classifier reads, so DS-CNN (global average pooling) can learn the task."""
     classes, (c, frames, coeffs) = ZOO["ds-cnn"].num_classes, ZOO["ds-cnn"].input_shape
-    templates = np.random.default_rng(1234).normal(size=(classes, frames + 8, coeffs))
-    kernel = np.ones(5) / 5.0  # smooth over time, as MFCC frames of one word are
-    templates = np.apply_along_axis(lambda t: np.convolve(t, kernel, mode="same"), 1, templates)
+    fixed = np.random.default_rng(1234)
+    phonemes = fixed.normal(size=(KEYWORD_PHONEMES, PHONEME_FRAMES + 2, coeffs))
+    kernel = np.ones(3) / 3.0  # smooth over time, as MFCC frames of one sound are
+    phonemes = np.apply_along_axis(lambda t: np.convolve(t, kernel, mode="valid"), 1, phonemes)
+    phonemes /= phonemes.std(axis=(1, 2), keepdims=True)
+    pairs = [(a, b) for a in range(KEYWORD_PHONEMES) for b in range(a + 1, KEYWORD_PHONEMES)]
+    words = [pairs[i] for i in fixed.permutation(len(pairs))[:classes]]
     y = rng.integers(0, classes, n)
-    shift = rng.integers(0, 9, n)
-    x = np.stack([templates[label, s:s + frames] for label, s in zip(y, shift)])
-    x = x * rng.uniform(0.7, 1.3, (n, 1, 1)) + rng.normal(0.0, 0.6, x.shape)
+    x = rng.normal(0.0, KEYWORD_NOISE, (n, frames, coeffs))
+    onset = rng.integers(0, 12, n)
+    gap = rng.integers(2, 14, n)
+    gain = rng.uniform(0.8, 1.25, (n, 2))
+    for i, label in enumerate(y):
+        for j, (start, phoneme) in enumerate(((onset[i], words[label][0]),
+                                              (onset[i] + PHONEME_FRAMES + gap[i], words[label][1]))):
+            x[i, start:start + PHONEME_FRAMES] += gain[i, j] * phonemes[phoneme]
     return x.astype(np.float32).reshape(n, c, frames, coeffs), y.astype(np.int64)
 
 

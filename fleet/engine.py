@@ -94,7 +94,7 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
         runtimes[key] = group.runtime
         if key not in batched_programs and group.runtime == "numpy":
             chunk = min(scenario.ray.devices_per_call, group.count)
-            batched_programs[key] = builder.batched(group.target, rank, chunk)
+            batched_programs[key] = builder.batched(group.target, rank, chunk, builder.sparse_for(group))
         availability = group.availability
         for index in indices:
             periodic = None
@@ -125,14 +125,16 @@ def peak_memory(program: Any) -> tuple[tuple[str, int], ...]:
 
 def group_program(builder: ProgramBuilder, group: DeviceGroup) -> tuple[str, int | None, Any]:
     """A group's program, its key (target and LoRA rank) and its rank."""
-    rank = builder.rank_for(group)
+    rank, sparse = builder.rank_for(group), builder.sparse_for(group)
     if group.runtime not in AVAILABLE_RUNTIMES:
         raise RunError(f"fleet group {group.name!r}: runtime {group.runtime!r} is not available in fleet runs yet "
                        f"(available: {', '.join(AVAILABLE_RUNTIMES)})")
     key = f"{group.target}-r{rank}" if rank else group.target
+    if sparse is not None:
+        key += f"-sparse{group.memory_kib}k"
     if group.runtime != "numpy":
         key += f"-{group.runtime}"
-    return key, rank, builder.program(group.target, rank)
+    return key, rank, builder.program(group.target, rank, sparse=sparse)
 
 
 def clock_hz(group: DeviceGroup, program: Any) -> float:
@@ -316,7 +318,11 @@ def _initial_arrays(fleet: Fleet) -> dict[str, np.ndarray]:
     """The global adapters: the initial per-device tensors of the highest-rank program (FFA-LoRA's frozen A
     included: it is part of the adapter every device receives)."""
     best = max(fleet.programs.values(), key=lambda p: sum(p.tensors[n].nbytes for n in p.per_device))
-    return best.adapter_values()
+    arrays = best.adapter_values()
+    for program in fleet.programs.values():  # groups with their own sparse schemes: every one's parameters
+        if program.tuning.get("strategy") == "sparse":   # (a device returns those it does not train as received)
+            arrays.update({k: v for k, v in program.adapter_values().items() if k not in arrays})
+    return arrays
 
 
 def personalize(pool: HostPool, fleet: Fleet, initial: Mapping[str, np.ndarray],

@@ -25,6 +25,7 @@ from fleet.scenario import DeviceGroup, Scenario
 RANK_CANDIDATES = (1, 2, 4, 8, 16, 32)
 PRETRAIN_BATCH = 32
 PRETRAIN_MOMENTUM = 0.9  # SGD's; Adam has its betas
+SPARSE_SEARCH_SAMPLES = 256  # non-personalized samples for a group's contribution analysis (3/4 train, 1/4 held out)
 DEFAULT_CLOCK_MHZ = 360.0
 
 
@@ -102,16 +103,22 @@ class ProgramBuilder:
         self.base = base
         self.source, self.name, self.task, _ = _model_bytes(scenario)
         self._cache: dict[tuple, Program] = {}
+        self._schemes: dict[int, tuple[tuple[str, str], ...]] = {}
         self.freeze_a = scenario.aggregation.strategy == "ffa-lora"
         self.proximal = scenario.aggregation.strategy == "fedprox"  # devices honour FedProx's proximal-mu
 
-    def program(self, target: str, rank: int | None, devices: int = 1) -> Program:
+    def program(self, target: str, rank: int | None, devices: int = 1,
+                sparse: tuple[tuple[str, str], ...] | None = None) -> Program:
         """The training program for one device (lowered onto ``target``: cost, levels), or with ``devices`` > 1
-        the same program with a device axis, which the hosts use to run that many devices at once."""
-        key = (target, rank, devices)
+        the same program with a device axis, which the hosts use to run that many devices at once. ``sparse``:
+        a group's own sparse scheme (``sparse_for``)."""
+        key = (target, rank, devices, sparse)
         if key not in self._cache:
             t = self.scenario.training
-            options = CompileOptions(tuning_spec(self.scenario, rank, self.freeze_a), t.batch_size, "auto",
+            tuning = tuning_spec(self.scenario, rank, self.freeze_a)
+            if sparse is not None:
+                tuning = TuningSpec("sparse", train=tuning.train, sparse=sparse)
+            options = CompileOptions(tuning, t.batch_size, "auto",
                                      SGDConfig(t.lr, t.momentum, proximal=self.proximal), devices)
             graph = import_onnx(self.source, t.batch_size * devices)
             program = compile_graph(graph, options, self.name, self.task)
@@ -121,14 +128,38 @@ class ProgramBuilder:
             self._cache[key] = lower(program, target) if devices == 1 else program
         return self._cache[key]
 
-    def batched(self, target: str, rank: int | None, devices: int) -> Program | None:
+    def batched(self, target: str, rank: int | None, devices: int,
+                sparse: tuple[tuple[str, str], ...] | None = None) -> Program | None:
         """The device-axis program, or None where the tuning cannot be batched (it then runs per device)."""
         if devices < 2:
             return None
         try:
-            return self.program(target, rank, devices)
+            return self.program(target, rank, devices, sparse)
         except CompileError:
             return None
+
+    def sparse_for(self, group: DeviceGroup) -> tuple[tuple[str, str], ...] | None:
+        """The group's sparse scheme when the scenario chooses one per memory budget (``sparse_from_memory``):
+        ``compiler.sparse_search.choose_sparse`` on the base weights and the scenario's non-personalized data,
+        for ``memory_kib`` at the scenario's batch size; None otherwise."""
+        if not self.scenario.tuning.sparse_from_memory:
+            return None
+        budget = int(group.memory_kib) * 1024
+        if budget not in self._schemes:
+            from compiler.sparse_search import TaskData, choose_sparse
+            t = self.scenario.training
+            graph = import_onnx(self.source, t.batch_size)
+            graph = graph.replace(values={**graph.values, **{k: v for k, v in self.base.items() if k in graph.values}})
+            data = global_dataset(self.scenario.data, self.scenario.seed, n_train=SPARSE_SEARCH_SAMPLES)
+            y = data.y_train if self.task == "classification" else None
+            options = CompileOptions(TuningSpec("full"), t.batch_size, "auto", SGDConfig(t.lr, t.momentum))
+            try:
+                choice, _ = choose_sparse(graph, options, budget, TaskData.split(data.x_train, y, seed=self.scenario.seed),
+                                          self.name, self.task, train=self.scenario.tuning.train)
+            except CompileError as exc:
+                raise CompileError(f"group {group.name!r}: {exc}") from None
+            self._schemes[budget] = choice.tuning.sparse
+        return self._schemes[budget]
 
     def rank_for(self, group: DeviceGroup) -> int | None:
         """The group's LoRA rank: the scenario's, or with rank_from_memory the largest that fits the budget."""

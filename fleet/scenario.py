@@ -68,6 +68,7 @@ TUNING_KEYS = {
     "full": (),
     "selective": ("train", "last_k", "bias_only"),
     "lora": ("rank", "alpha", "targets", "train", "last_k", "bias_only", "init", "rank_from_memory"),
+    "sparse": ("sparse", "sparse_from_memory", "train"),
 }
 # The optional [aggregation] keys each strategy reads, with their defaults (Flower's, except FedAvgM's
 # momentum: 0.0 would make it plain FedAvg).
@@ -117,7 +118,7 @@ _TOP_KEYS = ("name", "seed", "run_dir", "model", "tuning", "training", "aggregat
 _SECTION_KEYS = {
     "model": ("name", "pretrain_steps", "pretrain_lr", "pretrain_optimizer"),
     "tuning": ("strategy", "rank", "alpha", "targets", "train", "last_k", "bias_only", "init",
-               "rank_from_memory"),
+               "rank_from_memory", "sparse", "sparse_from_memory"),
     "training": ("rounds", "fraction", "local_steps", "local_epochs", "batch_size", "lr", "momentum"),
     "aggregation": ("strategy", "proximal_mu", "server_lr", "server_momentum", "beta_1", "beta_2", "tau", "beta",
                     "num_malicious_nodes", "num_nodes_to_select", "max_update_norm", "dp"),
@@ -154,10 +155,13 @@ class TuningSpec:
     for `edgefleet compile` and scenarios) plus what only a fleet has: ranks chosen from memory budgets."""
     spec: CompilerTuning = field(default_factory=lambda: CompilerTuning("lora"))
     rank_from_memory: bool = False       # each device's rank chosen from its memory budget
+    # each group's sparse scheme chosen for its memory_kib (compiler.sparse_search.choose_sparse); ``spec`` then
+    # holds only the strategy's train patterns (strategy "selective" with them, or "full" without)
+    sparse_from_memory: bool = False
 
     @property
     def strategy(self) -> str:
-        return self.spec.strategy
+        return "sparse" if self.sparse_from_memory else self.spec.strategy
 
     @property
     def lora(self) -> LoraConfig | None:
@@ -443,11 +447,25 @@ def _parse_tuning(t: _Table) -> TuningSpec:
                    targets=t.patterns("targets", default=LoraConfig.targets, non_empty=True),
                    init=t.choice("init", LORA_INITS, default=LoraConfig.init))
         rank_from_memory = t.boolean("rank_from_memory", default=False)
+    sparse_from_memory = False
+    if strategy == "sparse":
+        sparse_from_memory = t.boolean("sparse_from_memory", default=False)
+        raw.pop("last_k"), raw.pop("bias_only")
+        if sparse_from_memory == t.given("sparse"):
+            t.fail("sparse", 'strategy "sparse" needs either a sparse table (layer = "bias" | "1/8" | "1/4" | "1/2" | '
+                             '"all" | k) or sparse_from_memory = true (each group\'s scheme chosen for its memory_kib)')
+        if sparse_from_memory:  # the scheme comes per group; the spec keeps the train patterns
+            raw = {"strategy": "selective", "train": raw["train"]} if raw["train"] else {"strategy": "full"}
+        else:
+            table = t.raw["sparse"]
+            if not isinstance(table, dict) or not all(isinstance(v, (str, int)) for v in table.values()):
+                t.fail_value("sparse", 'a table of layer = "bias" | "1/8" | "1/4" | "1/2" | "all" | k', table)
+            raw["sparse"] = {k: str(v) for k, v in table.items()}
     try:
         spec = CompilerTuning.parse({k: v for k, v in raw.items() if v is not None})
     except CompileError as exc:
-        t.fail("strategy", str(exc))
-    return TuningSpec(spec, rank_from_memory)
+        t.fail("sparse" if strategy == "sparse" else "strategy", str(exc))
+    return TuningSpec(spec, rank_from_memory, sparse_from_memory)
 
 
 def _parse_training(t: _Table, data: DataSpec) -> TrainingSpec:
@@ -615,6 +633,11 @@ def _check_across_sections(s: Scenario, source: str) -> None:
     if strategy in LORA_AGGREGATIONS and s.tuning.strategy != "lora":
         fail("aggregation.strategy", f'"{strategy}" aggregates LoRA adapters and needs tuning.strategy = "lora", '
                                      f'got "{s.tuning.strategy}"')
+    if s.tuning.sparse_from_memory:
+        for i, group in enumerate(s.fleet.groups):
+            if group.memory_kib is None:
+                fail(f"fleet.groups[{i}].memory_kib", "tuning.sparse_from_memory chooses each group's sparse scheme "
+                                                      "for its memory budget: give memory_kib")
     if s.tuning.rank_from_memory and strategy not in MIXED_RANK_AGGREGATIONS:
         fail("tuning.rank_from_memory", "devices of different rank need aggregation.strategy "
                                         f'"flexlora" or "hetlora", got "{strategy}"')
@@ -708,6 +731,8 @@ def _tuning_dict(t: TuningSpec) -> dict[str, Any]:
     out = {k: v for k, v in t.spec.to_dict().items() if k != "seed" and v not in ([], None)}
     if t.rank_from_memory:
         out["rank_from_memory"] = True
+    if t.sparse_from_memory:
+        out = {"strategy": "sparse", "sparse_from_memory": True, **({"train": out["train"]} if "train" in out else {})}
     return out
 
 

@@ -200,3 +200,27 @@ def test_a_qemu_group_runs_in_the_fleet(tmp_path, ray_local):
     assert {r["group"] for r in trained} == {"sim", "emu"}
     assert {r["runtime"] for r in trained} == {"numpy", "qemu"}
     assert all(np.isfinite(r["loss_after"]) for r in trained)
+
+
+def test_sparse_schemes_from_group_memory_budgets(tmp_path, ray_local):
+    """strategy = "sparse" with sparse_from_memory: each group's scheme is chosen for its memory_kib by
+    compiler.sparse_search.choose_sparse; both groups train in the same round and their programs fit."""
+    groups = [{"name": "small", "count": 2, "target": "siracusa", "memory_kib": 140},
+              {"name": "large", "count": 2, "target": "siracusa", "memory_kib": 380}]
+    tuning = {"strategy": "sparse", "sparse_from_memory": True}
+    s = scenario(**{"fleet.groups": groups, "tuning": tuning, "aggregation.strategy": "fedavg", "training.rounds": 1,
+                    "training.fraction": 1.0, "training.local_steps": 2})
+    summary = run_scenario(s, tmp_path / "run", progress=False)
+    assert summary["failures"] == {} and summary["rounds_completed"] == 1
+    assert summary["cost"]["programs"] == ["siracusa-sparse140k", "siracusa-sparse380k"]
+    from fleet.engine import build_fleet
+    from fleet.programs import ProgramBuilder, pretrain_base
+    builder = ProgramBuilder(s, pretrain_base(s, log=lambda *_: None))
+    fleet = build_fleet(s, builder)
+    small, large = (fleet.programs[k] for k in summary["cost"]["programs"])
+    assert small.report["memory"]["total_bytes"] <= 140 * 1024 < large.report["memory"]["total_bytes"] <= 380 * 1024
+    assert small.report["params"]["trainable"] < large.report["params"]["trainable"]
+    arrays, _ = RunDir(tmp_path / "run").load_checkpoint(1)
+    assert set(small.trainable) | set(large.trainable) == set(arrays)
+    trained = [r for r in device_records(tmp_path / "run") if r["instruction"] == "train"]
+    assert {r["group"] for r in trained} == {"small", "large"} and all(np.isfinite(r["loss_after"]) for r in trained)

@@ -434,3 +434,35 @@ def test_gvsoc_group_needs_gvsoc_and_a_siracusa_target(monkeypatch, tmp_path):
     monkeypatch.setenv(GVSOC_ENV, str(fake))
     on_qemu = changed(lambda r: r["fleet"]["groups"][0].update(runtime="gvsoc", target="rv32-qemu"))
     assert 'fleet.groups[0].target: runtime = "gvsoc" runs the siracusa firmware' in error_of(on_qemu)
+
+
+SPARSE_GROUPS = {"groups": [{"name": "a", "count": 2, "memory_kib": 256}, {"name": "b", "count": 2}]}
+
+
+@pytest.mark.parametrize("tuning, groups, match", [
+    ({"strategy": "sparse", "sparse_from_memory": True}, SPARSE_GROUPS,
+     r"^test: fleet\.groups\[1\]\.memory_kib: tuning\.sparse_from_memory chooses each group's sparse scheme"),
+    ({"strategy": "sparse"}, None, r"^test: tuning\.sparse: strategy \"sparse\" needs either a sparse table"),
+    ({"strategy": "sparse", "sparse": {"classifier": "1/4"}, "sparse_from_memory": True}, None,
+     r"^test: tuning\.sparse: strategy \"sparse\" needs either"),
+    ({"strategy": "sparse", "sparse": {"classifier": "half"}}, None, r"^test: tuning\.sparse: sparse choice 'half'"),
+    ({"strategy": "sparse", "sparse": {"classifier": "1/4"}, "rank": 4}, None,
+     r"^test: tuning\.rank: only used when strategy is \"lora\""),
+])
+def test_sparse_tuning_errors_are_one_line(tuning, groups, match):
+    raw = {"name": "s", "model": {"name": "ds-cnn"}, "tuning": tuning, "data": {"kind": "digits"},
+           "fleet": groups or {"groups": [{"name": "a", "count": 2}]}}
+    with pytest.raises(ScenarioError, match=match) as exc:
+        parse_scenario(raw, source="test")
+    assert "\n" not in str(exc.value)
+
+
+def test_sparse_tuning_round_trips():
+    for tuning in ({"strategy": "sparse", "sparse_from_memory": True, "train": ["classifier.*"]},
+                   {"strategy": "sparse", "sparse": {"blocks.3.pw": "1/4", "classifier": "all"}}):
+        raw = {"name": "s", "model": {"name": "ds-cnn"}, "tuning": tuning, "data": {"kind": "digits"},
+               "fleet": {"groups": [{"name": "a", "count": 2, "memory_kib": 300}]}}
+        s = parse_scenario(raw, source="test")
+        assert s.tuning.strategy == "sparse"
+        again = parse_scenario({**raw, "tuning": s.to_dict()["tuning"]}, source="test")
+        assert again.tuning == s.tuning

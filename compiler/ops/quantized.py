@@ -296,7 +296,7 @@ class QSGD(Op):
                                f"(axis {axis}, channels {channels})")
         return ()
 
-    def update_shape(self, param, *, axis=0, channels=0, **attrs):
+    def update_shape(self, param, index=0, *, axis=0, channels=0, **attrs):
         param = tuple(param)
         return param if not channels else param[:axis] + (channels,) + param[axis + 1:]
 

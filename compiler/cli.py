@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from compiler import zoo
-from compiler.autodiff import SGDConfig
+from compiler.autodiff import OPTIMIZERS, SGDConfig, optimizer_config
 from compiler.frontend import import_onnx
 from compiler.ir import CompileError
 from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
@@ -53,6 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, default="auto")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="the on-device optimizer: sgd (with --momentum) or adam (PyTorch's betas and eps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--no-fused-update", dest="fused_update", action="store_false",
                    help="update every parameter after the whole backward pass (accumulate-then-update, as the "
@@ -111,7 +113,8 @@ def build_program(args: argparse.Namespace) -> Program:
     if getattr(args, "memory_budget", None):
         return _lower(args, _search(args, source, name, task))
     options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
-                             SGDConfig(args.lr, args.momentum, args.weight_decay, args.fused_update))
+                             optimizer_config(args.optimizer, args.lr, args.momentum, args.weight_decay,
+                                              args.fused_update))
     program = compile_graph(import_onnx(source, options.batch), options, name, task)
     return _lower(args, program)
 

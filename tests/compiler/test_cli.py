@@ -50,6 +50,14 @@ def test_json_report_and_artifact(tmp_path):
         assert set(program.trainable) <= set(npz.files)
 
 
+def test_adam_keeps_two_moments_per_trainable(tmp_path):
+    out = edgefleet("compile", "deep-ae", "--strategy", "lora", "--optimizer", "adam", "--json")
+    assert out.returncode == 0, out.stderr
+    memory = json.loads(out.stdout)["memory"]
+    # m and v per trainable element, plus two bias corrections per trainable tensor
+    assert 2 * memory["trainable_bytes"] < memory["optimizer_state_bytes"] < 2.01 * memory["trainable_bytes"]
+
+
 def test_table_report_with_target():
     out = edgefleet("compile", "deep-ae", "--strategy", "lora", "--target", "siracusa")
     assert out.returncode == 0, out.stderr

@@ -207,13 +207,7 @@ def _online_nodes(env: dict[str, str]) -> int:
 def test_flwr_run_on_superlink_with_two_supernodes(tiny, tmp_path):
     path, scenario, fleet, initial = tiny
     link_port, *node_ports = _free_ports(3)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    env = _flower_env(tmp_path, link_port)
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("superlink", "node0", "node1")}
     commands = {
         "superlink": ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
@@ -262,6 +256,64 @@ def test_flwr_run_on_superlink_with_two_supernodes(tiny, tmp_path):
     assert sorted(r["device"] for r in trained) == [0, 0, 1, 1] and all(r["group"] == "g" for r in trained)
     assert RunDir(run_dir).state() == {"rounds_completed": 2, "finished": True}
     print(timings, file=sys.stderr)
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None or not Path("/proc").is_dir(),
+                    reason="needs the Flower CLI and Linux /proc")
+def test_flwr_run_in_flowers_own_simulation(tiny, tmp_path):
+    """What `flwr run .` does with its `local` connection: a SuperLink in simulation mode runs the virtual
+    SuperNodes' ClientApps on Flower's Ray backend. Here on free loopback ports and with the environment as it
+    is (the managed local SuperLink would first `uv sync` the app's dependencies into a new environment)."""
+    path, scenario, fleet, initial = tiny
+    [link_port] = _free_ports(1)
+    env = _flower_env(tmp_path, link_port)
+    log = open(tmp_path / "superlink.log", "w")
+    superlink = subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(link_port), "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation"],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not _healthy(link_port):
+            assert superlink.poll() is None, _tails(tmp_path)
+            assert time.monotonic() < deadline, f"SuperLink not up after {STARTUP_S:.0f} s\n{_tails(tmp_path)}"
+            time.sleep(0.5)
+        run = _flwr("run", str(REPO), CONNECTION, "--stream", "--federation-config", "num-supernodes=2",
+                    "--run-config", f"scenario='{path}' num-server-rounds=2 run-dir='{run_dir}'",
+                    env=env, timeout_s=RUN_S)
+        assert run.returncode == 0, run.stdout + run.stderr + _tails(tmp_path)
+    finally:
+        _stop([superlink])
+        log.close()
+    assert "[ROUND 2/2]" in run.stdout and "Received 2 results and 0 failures" in run.stdout, run.stdout[-3000:]
+    from fleet.runs import RunDir
+    records = RunDir(run_dir).metrics()
+    trained = [r for r in records if r["type"] == "device" and r["instruction"] == "train"]
+    assert sorted(r["device"] for r in trained) == [0, 0, 1, 1]
+    assert RunDir(run_dir).state() == {"rounds_completed": 2, "finished": True}
+
+
+def _healthy(port: int) -> bool:
+    """The SuperLink's HTTP API answers (what `flwr` itself probes)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _flower_env(tmp_path: Path, link_port: int) -> dict[str, str]:
+    """FLWR_HOME in tmp with one connection to the SuperLink on ``link_port`` (Flower 1.41 serves its Fleet,
+    Control and Runtime APIs on that one port)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _tails(directory: Path, lines: int = 30) -> str:

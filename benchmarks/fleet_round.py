@@ -145,7 +145,7 @@ def _host_seconds(records: Sequence[dict[str, Any]], rounds: int) -> dict[str, l
     out: dict[str, list[float]] = {"train": [0.0] * rounds, "evaluate": [0.0] * rounds}
     for r in records:
         if r.get("type") == "device" and 1 <= r["round"] <= rounds:
-            out[r["kind"]][r["round"] - 1] += r.get("wall_s", 0.0) / HOST_ACTORS
+            out[r["instruction"]][r["round"] - 1] += r["telemetry"]["wall_s"] / HOST_ACTORS
     return out
 
 

@@ -30,6 +30,12 @@ INSTRUCTIONS = ("train", "evaluate", "personalize")
 PROXIMAL_MU_KEY = "proximal-mu"      # FedProx: SGD with a proximal pull towards the received arrays
 LR_KEY = "lr"                        # local learning rate
 LOCAL_STEPS_KEY = "local-steps"      # local SGD steps
+
+# faults a simulated device can be told to show (scenario fleet.groups[].faults; fleet.host.inject_fault):
+# raise an error, send NaN or Inf arrays (what overflowing values give), a Byzantine update (finite but
+# large: every value BYZANTINE_VALUE), or arrays of the wrong shape
+FAULT_KINDS = ("raise", "nan", "inf", "byzantine", "shape")
+BYZANTINE_VALUE = 3.0
 FREEZE_LORA_A_KEY = "freeze-lora-a"  # FFA-LoRA: A stays as received (the program compiles A frozen)
 LORA_RANK_KEY = "lora-rank"          # HetLoRA / FlexLoRA: the rank the device trains at
 PRUNE_GAMMA_KEY = "lora-prune-gamma" # HetLoRA: self-pruning strength (applied on the server)
@@ -75,7 +81,7 @@ class Job:
     seed: int = 0                                      # the device's data and any randomness
     round: int = 0                                     # the server round (0: outside rounds)
     deadline_s: float | None = None                    # wall-clock budget for the job; None: no deadline
-    fault: str = ""                                    # simulate this fault (scenarios and tests)
+    fault: str = ""                                    # simulate this fault (FAULT_KINDS; scenarios, tests)
 
     def __post_init__(self) -> None:
         if self.instruction not in INSTRUCTIONS:

@@ -18,7 +18,7 @@ from compiler.program import Program
 from device_runtime import NumpyDevice
 from device_runtime.batched import BatchedDevices
 from device_runtime.jobs import batchable, run_job, run_jobs_batched
-from device_runtime.protocol import CAUSE_ERROR, Job, JobResult, decode_jobs
+from device_runtime.protocol import BYZANTINE_VALUE, CAUSE_ERROR, Job, JobResult, decode_jobs
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec
 
@@ -34,8 +34,6 @@ def _gvsoc_device(program: Program, name: str):
 
 RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device, "gvsoc": _gvsoc_device}
 
-# fault injection (scenario fleet.groups[].faults): the kinds a device can be told to simulate
-FAULT_KINDS = ("raise", "nan", "shape")
 
 
 DATA_CACHE_BYTES = 1 << 30  # per host
@@ -116,8 +114,10 @@ def inject_fault(job: Job, result: JobResult) -> JobResult:
         return JobResult.failed(job, CAUSE_ERROR, f"DeviceError: device {job.device}: simulated failure")
     params = dict(result.arrays)
     first = next(iter(params))
-    if job.fault == "nan":  # what a device whose values overflowed sends: caught by the guard, not here
-        params[first] = np.full_like(params[first], np.nan)
+    if job.fault in ("nan", "inf"):  # what a device whose values overflowed sends: caught by the guard
+        params[first] = np.full_like(params[first], np.nan if job.fault == "nan" else np.inf)
+    elif job.fault == "byzantine":  # finite, so only a norm bound or a robust strategy keeps it out
+        params = {name: np.full_like(value, BYZANTINE_VALUE) for name, value in params.items()}
     elif job.fault == "shape":
         params[first] = params[first][..., :-1]
     return replace(result, arrays=params)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 from compiler.autodiff import OPTIMIZERS
 from compiler.ir import CompileError
 from compiler.tuning import LORA_INITS, LoraConfig
+from device_runtime.protocol import FAULT_KINDS
 from compiler.tuning import STRATEGIES as COMPILER_STRATEGIES
 from compiler.tuning import TuningSpec as CompilerTuning
 
@@ -131,7 +132,6 @@ _SECTION_KEYS = {
 _GROUP_KEYS = ("name", "count", "target", "memory_kib", "clock_mhz", "availability", "link_kbps", "deadline_s",
                "runtime", "port", "faults")
 _FAULT_TABLE_KEYS = ("kind", "p")
-FAULT_KINDS = ("raise", "nan", "shape")
 _AVAILABILITY_TABLE_KEYS = ("kind", "p", "on_rounds", "off_rounds", "phase")
 
 
@@ -290,7 +290,8 @@ Availability = AlwaysAvailable | Dropout | Periodic
 @dataclass(frozen=True)
 class Faults:
     """Injected device faults (for studying robustness): each selected device, with probability p, raises
-    ("raise"), returns NaN parameters ("nan") or returns a wrongly shaped update ("shape")."""
+    ("raise"), returns NaN or Inf parameters ("nan", "inf"), a large finite update ("byzantine": every value
+    3.0) or a wrongly shaped one ("shape"); device_runtime.protocol.FAULT_KINDS."""
     kind: str
     p: float = 1.0
 

@@ -1,12 +1,15 @@
 """The fault matrix, end to end through `python -m fleet.cli run` in subprocesses: kill -9 of the orchestrator
 at seeded random points then --resume ends bit-identical to an uninterrupted run; a killed host actor; an
-edited scenario; two processes on one run directory. (Run-directory faults on their own — torn metrics, full
-disk, damaged checkpoints — are in test_runs.py; hostile devices in test_hostile.py; limits in
+edited scenario; two processes on one run directory; a corrupted, truncated, replaced or deleted last
+checkpoint; a full disk (a real tmpfs) during the metrics append and during a checkpoint, in the engine
+itself. (The run directory's own cases are in test_runs.py; hostile devices in test_hostile.py; limits in
 test_limits.py; listeners in test_cluster.py.)"""
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +179,77 @@ def test_a_fleet_beyond_memory_is_refused_before_anything_is_written(tmp_path):
     assert code == 2 and len(lines) == 1, err
     assert "100,000,000 devices need about" in lines[0] and "devices fit" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "replaced", "deleted"])
+def test_a_damaged_last_checkpoint_is_named_and_its_round_runs_again(uninterrupted, damage):
+    root, _ = uninterrupted
+    run_dir = root / f"damaged-{damage}"
+    shutil.copytree(root / "full", run_dir)
+    last = run_dir / "checkpoints" / "round-0004.npz"
+    if damage == "corrupted":
+        data = bytearray(last.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        last.write_bytes(bytes(data))
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "replaced":  # by an older checkpoint of the same run: a valid file, the wrong content
+        shutil.copyfile(run_dir / "checkpoints" / "round-0002.npz", last)
+    else:
+        last.unlink()
+    proc = _cli("--resume", str(run_dir), "--actors", "0")
+    code, err = _finish(proc)
+    assert code == 0, err
+    if damage != "deleted":
+        assert "round-0004.npz" in err, err  # the damaged file is named before the run falls back
+    _same_run(root / "full", run_dir)
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the file system is full (then it holds every free byte)."""
+    with open(path, "ab", buffering=0) as f:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+
+
+class _FillDiskAt:
+    """An observer of the round driver that fills the disk at one moment of round 2: before it (so the round's
+    metrics append fails) or after its metrics (so its checkpoint fails)."""
+
+    def __init__(self, moment: str, filler: Path):
+        self.moment, self.filler = moment, filler
+
+    def begin_round(self, round_: int, total_rounds: int) -> None:
+        if self.moment == "metrics" and round_ == 2:
+            _fill(self.filler)
+
+    def device_done(self, record) -> None:
+        pass
+
+    def end_round(self, log) -> None:
+        if self.moment == "checkpoint" and log.round == 2:
+            _fill(self.filler)
+
+
+@pytest.mark.parametrize("moment,named", [("metrics", "metrics.jsonl"), ("checkpoint", "round-0002.npz")])
+def test_a_full_disk_stops_the_run_with_one_line_and_resume_is_identical(uninterrupted, moment, named):
+    from fleet.engine import run_scenario
+    from fleet.runs import RunError
+    from fleet.scenario import load_scenario
+    from tests.fleet.test_runs import small_tmpfs
+    root, _ = uninterrupted
+    with small_tmpfs(4096) as mount:
+        run_dir, filler = Path(mount) / "run", Path(mount) / "filler"
+        with pytest.raises(RunError) as error:
+            run_scenario(load_scenario(root / "scenario.toml"), run_dir, progress=False, actors=0,
+                         observers=[_FillDiskAt(moment, filler)])
+        message = str(error.value)
+        assert "No space left on device" in message and named in message and "\n" not in message, message
+        assert RunDir(run_dir).state()["rounds_completed"] == 1
+        filler.unlink()  # space freed, as whoever fills a disk eventually does
+        run_scenario(None, run_dir, resume=True, progress=False, actors=0)
+        _same_run(root / "full", run_dir)

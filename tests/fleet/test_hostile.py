@@ -126,3 +126,57 @@ def test_scenario_refuses_unknown_or_misplaced_robust_keys():
     spec = aggregation("multikrum", num_malicious_nodes=2, max_update_norm=5.0,
                        dp={"clipping": "fixed", "noise_multiplier": 0.5, "clipping_norm": 1.0})
     assert spec.num_nodes_to_select == 1 and spec.dp.clipping_norm == 1.0
+
+
+# ---- the same devices in a whole run (the engine, its fault injection and the run directory) -----------------
+
+HOSTILE_RUN = {
+    "name": "hostile", "seed": 2,
+    "model": {"name": "cct-digits", "pretrain_steps": 20},
+    "tuning": {"strategy": "lora", "rank": 2, "targets": ["*attn*"], "train": ["classifier.*"]},
+    "training": {"rounds": 2, "fraction": 1.0, "local_steps": 2, "batch_size": 8, "lr": 0.05},
+    "aggregation": {"strategy": "fedavg"},
+    "data": {"kind": "digits", "samples_per_device": 16, "test_samples_per_device": 16},
+    "fleet": {"groups": [{"name": "honest", "count": 6},
+                         {"name": "nan", "count": 1, "faults": {"kind": "nan"}},
+                         {"name": "inf", "count": 1, "faults": {"kind": "inf"}},
+                         {"name": "byzantine", "count": 1, "faults": {"kind": "byzantine"}}]},
+}
+
+
+def _engine_run(tmp_path, name, **changes):
+    from fleet.engine import run_scenario
+    from fleet.runs import RunDir
+    from tests.fleet.runs_compare import scenario_with
+    run_scenario(scenario_with(HOSTILE_RUN, **changes), tmp_path / name, progress=False, actors=0)
+    run = RunDir(tmp_path / name)
+    final, _ = run.load_checkpoint(2)
+    return final, [r for r in run.metrics() if r["type"] == "round"]
+
+
+def _distance(a, b):
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def honest_only(tmp_path_factory):
+    """The six honest devices alone: what a defence should give back."""
+    groups = [HOSTILE_RUN["fleet"]["groups"][0]]
+    return _engine_run(tmp_path_factory.mktemp("honest"), "run", **{"fleet.groups": groups})[0]
+
+
+def test_engine_fedavg_with_a_norm_bound_equals_the_honest_devices_alone(tmp_path, honest_only):
+    final, rounds = _engine_run(tmp_path, "bounded", **{"aggregation.max_update_norm": 5.0})
+    for r in rounds:  # NaN and Inf never reach a strategy; the Byzantine update fails the bound
+        assert r["rejected"] == {"nan": 2, "norm": 1}, r["rejected"]
+    for k in honest_only:
+        np.testing.assert_allclose(final[k], honest_only[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_engine_without_a_bound_the_byzantine_device_poisons_fedavg_and_fedmedian_resists(tmp_path, honest_only):
+    poisoned, rounds = _engine_run(tmp_path, "plain")
+    assert all(r["rejected"] == {"nan": 2} for r in rounds), rounds
+    assert all(np.isfinite(v).all() for v in poisoned.values())
+    median, _ = _engine_run(tmp_path, "median", **{"aggregation.strategy": "fedmedian"})
+    assert _distance(poisoned, honest_only) > 0.3  # every value pulled a seventh of the way to 3.0
+    assert _distance(median, honest_only) < 0.1 * _distance(poisoned, honest_only)

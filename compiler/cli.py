@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from compiler.frontend import import_onnx
 from compiler.ir import CompileError
 from compiler.pipeline import LOSSES, CompileOptions, compile_graph, load_model
 from compiler.program import Program
+from compiler.quantize import UPDATES, Int8Options
 from compiler.report import format_layers, format_table
 from compiler.sparse_search import DEFAULT_STEPS, TaskData, choose_sparse, parse_bytes
 from compiler.tuning import LoraConfig, TuningSpec
@@ -45,6 +47,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "reconstruction); default: the zoo model's task samples")
     p.add_argument("--search-steps", type=int, default=DEFAULT_STEPS,
                    help=f"SGD steps of each contribution run of --memory-budget (default {DEFAULT_STEPS})")
+    p.add_argument("--int8", action="store_true",
+                   help="train the model's int8 form (TTE's quantized graph, docs/int8.md), calibrated on --data or "
+                        "the zoo task's samples")
+    p.add_argument("--no-qas", dest="qas", action="store_false",
+                   help="int8: no quantization-aware scaling of the gradients")
+    p.add_argument("--int8-update", choices=UPDATES, default="round",
+                   help="int8: round (int8 weights updated in place, default) or master (float32 copies of the "
+                        "updated channels)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--lora-targets", help="comma-separated layer globs (default auto: attention and MLP layers, else every MatMul/Gemm layer)")
@@ -112,11 +122,19 @@ def build_program(args: argparse.Namespace) -> Program:
     source, name, task = load_model(args.model, args.seed)
     if getattr(args, "memory_budget", None):
         return _lower(args, _search(args, source, name, task))
+    if not args.int8 and (not args.qas or args.int8_update != "round"):
+        raise CompileError("--no-qas and --int8-update apply to int8 training: add --int8")
     options = CompileOptions(tuning_from_args(args), args.batch, args.loss,
                              optimizer_config(args.optimizer, args.lr, args.momentum, args.weight_decay,
-                                              args.fused_update))
+                                              args.fused_update), int8=_int8(args, name))
     program = compile_graph(import_onnx(source, options.batch), options, name, task)
     return _lower(args, program)
+
+
+def _int8(args: argparse.Namespace, name: str) -> Int8Options | None:
+    if not args.int8:
+        return None
+    return Int8Options(_task_data(args, name, "--int8")[0], qas=args.qas, update=args.int8_update)
 
 
 def _search(args: argparse.Namespace, source: Any, name: str, task: str) -> Program:
@@ -129,6 +147,11 @@ def _search(args: argparse.Namespace, source: Any, name: str, task: str) -> Prog
     choice, program = choose_sparse(import_onnx(source, args.batch), options, budget,
                                     TaskData.split(x, y, seed=args.seed), name, task, steps=args.search_steps,
                                     train=tuple(args.train))
+    if args.int8:  # the scheme is chosen on the fp32 program, whose memory bounds the int8 one's
+        options = dataclasses.replace(options, tuning=TuningSpec("sparse", train=tuple(args.train), sparse=choice.scheme),
+                                      int8=_int8(args, name))
+        program = compile_graph(import_onnx(source, args.batch), options, name, task)
+        program = program.replace(report={**program.report, "sparse_search": choice.to_dict()})
     print(f"sparse scheme for {budget / 1024:,.1f} KiB: "
           f"{', '.join(f'{layer} {c}' for layer, c in choice.scheme)}; memory {choice.memory_bytes / 1024:,.1f} KiB; "
           f"expected gain {choice.expected_gain:.4f} held-out loss, {100 * choice.expected_accuracy_gain:+.1f} % "
@@ -136,7 +159,7 @@ def _search(args: argparse.Namespace, source: Any, name: str, task: str) -> Prog
     return program
 
 
-def _task_data(args: argparse.Namespace, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _task_data(args: argparse.Namespace, name: str, flag: str = "--memory-budget") -> tuple[np.ndarray, np.ndarray | None]:
     if args.data:
         try:
             with np.load(args.data, allow_pickle=False) as archive:
@@ -148,7 +171,7 @@ def _task_data(args: argparse.Namespace, name: str) -> tuple[np.ndarray, np.ndar
                 raise
             raise CompileError(f"{args.data}: not a readable .npz ({exc})") from None
     if name not in zoo.names():
-        raise CompileError(f"--memory-budget on {name}: give the task's samples with --data FILE.npz")
+        raise CompileError(f"{flag} on {name}: give the task's samples with --data FILE.npz")
     from compiler.zoo.task_data import task_data
     return task_data(name, seed=args.seed)
 

@@ -137,3 +137,26 @@ def test_build_rv32_qemu_elf(tmp_path):
     elf = (tmp_path / "fw" / "firmware.elf").read_bytes()
     assert elf[:4] == b"\x7fELF" and elf[4] == 1  # ELF32
     assert int.from_bytes(elf[18:20], "little") == 0xF3  # EM_RISCV
+
+
+def test_int8_compile_and_its_options(tmp_path):
+    """--int8 compiles the int8 form (calibrated on the zoo task's samples): int8 weights and activations, QSGD
+    updates with QAS; --no-qas drops the QAS factors; the int8 options without --int8 are one line."""
+    out = edgefleet("compile", "ds-cnn", "--strategy", "sparse", "--sparse", "blocks.3.pw=1/4", "--sparse",
+                    "classifier=all", "--int8", "--batch", "1", "-o", str(tmp_path / "q"), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert len(report["int8"]["layers"]) == 10 and report["params"]["trainable"] == 16 * 64 + 64 + 12 * 64 + 12
+    program = Program.load(tmp_path / "q")
+    assert program.tensors["blocks.3.pw.weight"].dtype == "int8" and program.tensors["classifier.bias"].dtype == "int32"
+    assert program.optimizer["int8"] == {"qas": True, "update": "round"}
+    assert any(s.inputs[1].endswith(".qas_factor") for s in program.train.steps if s.op == "Mul")
+    plain = edgefleet("compile", "ds-cnn", "--strategy", "sparse", "--sparse", "classifier=all", "--int8", "--no-qas",
+                      "--batch", "1", "-o", str(tmp_path / "n"))
+    assert plain.returncode == 0, plain.stderr
+    program = Program.load(tmp_path / "n")
+    assert program.optimizer["int8"]["qas"] is False and not any("qas" in n for n in program.tensors)
+    one_line_error(edgefleet("compile", "ds-cnn", "--strategy", "sparse", "--sparse", "classifier=all", "--no-qas"),
+                   "--no-qas and --int8-update apply to int8 training: add --int8")
+    one_line_error(edgefleet("compile", "cct-digits", "--strategy", "full", "--int8", "--batch", "1"),
+                   "int8: node", "has no quantized form")

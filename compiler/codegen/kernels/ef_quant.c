@@ -3,7 +3,8 @@
  * Requantization is float32 and bit-exact with numpy and PyTorch: y = clamp(rintf((float)acc * m) + z_y) with
  * rintf rounding half to even (the default rounding mode) and no FMA contraction in these expressions.
  * The GEMM-like loops accumulate int8 x int8 products in int32 over contiguous rows (QLinear: Σ x·w − z_x·Σ w,
- * the weight-row sums taken once), the shape XpulpV2's 4-way int8 dot product (pv.sdotsp.b) vectorises; QConv
+ * the weight-row sums taken once), the loop shape XpulpV2's 4-way int8 dot product (pv.sdotsp.b) serves (zig's
+ * clang, the siracusa build here, has no XpulpV2: these loops run scalar there); QConv
  * walks output pixels with the zero point subtracted per tap, so padding contributes nothing. */
 #include <math.h>
 #include <stdint.h>

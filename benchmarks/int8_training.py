@@ -13,7 +13,8 @@ Sparse scheme: ``choose_sparse`` (contribution analysis on the pretrained base a
 for SPARSE_BUDGET_KIB at batch 1; the int8 runs use the same scheme on the int8 form, calibrated on the
 device's training data. int8 variants: QAS on, QAS off (both updating int8 weights in place, rounded), and QAS with
 float32 master copies of the updated channels. Memory: the compiled program's total (parameters + arena) at
-batch 1; cycles per step: the cost model on ``siracusa`` and ``siracusa-256k`` (256 KiB of L2 for the program).
+batch 1; cycles per step: the cost model on ``siracusa`` and ``siracusa-256k`` (256 KiB of L2 for the program);
+for fp32 sparse and int8 sparse, the instructions per step the built firmware executes on QEMU (rv32imf).
 
     python benchmarks/int8_training.py    # writes benchmarks/results/int8_training.json
 """
@@ -56,6 +57,8 @@ DIGITS_DATA = DataSpec(kind="digits", dirichlet_alpha=0.5, samples_per_device=12
                        writer_strength=1.0)
 LORA = {"strategy": "lora", "rank": 4, "targets": ["*"]}
 TARGETS = ("siracusa", "siracusa-256k")
+QEMU_VARIANTS = ("fp32 sparse", "int8 sparse QAS")
+QEMU_STEPS = 2
 
 
 def digits_cnn(seed: int = 0):
@@ -154,6 +157,8 @@ def run_task(task: Task) -> dict:
             row["wall_s"].append(time.perf_counter() - start)
             if k == 0:
                 row.update(cost(program))
+                if name in QEMU_VARIANTS:
+                    row["rv32_qemu_instructions_per_step"] = qemu_instructions(program, x_tr, y_tr)
             print(f"{task.name} device {k} {name:30} accuracy {before:.3f} → {after:.3f}", flush=True)
     for row in rows.values():
         row["accuracy_before"] = float(np.mean(row["before"]))
@@ -164,6 +169,20 @@ def run_task(task: Task) -> dict:
             "sparse_budget_kib": SPARSE_BUDGET_KIB[task.name], "pretrain": PRETRAIN[task.name], "tune": tune,
             "devices": len(task.devices), "variants": rows,
             "qas_closes_gap": None if gap <= 0 else round((qas - no_qas) / gap, 3)}
+
+
+def qemu_instructions(program, x, y) -> int | None:
+    """Instructions per training step of the built firmware on QEMU (rv32imf, minstret around each step): what
+    the plain C kernels execute, int8 against fp32 (scalar here: no XpulpV2 in this build). None without QEMU."""
+    import shutil
+    import tempfile
+
+    from device_runtime.qemu import QemuDevice
+    if shutil.which("qemu-system-riscv32") is None:
+        return None
+    with tempfile.TemporaryDirectory() as work:
+        result = QemuDevice(program, work, timeout_s=600).train(x, y, QEMU_STEPS)
+    return int(result.telemetry.instructions // QEMU_STEPS)
 
 
 def cost(program) -> dict:

@@ -364,7 +364,9 @@ CASES: dict[str, list[KCase]] = {
     "RequantGrad": [k((2, 3, 4), scales(3), int8(2, 3, 4, edges=True)), k((2, 3), scales(3), id="float output")],
     "QConv": [k(int8(*x), int8(*w), int32s(w[0]), scales(w[0], 2e-3), x_zero=-7, y_zero=-128, id=id_,
                 **{key: v for key, v in a.items() if key != "kernel_shape"})
-              for x, w, a, id_ in CONVS if not a.get("auto_pad")],
+              for x, w, a, id_ in CONVS if not a.get("auto_pad")]
+             + [k(int8(1, 2, 2, 300), int8(3, 2, 2, 3), int32s(3), scales(3, 2e-3), pads=(1, 1, 0, 1), x_zero=4,
+                  y_zero=-10, id="rows longer than the stack segment")],
     "QLinear": [k(int8(3, 6), int8(4, 6), int32s(4), scales(4, 2e-3), x_zero=-2, y_zero=-128),
                 k(int8(2, 64), int8(12, 64), int32s(12), scales(12, 1e-3), x_zero=9, output="float32",
                   id="float logits")],

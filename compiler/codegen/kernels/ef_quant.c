@@ -4,8 +4,9 @@
  * rintf rounding half to even (the default rounding mode) and no FMA contraction in these expressions.
  * The GEMM-like loops accumulate int8 x int8 products in int32 over contiguous rows (QLinear: Σ x·w − z_x·Σ w,
  * the weight-row sums taken once), the loop shape XpulpV2's 4-way int8 dot product (pv.sdotsp.b) serves (zig's
- * clang, the siracusa build here, has no XpulpV2: these loops run scalar there); QConv
- * walks output pixels with the zero point subtracted per tap, so padding contributes nothing. */
+ * clang, the siracusa build here, has no XpulpV2: these loops run scalar there). QConv accumulates one output row
+ * segment in int32 on the stack, tap by tap over the range of outputs that read inside the input (no bounds
+ * checks in the inner loop), with the zero point subtracted per product, so padding contributes nothing. */
 #include <math.h>
 #include <stdint.h>
 
@@ -47,6 +48,19 @@ void ef_requant_grad(float *dx, const float *dy, const float *scale, const int8_
     }
 }
 
+/* outputs o in [*lo, *hi) with 0 <= o·stride + offset < in_len (as ef_window.c) */
+static void valid_range(int out_len, int stride, int offset, int in_len, int *lo, int *hi) {
+    int a = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    int last = in_len - 1 - offset;
+    int b = last < 0 ? 0 : last / stride + 1;
+    if (b > out_len) b = out_len;
+    if (a > b) a = b;
+    *lo = a;
+    *hi = b;
+}
+
+#define EF_QCONV_ROW 128 /* int32 accumulators of one output row segment, on the stack */
+
 void ef_qconv(int8_t *y, const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, const int *win,
               int x_zero, int y_zero) {
     const int n_ = win[EF_WIN_N], c_ = win[EF_WIN_C], h = win[EF_WIN_H], wd = win[EF_WIN_W], m_ = win[EF_WIN_M];
@@ -54,28 +68,34 @@ void ef_qconv(int8_t *y, const int8_t *x, const int8_t *w, const int32_t *bias, 
     const int sh = win[EF_WIN_SH], sw = win[EF_WIN_SW], dh = win[EF_WIN_DH], dw = win[EF_WIN_DW];
     const int pt = win[EF_WIN_PT], pl = win[EF_WIN_PL], g = win[EF_WIN_G];
     const int cg = c_ / g, mg = m_ / g;
+    int32_t acc[EF_QCONV_ROW];
     for (int n = 0; n < n_; n++) {
         for (int m = 0; m < m_; m++) {
             const int8_t *xg = x + ((long)n * c_ + (long)(m / mg) * cg) * h * wd;
             const int8_t *wm = w + (long)m * cg * kh * kw;
             int8_t *ym = y + ((long)n * m_ + m) * oh * ow;
             for (int oy = 0; oy < oh; oy++) {
-                for (int ox = 0; ox < ow; ox++) {
-                    int32_t acc = bias[m];
-                    for (int c = 0; c < cg; c++) {
-                        const int8_t *xc = xg + (long)c * h * wd;
-                        const int8_t *wc = wm + (long)c * kh * kw;
-                        for (int i = 0; i < kh; i++) {
-                            const int iy = oy * sh + i * dh - pt;
-                            if (iy < 0 || iy >= h) continue;
-                            for (int j = 0; j < kw; j++) {
-                                const int ix = ox * sw + j * dw - pl;
-                                if (ix < 0 || ix >= wd) continue;
-                                acc += ((int32_t)xc[iy * wd + ix] - x_zero) * (int32_t)wc[i * kw + j];
+                for (int o0 = 0; o0 < ow; o0 += EF_QCONV_ROW) { /* a row segment of at most EF_QCONV_ROW outputs */
+                    const int len = ow - o0 < EF_QCONV_ROW ? ow - o0 : EF_QCONV_ROW;
+                    for (int t = 0; t < len; t++) acc[t] = bias[m];
+                    for (int i = 0; i < kh; i++) {
+                        const int iy = oy * sh + i * dh - pt;
+                        if (iy < 0 || iy >= h) continue;
+                        for (int j = 0; j < kw; j++) {
+                            const int offx = j * dw - pl;
+                            int lo, hi;  /* the segment's outputs whose tap j reads inside the row */
+                            valid_range(ow, sw, offx, wd, &lo, &hi);
+                            if (lo < o0) lo = o0;
+                            if (hi > o0 + len) hi = o0 + len;
+                            for (int c = 0; c < cg; c++) {
+                                const int32_t wv = wm[((long)c * kh + i) * kw + j];
+                                const int8_t *xr = xg + ((long)c * h + iy) * wd + offx;
+                                for (int ox = lo; ox < hi; ox++)
+                                    acc[ox - o0] += ((int32_t)xr[ox * sw] - x_zero) * wv;
                             }
                         }
                     }
-                    ym[oy * ow + ox] = requant(acc, scale[m], y_zero);
+                    for (int t = 0; t < len; t++) ym[oy * ow + o0 + t] = requant(acc[t], scale[m], y_zero);
                 }
             }
         }

@@ -8,6 +8,7 @@ benchmarks/results/gvsoc_calibration.json:
     per_kind_before / per_kind_after   per governing constant: steps, measured and modelled cycles, error %
     per_step_before / per_step_after   per program: one whole training step
     gvsoc_speed                        simulated cluster cycles per host second, per program
+    load_average                       os.getloadavg() around this run (and around the GVSoC runs, when recorded)
     fitted                             the fitted constants
     held_out                           fitted on the LoRA programs only, errors on the selective ones
 
@@ -51,6 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     target = load_target("siracusa")
     start = time.perf_counter()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     if args.table:
         table = CalibrationTable.load(args.table)
         programs = _programs(target, sorted({m.program for m in table.measurements}))
@@ -72,6 +74,8 @@ def main() -> int:
     out = {"target": target.name, "simulator": table.simulator, "steps": table.notes.get("steps"),
            "host": platform.node(), "python": platform.python_version(),
            "seconds": round(time.perf_counter() - start, 1),
+           "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()],
+                            "measured_with": table.notes.get("load_average", {})},
            "per_kind_before": result.before, "per_kind_after": result.after,
            "per_step_before": result.steps_before, "per_step_after": result.steps_after,
            "gvsoc_speed": table.notes.get("gvsoc_speed", {}), "fitted": dict(result.values),

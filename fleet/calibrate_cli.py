@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ def measure(programs, target, gvsoc: str | None, steps: int, workdir: Path, log=
     from compiler.targets.calibrate import CalibrationTable, StepTotal, measurements_for
     from device_runtime.gvsoc import GvsocDevice
     rows, totals, speed = [], [], {}
+    load_before = [round(x, 2) for x in os.getloadavg()]
     for label, program in programs.items():
         x, y = synthetic_batches(program, SAMPLES)
         device = GvsocDevice(program, workdir / label.replace("/", "-"), gvsoc=gvsoc)
@@ -95,7 +97,9 @@ def measure(programs, target, gvsoc: str | None, steps: int, workdir: Path, log=
                         "cycles_per_host_s": round(cycles / device.last_run_s if device.last_run_s else 0)}
         log(f"{label}: {cycles / steps:,.0f} cycles/step on GVSoC, model {model:,}, {host_s:.1f} s")
     table = CalibrationTable(target.name, tuple(rows), tuple(totals), simulator="GVSoC siracusa",
-                             notes={"steps": steps, "gvsoc_speed": speed})
+                             notes={"steps": steps, "gvsoc_speed": speed,
+                                    "load_average": {"before": load_before,
+                                                     "after": [round(x, 2) for x in os.getloadavg()]}})
     return table
 
 

@@ -31,15 +31,24 @@ import numpy as np
 from compiler.program import Program
 from compiler.targets.lower import cost_program
 from compiler.targets.placement import place
-from compiler.targets.spec import Target, TargetError
+from compiler.targets.spec import LINKS, Target, TargetError
 from compiler.targets.tiling import StepCost, cost_step
 
 INVERSE_KEYS = ("redmule.fp32_macs_per_cycle", "cluster.gemm_macs_per_cycle_per_core")
-# constants every step pays, fitted jointly with the governing ones (start values where the file has none)
-GLOBAL_KEYS = {"cluster.fork_cycles": 100.0, "options.step_overhead_cycles": 100.0}
-INTEGER_KEYS = ("cluster.fork_cycles", "options.step_overhead_cycles")
+# constants every step pays, fitted jointly with the governing ones (start values where the file has none): the
+# fork, the step's own overhead, and the cluster DMA's fixed cost per transfer (each tile's loads and stores)
+GLOBAL_KEYS = {"cluster.fork_cycles": 100.0, "options.step_overhead_cycles": 100.0,
+               "dma.l2_to_l1.latency_cycles": 80.0, "dma.l1_to_l2.latency_cycles": 80.0,
+               "dma.l2_to_l1.bandwidth_bytes_per_cycle": 8.0, "dma.l1_to_l2.bandwidth_bytes_per_cycle": 8.0}
+INTEGER_KEYS = ("cluster.fork_cycles", "options.step_overhead_cycles", "dma.l2_to_l1.latency_cycles",
+                "dma.l1_to_l2.latency_cycles")
+LINK_FIELDS = ("latency_cycles", "bandwidth_bytes_per_cycle")
+LINK_KEYS = {f"dma.{table}.{name}": (link, name) for link, table in LINKS.items() for name in LINK_FIELDS}
 FIT_ROUNDS = 12
 FD_STEP = 0.05                     # finite-difference step on log(constant)
+FIT_RANGE = 1e4                    # a fitted constant stays within 1e-4..1e4 times its start value
+FIT_RANGE_LOG = math.log(FIT_RANGE)
+SETTLE_ROUNDS = 4                  # ratio steps of the governing constants per trial of the global ones
 TABLE_VERSION = 1
 
 
@@ -178,6 +187,9 @@ def _value(target: Target, key: str) -> float:
         return float(target.fork_cycles)
     if key == "options.step_overhead_cycles":
         return float(target.options.step_overhead_cycles)
+    if key in LINK_KEYS:
+        link, name = LINK_KEYS[key]
+        return float(getattr(target.links[link], name))
     if key == "redmule.fp32_macs_per_cycle":
         return target.redmule.fp32_macs_per_cycle
     if key == "cluster.gemm_macs_per_cycle_per_core":
@@ -190,10 +202,13 @@ def with_values(target: Target, values: Mapping[str, float]) -> Target:
     """``target`` with the given keys replaced."""
     redmule, gemm = target.redmule, target.core_gemm_macs_per_cycle
     per_kind, per_op = dict(target.cycles_per_element), dict(target.op_cycles_per_element)
-    fork, options = target.fork_cycles, target.options
+    fork, options, links = target.fork_cycles, target.options, dict(target.links)
     for key, value in values.items():
         if key == "cluster.fork_cycles":
             fork = value
+        elif key in LINK_KEYS:
+            link, name = LINK_KEYS[key]
+            links[link] = dataclasses.replace(links[link], **{name: value})
         elif key == "options.step_overhead_cycles":
             options = dataclasses.replace(options, step_overhead_cycles=value)
         elif key == "redmule.fp32_macs_per_cycle":
@@ -207,7 +222,7 @@ def with_values(target: Target, values: Mapping[str, float]) -> Target:
         else:
             raise TargetError(f"calibration cannot set key {key!r}")
     return dataclasses.replace(target, redmule=redmule, core_gemm_macs_per_cycle=gemm, fork_cycles=fork,
-                               options=options,
+                               options=options, links=MappingProxyType(links),
                                cycles_per_element=MappingProxyType(per_kind),
                                op_cycles_per_element=MappingProxyType(per_op))
 
@@ -237,50 +252,90 @@ class FitResult:
 
 def _residuals(table: CalibrationTable, target: Target) -> list[float]:
     """log(model / measured) per governing constant (summed cycles) and per whole training step."""
-    out = [math.log(g["model_cycles"] / g["measured_cycles"]) for g in error_table(table, target).values()
-           if g["model_cycles"] > 0 and g["measured_cycles"] > 0]
-    out += [math.log(e["model_cycles"] / e["measured_cycles"]) for e in step_errors(table).values()
-            if e["model_cycles"] > 0 and e["measured_cycles"] > 0]
+    # a group the model prices at nothing keeps its (large) residual: dropping it would reward the fit for it
+    out = [math.log(max(g["model_cycles"], 1) / g["measured_cycles"]) for g in error_table(table, target).values()
+           if g["measured_cycles"] > 0]
+    out += [math.log(max(e["model_cycles"], 1) / e["measured_cycles"]) for e in step_errors(table).values()
+            if e["measured_cycles"] > 0]
     return out
 
 
-def fit(table: CalibrationTable, programs: Mapping[str, Program], target: Target,
-        rounds: int = FIT_ROUNDS, global_keys: bool = True) -> FitResult:
-    """Least squares on the log errors of every group and every whole step, over the log of the governing
-    constants (Levenberg-Marquardt, Jacobian by finite differences, each evaluation re-costing ``programs`` —
-    the programs the table was measured for, by label). Steps couple constants (a fused LoRA step on RedMulE
-    also charges its rank-wide products to the cores' GEMM rate), so the constants are solved together."""
-    current = remodel(table, programs, target)
-    before, steps_before = error_table(current, target), step_errors(current)
-    keys = [k for k, g in before.items() if g["model_cycles"] > 0 and g["measured_cycles"] > 0]
-    keys += [k for k in GLOBAL_KEYS if global_keys]
-    x = np.log([_value(target, k) or GLOBAL_KEYS.get(k, 1.0) for k in keys])
-
-    def evaluate(logs: np.ndarray) -> tuple[Target, CalibrationTable, np.ndarray]:
-        t = with_values(target, {k: float(math.exp(v)) for k, v in zip(keys, logs)})
-        remodelled = remodel(table, programs, t)
-        return t, remodelled, np.array(_residuals(remodelled, t))
-
-    fitted, current, r = evaluate(x)
+def _lm(x: np.ndarray, low: np.ndarray, high: np.ndarray, evaluate, rounds: int):
+    """Levenberg-Marquardt on log constants within [low, high]; ``evaluate(x)`` returns (..., residuals) last.
+    Returns the best x and its evaluation."""
+    best = evaluate(x)
     damping = 1e-2
     for _ in range(rounds):
-        jac = np.empty((len(r), len(keys)))
-        for j in range(len(keys)):
+        r = best[-1]
+        jac = np.empty((len(r), len(x)))
+        for j in range(len(x)):
             step = x.copy()
             step[j] += FD_STEP
-            jac[:, j] = (evaluate(step)[2] - r) / FD_STEP
+            jac[:, j] = (evaluate(step)[-1] - r) / FD_STEP
         while damping < 1e6:
             lhs = jac.T @ jac + damping * np.diag(np.diag(jac.T @ jac) + 1e-9)
-            delta = np.linalg.solve(lhs, -jac.T @ r)
-            trial = evaluate(x + delta)
-            if float(trial[2] @ trial[2]) < float(r @ r):
-                x, (fitted, current, r) = x + delta, trial
+            moved = np.clip(x + np.linalg.solve(lhs, -jac.T @ r), low, high)
+            trial = evaluate(moved)
+            if float(trial[-1] @ trial[-1]) < float(r @ r):
+                x, best = moved, trial
                 damping = max(damping / 10, 1e-6)
                 break
             damping *= 10
         else:
             break
-    values = {k: (round(math.exp(v)) if k in INTEGER_KEYS else float(math.exp(v))) for k, v in zip(keys, x)}
+    return x, best
+
+
+def fit(table: CalibrationTable, programs: Mapping[str, Program], target: Target,
+        rounds: int = FIT_ROUNDS, global_keys: bool = True) -> FitResult:
+    """Least squares on the log errors of every group and every whole step, over the log of the constants, each
+    evaluation re-costing ``programs`` (the programs the table was measured for, by label).
+
+    Two levels, because the constants every step pays (fork, step overhead, the cluster DMA's latency and
+    bandwidth: ``GLOBAL_KEYS``) and the governing ones trade against each other: Levenberg-Marquardt over the global
+    constants, each trial settling the governing constants by ratio steps (each group's modelled sum to its
+    measured one); then Levenberg-Marquardt over the governing constants together (fused steps couple them: a
+    LoRA step on RedMulE also charges its rank-wide products to the cores' GEMM rate). Every constant stays within
+    ``FIT_RANGE_LOG`` of its start (one the data do not determine must not run off)."""
+    current = remodel(table, programs, target)
+    before, steps_before = error_table(current, target), step_errors(current)
+    keys = [k for k, g in before.items() if g["model_cycles"] > 0 and g["measured_cycles"] > 0]
+    outer = [k for k in GLOBAL_KEYS if global_keys]
+    start = {k: _value(target, k) or GLOBAL_KEYS.get(k, 1.0) for k in keys + outer}
+    for k in outer:
+        start[k] = start[k] or GLOBAL_KEYS[k]
+
+    def bounded(values: Mapping[str, float]) -> dict[str, float]:
+        return {k: min(max(v, start[k] / FIT_RANGE), start[k] * FIT_RANGE) for k, v in values.items()}
+
+    def settle(t: Target) -> Target:
+        for _ in range(SETTLE_ROUNDS):
+            t = with_values(t, bounded({k: v for k, v in fit_step(remodel(table, programs, t), t).items()
+                                        if k in start}))
+        return t
+
+    def with_globals(logs: np.ndarray):
+        t = settle(with_values(target, {k: float(math.exp(v)) for k, v in zip(outer, logs)}))
+        remodelled = remodel(table, programs, t)
+        return t, remodelled, np.array(_residuals(remodelled, t))
+
+    x0 = np.log([start[k] for k in outer])
+    if outer:
+        _, (settled, _, _) = _lm(x0, x0 - FIT_RANGE_LOG, x0 + FIT_RANGE_LOG, with_globals, rounds)
+    else:
+        settled = settle(target)
+
+    def with_governing(logs: np.ndarray):
+        t = with_values(settled, {k: float(math.exp(v)) for k, v in zip(keys, logs)})
+        remodelled = remodel(table, programs, t)
+        return t, remodelled, np.array(_residuals(remodelled, t))
+
+    x1 = np.log([_value(settled, k) for k in keys])
+    lows, highs = np.log([start[k] / FIT_RANGE for k in keys]), np.log([start[k] * FIT_RANGE for k in keys])
+    x1, _ = _lm(x1, lows, highs, with_governing, rounds)
+    values = {k: _value(settled, k) for k in outer}
+    values.update({k: float(math.exp(v)) for k, v in zip(keys, x1)})
+    values = {k: (round(v) if k in INTEGER_KEYS else v) for k, v in values.items()}
     fitted = with_values(target, values)
     current = remodel(table, programs, fitted)
     return FitResult(fitted, MappingProxyType(values), before, error_table(current, fitted), steps_before,

@@ -246,9 +246,7 @@ def _best_streaming(step: Step, kind: str, tensors: Mapping[str, TensorInfo], le
         return Flow(tiles, compute, moved("L2->L1", s_in_all, tiles), moved("L1->L2", s_out_all, tiles),
                     moved("L3->L2", s_in_far, tiles), moved("L2->L3", s_out_far, tiles), once_in, once_out)
 
-    options = [first * 2 ** i for i in range(16) if first * 2 ** i <= max(first, elements // target.cores)]
-    flows = [flow_for(n) for n in options]
-    flow = min(flows, key=lambda f: (pipeline_cycles(f, target.options.double_buffering), f.tiles))
+    flow = flow_for(first)   # the fewest tiles that fit twice over: what the firmware does (hal/ef_hal_stream.c)
     tiles = flow.tiles
     far_in = sum(t.nbytes for t in ins if levels.get(t.name, "L2") == "L3")
     far_out = sum(t.nbytes for t in outs if levels.get(t.name, "L2") == "L3")

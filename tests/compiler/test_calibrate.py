@@ -123,3 +123,20 @@ def test_table_round_trip_and_bad_tables(tmp_path):
     path.write_text("{")
     with pytest.raises(TargetError, match="cannot read the calibration table"):
         CalibrationTable.load(path)
+
+
+def test_the_cluster_dma_constants_are_keys_the_fit_can_set():
+    """The fit also sets the cluster DMA's latency and bandwidth (GLOBAL_KEYS); the other links are untouched, and
+    the fitted file carries the values in their [dma.*] tables."""
+    from compiler.targets.calibrate import GLOBAL_KEYS
+    base = load_target("siracusa")
+    values = {"dma.l2_to_l1.latency_cycles": 400, "dma.l1_to_l2.bandwidth_bytes_per_cycle": 2.0}
+    assert set(values) <= set(GLOBAL_KEYS)
+    fitted = with_values(base, values)
+    assert fitted.links["L2->L1"].latency_cycles == 400 and fitted.links["L1->L2"].bandwidth_bytes_per_cycle == 2.0
+    assert fitted.links["L3->L2"] == base.links["L3->L2"] and fitted.links["L2->L1"].bandwidth_bytes_per_cycle == \
+        base.links["L2->L1"].bandwidth_bytes_per_cycle
+    from compiler.targets.calibrate import FitResult
+    result = FitResult(fitted, values, {}, {}, {}, {}, None)
+    parsed = parse_target(tomllib.loads(fitted_toml(_builtin_text("siracusa"), result, "x", "test")), "x.toml", "x")
+    assert parsed.links == fitted.links

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.ir import CompileError
+from compiler.ops import _jit
 from compiler.ops._util import norm_axis, size
 from compiler.ops.base import Op
 from compiler.ops.binding import Ref, Site
@@ -107,25 +108,10 @@ def _per_column(v, x_shape, axis):
     return np.broadcast_to(v, x_shape[norm_axis(axis, len(x_shape)):]).reshape(-1)
 
 
-def _standardize_into(x2, out2, epsilon):
-    """out2 = (x2 - mean) · rstd per row; returns rstd (rows, 1). Two reductions and three passes over x."""
-    d = x2.shape[1]
-    mean = np.add.reduce(x2, axis=1, keepdims=True)
-    mean /= d
-    np.subtract(x2, mean, out=out2)
-    var = np.einsum("ij,ij->i", out2, out2)[:, None]
-    var /= d
-    var += var.dtype.type(epsilon)
-    rstd = np.sqrt(var, out=var)
-    np.reciprocal(rstd, out=rstd)
-    out2 *= rstd
-    return rstd
-
-
 class LayerNormalization(Op):
     """Y = (X - mean) / sqrt(var + epsilon) · Scale + B over the axes from ``axis`` on (the Y output only).
 
-    ``stash_type`` is accepted and ignored: statistics are computed in the input's dtype."""
+    ``stash_type`` is accepted and ignored: the mean and variance are summed in float64 (``_jit.layer_norm``)."""
     name = "LayerNormalization"
     kind = "norm"
     c_call = "ef_layer_normalization(${y}, ${x}, ${scale}, ${bias}, ${rows}, ${n}, ${ns}, ${epsilon})"
@@ -145,11 +131,9 @@ class LayerNormalization(Op):
         return y
 
     def forward_into(self, outs, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
-        y2 = _as_rows(outs[0], axis)
-        _standardize_into(_as_rows(x, axis), y2, epsilon)
-        y2 *= _per_column(scale, x.shape, axis)
-        if b is not None:
-            y2 += _per_column(b, x.shape, axis)
+        scale1 = _per_column(scale, x.shape, axis)
+        bias1 = np.zeros_like(scale1) if b is None else _per_column(b, x.shape, axis)
+        _jit.layer_norm(_as_rows(x, axis), scale1, bias1, _as_rows(outs[0], axis), float(epsilon))
 
     def gradient(self, g, x, y, dy, *, axis=-1, epsilon=1e-5, stash_type=1):
         dx = ds = db = None
@@ -171,7 +155,7 @@ class LayerNormalization(Op):
         ns = _repeat(site, scale, normalized)
         if b is not None and _repeat(site, b, normalized) != ns:
             raise site.error(f"scale {site.shape(scale)} and bias {site.shape(b)} repeat differently")
-        site.attr("stash_type")  # statistics are float32, as in the numpy reference
+        site.attr("stash_type")  # the C kernel keeps its statistics in float32
         return dict(y=Ref(y), x=Ref(x), scale=Ref(scale), bias=Ref(b) if b else None, rows=rows, n=n, ns=ns,
                     epsilon=float(site.attr("epsilon")))
 
@@ -193,18 +177,8 @@ class LayerNormGradInput(Op):
         return dx
 
     def forward_into(self, outs, x, scale, dy, *, axis=-1, epsilon=1e-5):
-        dx2 = _as_rows(outs[0], axis)
-        d = dx2.shape[1]
-        rstd = _standardize_into(_as_rows(x, axis), dx2, epsilon)           # dx2 holds x̂ for now
-        ghat = _as_rows(dy, axis) * _per_column(scale, x.shape, axis)
-        mean_g = np.add.reduce(ghat, axis=1, keepdims=True)
-        mean_g /= d
-        mean_gx = np.einsum("ij,ij->i", ghat, dx2)[:, None]
-        mean_gx /= d
-        dx2 *= mean_gx                                                   # x̂ · mean(ĝ·x̂)
-        np.subtract(ghat, dx2, out=dx2)
-        dx2 -= mean_g
-        dx2 *= rstd
+        _jit.layer_norm_grad_input(_as_rows(x, axis), _per_column(scale, x.shape, axis), _as_rows(dy, axis),
+                                   _as_rows(outs[0], axis), float(epsilon))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 14 * size(x)
@@ -234,10 +208,7 @@ class LayerNormGradScale(Op):
         return ds
 
     def forward_into(self, outs, x, dy, *, axis=-1, epsilon=1e-5):
-        x2 = _as_rows(x, axis)
-        xhat = np.empty(x2.shape, x2.dtype)
-        _standardize_into(x2, xhat, epsilon)
-        np.einsum("ij,ij->j", _as_rows(dy, axis), xhat, out=outs[0].reshape(-1))
+        _jit.layer_norm_grad_scale(_as_rows(x, axis), _as_rows(dy, axis), outs[0].reshape(-1), float(epsilon))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 10 * size(x)

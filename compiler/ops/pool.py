@@ -44,6 +44,11 @@ class MaxPool(Op):
         _grid.max_pool(win, win.lift(x), win.lift(y))
         return y
 
+    def forward_into(self, outs, x, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                     auto_pad="NOTSET", storage_order=0):
+        win = _pool_window("MaxPool", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        _grid.max_pool(win, win.lift(x), win.lift(outs[0]))
+
     def gradient(self, g, x, y, dy, **attrs):
         return (g.emit("MaxPoolGrad", [x[0], dy[0]], **attrs),)
 
@@ -74,6 +79,11 @@ class MaxPoolGrad(Op):
         dx = np.empty_like(x, dtype=dy.dtype)
         _grid.max_pool_grad(win, win.lift(x), win.lift(dy), win.lift(dx))
         return dx
+
+    def forward_into(self, outs, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, ceil_mode=0,
+                     auto_pad="NOTSET", storage_order=0):
+        win = _pool_window("MaxPoolGrad", x.shape, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
+        _grid.max_pool_grad(win, win.lift(x), win.lift(dy), win.lift(outs[0]))
 
     def flops(self, out_shapes, x, dy, *, kernel_shape, **attrs):
         return 2 * size(dy) * size(kernel_shape)

@@ -1,0 +1,383 @@
+"""Compiled loops (numba) for the executor's sliding-window kernels: one plane (sample, channel) at a time.
+
+A plane's padded input is laid out as ``sh·sw`` contiguous *phases* (``_grid.Grid``): phase (a, b) holds the
+padded rows a, a+sh, … and columns b, b+sw, …, each ``hq × wq``. Kernel tap t then reads one phase at a constant
+flat offset, so every tap of every output of the plane is one contiguous run of ``ho·wq`` elements (the "wide"
+output, whose columns ≥ wo read across the row end and are never stored): the inner loops are long, unit-stride
+and vectorised by LLVM. ``taps`` is an int64 array (T, 2): per tap, the phase index a·sw + b and the flat offset.
+
+Compiled with ``fastmath=False``: no reassociation or contraction, so each result is the same sequence of
+float operations a reader would write down (sums in the stated order), and close to PyTorch's at float32.
+``cache=True`` keeps the machine code on disk (numba's cache: ``__pycache__`` or ``NUMBA_CACHE_DIR``).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+jit = numba.njit(cache=True, fastmath=False, nogil=True, error_model="numpy")
+
+
+@jit
+def _span(a, pad, stride):
+    """For phase offset a: the first input row (column) it holds, and where that lands in the phase."""
+    first = (a - pad) % stride
+    return first, (first + pad) // stride
+
+
+@jit
+def _fill_phases(src, ph, sh, sw, hq, wq, top, left, fill):
+    """ph (sh·sw·hq·wq + spare,) = the 2-D plane ``src`` padded (value ``fill``) and split into phases."""
+    ph[:] = fill
+    h, w = src.shape
+    for a in range(sh):
+        h0, r0 = _span(a, top, sh)
+        for b in range(sw):
+            w0, c0 = _span(b, left, sw)
+            phase = ph[(a * sw + b) * hq * wq:(a * sw + b + 1) * hq * wq]
+            cols = (w - w0 + sw - 1) // sw if w > w0 else 0
+            k = 0
+            for r in range(h0, h, sh):
+                dst = phase[(r0 + k) * wq + c0:(r0 + k) * wq + c0 + cols]
+                if sw == 1:  # a contiguous slice: the copy vectorises
+                    line = src[r, w0:w]
+                    for q in range(cols):
+                        dst[q] = line[q]
+                else:
+                    row = src[r, w0:w:sw]
+                    for q in range(cols):
+                        dst[q] = row[q]
+                k += 1
+
+
+@jit
+def _gather_phases(ph, dst, sh, sw, hq, wq, top, left):
+    """The inverse of ``_fill_phases`` on the input region: dst (h, w) = the phases' input elements."""
+    h, w = dst.shape
+    for a in range(sh):
+        h0, r0 = _span(a, top, sh)
+        for b in range(sw):
+            w0, c0 = _span(b, left, sw)
+            phase = ph[(a * sw + b) * hq * wq:(a * sw + b + 1) * hq * wq]
+            cols = (w - w0 + sw - 1) // sw if w > w0 else 0
+            k = 0
+            for r in range(h0, h, sh):
+                src = phase[(r0 + k) * wq + c0:(r0 + k) * wq + c0 + cols]
+                if sw == 1:
+                    line = dst[r, w0:w]
+                    for q in range(cols):
+                        line[q] = src[q]
+                else:
+                    row = dst[r, w0:w:sw]
+                    for q in range(cols):
+                        row[q] = src[q]
+                k += 1
+
+
+@jit
+def _widen(src, wide, wq):
+    """wide (ho·wq,) = the plane src (ho, wo) with zeros in the junk columns."""
+    ho, wo = src.shape
+    wide[:] = 0.0
+    for r in range(ho):
+        dst = wide[r * wq:r * wq + wo]
+        row = src[r]
+        for c in range(wo):
+            dst[c] = row[c]
+
+
+@jit
+def _crop(wide, dst, wq):
+    """dst (ho, wo) = the valid columns of the wide plane."""
+    ho, wo = dst.shape
+    for r in range(ho):
+        src = wide[r * wq:r * wq + wo]
+        row = dst[r]
+        for c in range(wo):
+            row[c] = src[c]
+
+
+@jit
+def _tap(ph, taps, t, hq, wq, length):
+    """The run of ``length`` phase elements tap t reads (a view; writable)."""
+    base = taps[t, 0] * hq * wq + taps[t, 1]
+    return ph[base:base + length]
+
+
+# ---- depthwise convolution (group = C, M = C·multiplier) ---------------------------------------------------
+@jit
+def depthwise_forward(x, w, y, taps, sh, sw, hq, wq, top, left, spare):
+    """y (N, M, ho, wo) = the depthwise convolution of x (N, C, H, W) with w (M, T) (M = C·mult), no bias:
+    per output, the taps' products summed in tap order."""
+    n_, c_ = x.shape[0], x.shape[1]
+    m_, t_ = w.shape
+    ho = y.shape[2]
+    mult = m_ // c_
+    length = ho * wq
+    ph = np.empty(sh * sw * hq * wq + spare, x.dtype)
+    wide = np.empty(length, x.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, 0.0)
+            for k in range(mult):
+                m = c * mult + k
+                src = _tap(ph, taps, 0, hq, wq, length)
+                wt = w[m, 0]
+                for p in range(length):
+                    wide[p] = wt * src[p]
+                for t in range(1, t_):
+                    src = _tap(ph, taps, t, hq, wq, length)
+                    wt = w[m, t]
+                    for p in range(length):
+                        wide[p] += wt * src[p]
+                _crop(wide, y[n, m], wq)
+
+
+@jit
+def depthwise_grad_input(dy, w, dx, taps, sh, sw, hq, wq, top, left, spare):
+    """dx (N, C, H, W) = the transposed depthwise convolution of dy (N, M, ho, wo) with w (M, T)."""
+    n_, c_ = dx.shape[0], dx.shape[1]
+    m_, t_ = w.shape
+    ho = dy.shape[2]
+    mult = m_ // c_
+    length = ho * wq
+    dph = np.empty(sh * sw * hq * wq + spare, dx.dtype)
+    dyw = np.empty(length, dx.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            dph[:] = 0.0
+            for k in range(mult):
+                m = c * mult + k
+                _widen(dy[n, m], dyw, wq)
+                for t in range(t_):
+                    dst = _tap(dph, taps, t, hq, wq, length)
+                    wt = w[m, t]
+                    for p in range(length):
+                        dst[p] += wt * dyw[p]
+            _gather_phases(dph, dx[n, c], sh, sw, hq, wq, top, left)
+
+
+@jit
+def depthwise_grad_weight(x, dy, dw, taps, sh, sw, hq, wq, top, left, spare):
+    """dw (M, T) = Σ over samples and outputs of dy · the input tap t read. Per tap, the products are summed
+    over samples position by position, then over positions in float64."""
+    n_, c_ = x.shape[0], x.shape[1]
+    m_, t_ = dw.shape
+    ho = dy.shape[2]
+    mult = m_ // c_
+    length = ho * wq
+    ph = np.empty(sh * sw * hq * wq + spare, x.dtype)
+    dyw = np.empty(length, x.dtype)
+    part = np.empty((mult, t_, length), x.dtype)
+    for c in range(c_):
+        part[:] = 0.0
+        for n in range(n_):
+            _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, 0.0)
+            for k in range(mult):
+                _widen(dy[n, c * mult + k], dyw, wq)
+                for t in range(t_):
+                    src = _tap(ph, taps, t, hq, wq, length)
+                    acc = part[k, t]
+                    for p in range(length):
+                        acc[p] += dyw[p] * src[p]
+        for k in range(mult):
+            for t in range(t_):
+                acc = part[k, t]
+                total = 0.0
+                for p in range(length):
+                    total += np.float64(acc[p])
+                dw[c * mult + k, t] = total
+
+
+# ---- max pooling -----------------------------------------------------------------------------------------
+@jit
+def max_pool(x, y, taps, sh, sw, hq, wq, top, left, spare):
+    """y = the maximum over each window (padding is -inf); NaN propagates as in np.maximum."""
+    n_, c_ = x.shape[0], x.shape[1]
+    ho = y.shape[2]
+    t_ = taps.shape[0]
+    length = ho * wq
+    ph = np.empty(sh * sw * hq * wq + spare, x.dtype)
+    best = np.empty(length, x.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, -np.inf)
+            src = _tap(ph, taps, 0, hq, wq, length)
+            for p in range(length):
+                best[p] = src[p]
+            for t in range(1, t_):
+                src = _tap(ph, taps, t, hq, wq, length)
+                for p in range(length):
+                    v = src[p]
+                    b = best[p]
+                    best[p] = v if (v > b or v != v) else b
+            _crop(best, y[n, c], wq)
+
+
+@jit
+def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare):
+    """Each dy goes to the first maximum of its window (PyTorch's tie rule); overlapping windows add up."""
+    n_, c_ = x.shape[0], x.shape[1]
+    ho, wo = dy.shape[2], dy.shape[3]
+    t_ = taps.shape[0]
+    length = ho * wq
+    ph = np.empty(sh * sw * hq * wq + spare, x.dtype)
+    dph = np.empty(sh * sw * hq * wq + spare, dx.dtype)
+    best = np.empty(length, x.dtype)
+    arg = np.empty(length, np.int64)
+    for n in range(n_):
+        for c in range(c_):
+            _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, -np.inf)
+            src = _tap(ph, taps, 0, hq, wq, length)
+            for p in range(length):
+                best[p] = src[p]
+                arg[p] = 0
+            for t in range(1, t_):
+                src = _tap(ph, taps, t, hq, wq, length)
+                for p in range(length):
+                    v = src[p]
+                    better = v > best[p]
+                    best[p] = v if better else best[p]
+                    arg[p] = t if better else arg[p]
+            dph[:] = 0.0
+            for r in range(ho):
+                g = dy[n, c, r]
+                for q in range(wo):
+                    p = r * wq + q
+                    t = arg[p]
+                    dph[taps[t, 0] * hq * wq + taps[t, 1] + p] += g[q]
+            _gather_phases(dph, dx[n, c], sh, sw, hq, wq, top, left)
+
+
+# ---- im2col / col2im for the GEMM convolutions -------------------------------------------------------------
+@jit
+def im2col(x, cols, c0, kh, kw, sh, sw, dh, dw, top, left, ho, wo):
+    """cols (B, Cb·kh·kw, ho·wo) = the windows of x[:, c0:c0 + Cb] (B, C, H, W), channel-major then tap (the
+    weight's order), zeros where a window reads padding. No junk columns."""
+    b_, rows = cols.shape[0], cols.shape[1]
+    h, w = x.shape[2], x.shape[3]
+    cb = rows // (kh * kw)
+    for n in range(b_):
+        for ci in range(cb):
+            src = x[n, c0 + ci]
+            for i in range(kh):
+                for j in range(kw):
+                    row = cols[n, (ci * kh + i) * kw + j]
+                    r0, q0 = i * dh - top, j * dw - left
+                    lo, hi = _valid(q0, sw, w, wo)
+                    for oh in range(ho):
+                        r = r0 + oh * sh
+                        out = oh * wo
+                        if r < 0 or r >= h:
+                            row[out:out + wo] = 0.0
+                            continue
+                        dst = row[out:out + wo]
+                        for q in range(lo):
+                            dst[q] = 0.0
+                        if hi > lo and sw == 1:  # a contiguous slice: the copy vectorises
+                            line = src[r, q0 + lo:q0 + hi]
+                            part = dst[lo:hi]
+                            for q in range(hi - lo):
+                                part[q] = line[q]
+                        elif hi > lo:
+                            strided = src[r, q0 + lo * sw:q0 + (hi - 1) * sw + 1:sw]
+                            for q in range(hi - lo):
+                                dst[lo + q] = strided[q]
+                        for q in range(max(lo, hi), wo):
+                            dst[q] = 0.0
+
+
+@jit
+def col2im(cols, dx, c0, kh, kw, sh, sw, dh, dw, top, left, ho, wo):
+    """The adjoint of ``im2col``: dx[:, c0:c0 + Cb] (B, C, H, W) = the column gradients added up where windows
+    overlap (taps in order); padding positions are dropped."""
+    b_, rows = cols.shape[0], cols.shape[1]
+    h, w = dx.shape[2], dx.shape[3]
+    cb = rows // (kh * kw)
+    for n in range(b_):
+        for ci in range(cb):
+            dst = dx[n, c0 + ci]
+            dst[:, :] = 0.0
+            for i in range(kh):
+                for j in range(kw):
+                    row = cols[n, (ci * kh + i) * kw + j]
+                    r0, q0 = i * dh - top, j * dw - left
+                    lo, hi = _valid(q0, sw, w, wo)
+                    for oh in range(ho):
+                        r = r0 + oh * sh
+                        if r < 0 or r >= h:
+                            continue
+                        src = row[oh * wo + lo:oh * wo + hi]
+                        if hi > lo and sw == 1:
+                            line = dst[r, q0 + lo:q0 + hi]
+                            for q in range(hi - lo):
+                                line[q] += src[q]
+                        elif hi > lo:
+                            strided = dst[r, q0 + lo * sw:q0 + (hi - 1) * sw + 1:sw]
+                            for q in range(hi - lo):
+                                strided[q] += src[q]
+
+
+@jit
+def _valid(q0, sw, w, wo):
+    """[lo, hi): the outputs q whose column q0 + q·sw lies in [0, w)."""
+    lo = 0 if q0 >= 0 else (-q0 + sw - 1) // sw
+    hi = (w - 1 - q0) // sw + 1 if w - 1 - q0 >= 0 else 0
+    return min(lo, wo), min(hi, wo)
+
+
+# ---- LayerNormalization over rows (R, D): statistics in float64 --------------------------------------------
+@jit
+def _row_stats(row, epsilon):
+    """(mean, 1/sqrt(var + epsilon)) of one row, summed in float64 in index order."""
+    d = row.shape[0]
+    total = 0.0
+    for j in range(d):
+        total += np.float64(row[j])
+    mean = total / d
+    sq = 0.0
+    for j in range(d):
+        dev = np.float64(row[j]) - mean
+        sq += dev * dev
+    return mean, 1.0 / np.sqrt(sq / d + epsilon)
+
+
+@jit
+def layer_norm(x2, scale, bias, y2, epsilon):
+    """y2 = (x2 - mean) · rstd · scale + bias per row; scale and bias (D,)."""
+    for i in range(x2.shape[0]):
+        row, out = x2[i], y2[i]
+        mean, rstd = _row_stats(row, epsilon)
+        for j in range(row.shape[0]):
+            out[j] = (row[j] - mean) * rstd * scale[j] + bias[j]
+
+
+@jit
+def layer_norm_grad_input(x2, scale, dy2, dx2, epsilon):
+    """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)) with ĝ = dy · scale, x̂ = (x - mean) · rstd, per row."""
+    d = x2.shape[1]
+    for i in range(x2.shape[0]):
+        row, g, out = x2[i], dy2[i], dx2[i]
+        mean, rstd = _row_stats(row, epsilon)
+        sg, sgx = 0.0, 0.0
+        for j in range(d):
+            gh = np.float64(g[j]) * scale[j]
+            sg += gh
+            sgx += gh * ((row[j] - mean) * rstd)
+        mg, mgx = sg / d, sgx / d
+        for j in range(d):
+            out[j] = (g[j] * scale[j] - mg - (row[j] - mean) * rstd * mgx) * rstd
+
+
+@jit
+def layer_norm_grad_scale(x2, dy2, ds, epsilon):
+    """ds (D,) = Σ over rows of dy · x̂, accumulated per column in float64."""
+    d = x2.shape[1]
+    acc = np.zeros(d, np.float64)
+    for i in range(x2.shape[0]):
+        row, g = x2[i], dy2[i]
+        mean, rstd = _row_stats(row, epsilon)
+        for j in range(d):
+            acc[j] += g[j] * ((row[j] - mean) * rstd)
+    for j in range(d):
+        ds[j] = acc[j]

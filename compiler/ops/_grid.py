@@ -84,6 +84,43 @@ def _depthwise(group: int, cg: int) -> bool:
     return group > 1 and cg == 1
 
 
+@dataclass(frozen=True, eq=False)
+class Flat:
+    """The flat form of a stride-1 window whose output is no wider than its input (``_jit.flat_depthwise_*``):
+    tap t of output p = oh·W + ow reads the plane, placed at ``lead`` in a zero buffer of ``size``, at
+    lead + p + off[t]; ``mask[t, ow]`` is 0 where that read would wrap into the neighbouring row."""
+    off: np.ndarray   # (T,) int64
+    mask: np.ndarray  # (T, W) uint8: 1 where the read stays in its row
+    lead: int
+    size: int
+
+    @classmethod
+    @functools.lru_cache(maxsize=1024)
+    def of(cls, win) -> "Flat | None":
+        (h, w), (ho, wo) = win.in_hw, win.out_hw
+        if win.strides != (1, 1) or wo > w:
+            return None
+        (kh, kw), (dh, dw), (top, left) = win.kernel, win.dilations, win.pads[:2]
+        off = np.array([(i * dh - top) * w + (j * dw - left) for i in range(kh) for j in range(kw)], np.int64)
+        cols = np.arange(w)
+        mask = np.array([(cols + j * dw - left >= 0) & (cols + j * dw - left < w)
+                         for _ in range(kh) for j in range(kw)], np.uint8)
+        lead = max(0, -int(off.min()))
+        size = max(lead + h * w, lead + int(off.max()) + ho * w)
+        off.flags.writeable = mask.flags.writeable = False
+        return cls(off, mask, lead, size)
+
+    def args(self) -> tuple:
+        return self.off, self.mask, self.lead, self.size
+
+
+def _flat_planes(a4: np.ndarray, written: bool = False) -> np.ndarray:
+    """(N, C, H, W) -> (N, C, H·W); an output must be contiguous (the executor's tensors and ``forward``'s are)."""
+    if written and not a4.flags.c_contiguous:
+        raise ValueError("depthwise kernels write into contiguous arrays only")
+    return np.ascontiguousarray(a4).reshape(*a4.shape[:2], -1)
+
+
 def _window_args(win) -> tuple:
     (kh, kw), (sh, sw), (dh, dw), (ho, wo) = win.kernel, win.strides, win.dilations, win.out_hw
     return kh, kw, sh, sw, dh, dw, win.pads[0], win.pads[1], ho, wo
@@ -114,7 +151,12 @@ def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarr
         np.matmul(w4.reshape(group, mg, cg), x4.reshape(n, group, cg, -1), out=out4.reshape(n, group, mg, -1))
         return
     if _depthwise(group, cg):
-        _jit.depthwise_forward(x4, w4.reshape(m, -1), out4, *Grid.of(win).args())
+        flat = Flat.of(win)
+        if flat is not None:
+            _jit.flat_depthwise_forward(_flat_planes(x4), w4.reshape(m, -1), _flat_planes(out4, True), x4.shape[3],
+                                        out4.shape[3], *flat.args())
+        else:
+            _jit.depthwise_forward(x4, w4.reshape(m, -1), out4, *Grid.of(win).args())
         return
     wg = w4.reshape(group, mg, -1)
     y3 = out4.reshape(n, m, -1)
@@ -132,7 +174,12 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
         np.matmul(wg.swapaxes(1, 2), dy4.reshape(n, group, mg, -1), out=dx4.reshape(n, group, cg, -1))
         return
     if _depthwise(group, cg):
-        _jit.depthwise_grad_input(dy4, w4.reshape(m, -1), dx4, *Grid.of(win).args())
+        flat = Flat.of(win)
+        if flat is not None:
+            _jit.flat_depthwise_grad_input(_flat_planes(dy4), w4.reshape(m, -1), _flat_planes(dx4, True),
+                                           dx4.shape[3], dy4.shape[3], *flat.args())
+        else:
+            _jit.depthwise_grad_input(dy4, w4.reshape(m, -1), dx4, *Grid.of(win).args())
         return
     dy3 = dy4.reshape(n, m, -1)
     for block in _sample_blocks(n, cg * w4.shape[2] * w4.shape[3] * dy3.shape[2]):
@@ -151,7 +198,12 @@ def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.n
         _sum_products(dy4.reshape(n, group, mg, -1), x4.reshape(n, group, cg, -1), dwg)
         return
     if _depthwise(group, cg):
-        _jit.depthwise_grad_weight(x4, dy4, dw4.reshape(m, -1), *Grid.of(win).args())
+        flat = Flat.of(win)
+        if flat is not None:
+            _jit.flat_depthwise_grad_weight(_flat_planes(x4), _flat_planes(dy4), dw4.reshape(m, -1), x4.shape[3],
+                                            dy4.shape[3], *flat.args())
+        else:
+            _jit.depthwise_grad_weight(x4, dy4, dw4.reshape(m, -1), *Grid.of(win).args())
         return
     dy3 = dy4.reshape(n, m, -1)
     for i, block in enumerate(_sample_blocks(n, cg * dw4.shape[2] * dw4.shape[3] * dy3.shape[2])):

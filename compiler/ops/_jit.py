@@ -381,3 +381,139 @@ def layer_norm_grad_scale(x2, dy2, ds, epsilon):
             acc[j] += g[j] * ((row[j] - mean) * rstd)
     for j in range(d):
         ds[j] = acc[j]
+
+
+# ---- depthwise convolution, stride 1, output no wider than the input: the "flat" form ---------------------
+# A plane is used as one flat run of H·W elements at offset ``lead`` in a zero buffer; output p = oh·W + ow (row
+# width W, the input's) reads the buffer at lead + p + off[t], off[t] = (i·dh - top)·W + (j·dw - left). Rows
+# outside the input read the zeros around the plane; a column outside it would wrap into the neighbouring row, so
+# tap t's weight is multiplied by mask[t, ow] (1 inside, 0 outside) once per channel. One contiguous copy in,
+# T unit-stride multiply-adds of Ho·W, one copy out per plane.
+@jit
+def _masked_taps(w, m, mask, ho, wm):
+    """wm (T, ho·W) = w[m, t] · mask[t, ow] with p = oh·W + ow."""
+    t_, width = mask.shape
+    for t in range(t_):
+        wt = w[m, t]
+        row = wm[t]
+        for r in range(ho):
+            dst = row[r * width:(r + 1) * width]
+            mk = mask[t]
+            for q in range(width):
+                dst[q] = wt * mk[q]
+
+
+@jit
+def _copy(src, dst):
+    for q in range(src.shape[0]):
+        dst[q] = src[q]
+
+
+@jit
+def _load_wide(src, wide, width, wo):
+    """wide (ho·width,) = the flat plane src (ho·wo,) with zeros in columns ≥ wo."""
+    if wo == width:
+        _copy(src, wide)
+        return
+    for r in range(src.shape[0] // wo):
+        _copy(src[r * wo:(r + 1) * wo], wide[r * width:r * width + wo])
+        wide[r * width + wo:(r + 1) * width] = 0.0
+
+
+@jit
+def _store_wide(wide, dst, width, wo):
+    """The flat plane dst (ho·wo,) = the columns < wo of wide."""
+    if wo == width:
+        _copy(wide[:dst.shape[0]], dst)
+        return
+    for r in range(dst.shape[0] // wo):
+        _copy(wide[r * width:r * width + wo], dst[r * wo:(r + 1) * wo])
+
+
+@jit
+def flat_depthwise_forward(x, w, y, width, wo, off, mask, lead, size):
+    """x (N, C, H·W), y (N, M, Ho·Wo) flat planes; see above."""
+    n_, c_, hw = x.shape
+    m_, t_ = w.shape
+    mult = m_ // c_
+    ho = y.shape[2] // wo
+    length = ho * width
+    buf = np.zeros(size, x.dtype)
+    wm = np.empty((mult, t_, length), x.dtype)
+    acc = np.empty(length, x.dtype)
+    for c in range(c_):
+        for k in range(mult):
+            _masked_taps(w, c * mult + k, mask, ho, wm[k])
+        for n in range(n_):
+            _copy(x[n, c], buf[lead:lead + hw])
+            for k in range(mult):
+                src = buf[lead + off[0]:lead + off[0] + length]
+                wt = wm[k, 0]
+                for p in range(length):
+                    acc[p] = wt[p] * src[p]
+                for t in range(1, t_):
+                    src = buf[lead + off[t]:lead + off[t] + length]
+                    wt = wm[k, t]
+                    for p in range(length):
+                        acc[p] += wt[p] * src[p]
+                _store_wide(acc, y[n, c * mult + k], width, wo)
+
+
+@jit
+def flat_depthwise_grad_input(dy, w, dx, width, wo, off, mask, lead, size):
+    """dy (N, M, Ho·Wo), dx (N, C, H·W) flat planes."""
+    n_, c_, hw = dx.shape
+    m_, t_ = w.shape
+    mult = m_ // c_
+    ho = dy.shape[2] // wo
+    length = ho * width
+    buf = np.empty(size, dx.dtype)
+    wm = np.empty((mult, t_, length), dx.dtype)
+    dyw = np.empty(length, dx.dtype)
+    for c in range(c_):
+        for k in range(mult):
+            _masked_taps(w, c * mult + k, mask, ho, wm[k])
+        for n in range(n_):
+            buf[:] = 0.0
+            for k in range(mult):
+                _load_wide(dy[n, c * mult + k], dyw, width, wo)
+                for t in range(t_):
+                    dst = buf[lead + off[t]:lead + off[t] + length]
+                    wt = wm[k, t]
+                    for p in range(length):
+                        dst[p] += wt[p] * dyw[p]
+            _copy(buf[lead:lead + hw], dx[n, c])
+
+
+@jit
+def flat_depthwise_grad_weight(x, dy, dw, width, wo, off, mask, lead, size):
+    """Per tap, the products dy · input summed over samples position by position, then the positions inside
+    the input (mask) summed in float64. x (N, C, H·W), dy (N, M, Ho·Wo) flat planes."""
+    n_, c_, hw = x.shape
+    m_, t_ = dw.shape
+    mult = m_ // c_
+    ho = dy.shape[2] // wo
+    length = ho * width
+    buf = np.zeros(size, x.dtype)
+    dyw = np.empty(length, x.dtype)
+    part = np.empty((mult, t_, length), x.dtype)
+    for c in range(c_):
+        part[:] = 0.0
+        for n in range(n_):
+            _copy(x[n, c], buf[lead:lead + hw])
+            for k in range(mult):
+                _load_wide(dy[n, c * mult + k], dyw, width, wo)
+                for t in range(t_):
+                    src = buf[lead + off[t]:lead + off[t] + length]
+                    acc = part[k, t]
+                    for p in range(length):
+                        acc[p] += dyw[p] * src[p]
+        for k in range(mult):
+            for t in range(t_):
+                acc = part[k, t]
+                mk = mask[t]
+                total = 0.0
+                for p in range(length):
+                    if mk[p % width]:
+                        total += np.float64(acc[p])
+                dw[c * mult + k, t] = total

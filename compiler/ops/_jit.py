@@ -326,59 +326,112 @@ def _valid(q0, sw, w, wo):
     return min(lo, wo), min(hi, wo)
 
 
-# ---- LayerNormalization over rows (R, D): statistics in float64 --------------------------------------------
+# ---- LayerNormalization over rows (R, D) -------------------------------------------------------------------
+# Sums run in the input's dtype, in eight interleaved partial sums (j mod 8) added pairwise at the end, as
+# numpy's own SIMD reductions do; the reciprocal square root is taken in float64.
 @jit
-def _row_stats(row, epsilon):
-    """(mean, 1/sqrt(var + epsilon)) of one row, summed in float64 in index order."""
+def _sum8(v, zero):
+    """Σ v: eight running sums over j ≡ 0..7 (mod 8), added pairwise, then the tail in order."""
+    d = v.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    j = 0
+    while j + 8 <= d:
+        a0 += v[j]
+        a1 += v[j + 1]
+        a2 += v[j + 2]
+        a3 += v[j + 3]
+        a4 += v[j + 4]
+        a5 += v[j + 5]
+        a6 += v[j + 6]
+        a7 += v[j + 7]
+        j += 8
+    total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    while j < d:
+        total += v[j]
+        j += 1
+    return total
+
+
+@jit
+def _dot8(u, v, zero):
+    """Σ u·v, summed like ``_sum8``."""
+    d = u.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    j = 0
+    while j + 8 <= d:
+        a0 += u[j] * v[j]
+        a1 += u[j + 1] * v[j + 1]
+        a2 += u[j + 2] * v[j + 2]
+        a3 += u[j + 3] * v[j + 3]
+        a4 += u[j + 4] * v[j + 4]
+        a5 += u[j + 5] * v[j + 5]
+        a6 += u[j + 6] * v[j + 6]
+        a7 += u[j + 7] * v[j + 7]
+        j += 8
+    total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    while j < d:
+        total += u[j] * v[j]
+        j += 1
+    return total
+
+
+@jit
+def _standardize(row, xh, epsilon, zero, stat):
+    """xh = row - mean; returns 1/sqrt(var + epsilon) (square root in float64), both in xh's dtype (the
+    one-element ``stat`` array casts: numba would otherwise promote float32 / int to float64)."""
     d = row.shape[0]
-    total = 0.0
+    stat[0] = _sum8(row, zero) / d
+    mean = stat[0]
     for j in range(d):
-        total += np.float64(row[j])
-    mean = total / d
-    sq = 0.0
-    for j in range(d):
-        dev = np.float64(row[j]) - mean
-        sq += dev * dev
-    return mean, 1.0 / np.sqrt(sq / d + epsilon)
+        xh[j] = row[j] - mean
+    stat[0] = 1.0 / np.sqrt(np.float64(_dot8(xh, xh, zero)) / d + epsilon)
+    return stat[0]
 
 
 @jit
-def layer_norm(x2, scale, bias, y2, epsilon):
+def layer_norm(x2, scale, bias, y2, epsilon, zero):
     """y2 = (x2 - mean) · rstd · scale + bias per row; scale and bias (D,)."""
+    xh = np.empty(x2.shape[1], y2.dtype)
+    stat = np.empty(1, y2.dtype)
     for i in range(x2.shape[0]):
-        row, out = x2[i], y2[i]
-        mean, rstd = _row_stats(row, epsilon)
-        for j in range(row.shape[0]):
-            out[j] = (row[j] - mean) * rstd * scale[j] + bias[j]
+        out = y2[i]
+        rstd = _standardize(x2[i], xh, epsilon, zero, stat)
+        for j in range(xh.shape[0]):
+            out[j] = xh[j] * rstd * scale[j] + bias[j]
 
 
 @jit
-def layer_norm_grad_input(x2, scale, dy2, dx2, epsilon):
+def layer_norm_grad_input(x2, scale, dy2, dx2, epsilon, zero):
     """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)) with ĝ = dy · scale, x̂ = (x - mean) · rstd, per row."""
     d = x2.shape[1]
+    xh = np.empty(d, dx2.dtype)
+    gh = np.empty(d, dx2.dtype)
+    stat = np.empty(3, dx2.dtype)
     for i in range(x2.shape[0]):
-        row, g, out = x2[i], dy2[i], dx2[i]
-        mean, rstd = _row_stats(row, epsilon)
-        sg, sgx = 0.0, 0.0
+        g, out = dy2[i], dx2[i]
+        rstd = _standardize(x2[i], xh, epsilon, zero, stat)
         for j in range(d):
-            gh = np.float64(g[j]) * scale[j]
-            sg += gh
-            sgx += gh * ((row[j] - mean) * rstd)
-        mg, mgx = sg / d, sgx / d
+            xh[j] *= rstd
+            gh[j] = g[j] * scale[j]
+        stat[1] = _sum8(gh, zero) / d
+        stat[2] = _dot8(gh, xh, zero) / d
+        mg, mgx = stat[1], stat[2]
         for j in range(d):
-            out[j] = (g[j] * scale[j] - mg - (row[j] - mean) * rstd * mgx) * rstd
+            out[j] = (gh[j] - mg - xh[j] * mgx) * rstd
 
 
 @jit
-def layer_norm_grad_scale(x2, dy2, ds, epsilon):
+def layer_norm_grad_scale(x2, dy2, ds, epsilon, zero):
     """ds (D,) = Σ over rows of dy · x̂, accumulated per column in float64."""
     d = x2.shape[1]
     acc = np.zeros(d, np.float64)
+    xh = np.empty(d, ds.dtype)
+    stat = np.empty(1, ds.dtype)
     for i in range(x2.shape[0]):
-        row, g = x2[i], dy2[i]
-        mean, rstd = _row_stats(row, epsilon)
+        g = dy2[i]
+        rstd = _standardize(x2[i], xh, epsilon, zero, stat)
         for j in range(d):
-            acc[j] += g[j] * ((row[j] - mean) * rstd)
+            acc[j] += g[j] * (xh[j] * rstd)
     for j in range(d):
         ds[j] = acc[j]
 
@@ -517,3 +570,48 @@ def flat_depthwise_grad_weight(x, dy, dw, width, wo, off, mask, lead, size):
                     if mk[p % width]:
                         total += np.float64(acc[p])
                 dw[c * mult + k, t] = total
+
+
+# ---- GELU in float32: the Abramowitz–Stegun erf (compiler/ops/elementwise.py), float32 operations ----------
+# The exponential is numpy's (vectorised); these loops compute its argument and everything after it in one pass
+# each. x, e, y are flat float32 arrays.
+_AS_P = np.float32(0.3275911)
+_AS_A1, _AS_A2, _AS_A3, _AS_A4, _AS_A5 = (np.float32(v) for v in (0.254829592, -0.284496736, 1.421413741,
+                                                                    -1.453152027, 1.061405429))
+_SQRT_HALF = np.float32(np.sqrt(0.5))
+_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
+
+
+@jit
+def gelu_exp_argument(x, e):
+    """e = -|z|² with z = x·√½ (the exponent of erf's tail term)."""
+    for i in range(x.shape[0]):
+        az = np.abs(x[i] * _SQRT_HALF)
+        e[i] = -(az * az)
+
+
+@jit
+def _erf_as(z, ez):
+    """erf(z) by A&S 7.1.26 given ez = exp(-z²)."""
+    one = np.float32(1.0)
+    t = one / (one + _AS_P * np.abs(z))
+    poly = (((_AS_A5 * t + _AS_A4) * t + _AS_A3) * t + _AS_A2) * t + _AS_A1
+    r = one - poly * t * ez
+    return r if z >= 0 else -r
+
+
+@jit
+def gelu(x, ez, y):
+    """y = 0.5·x·(1 + erf(x·√½)), ez = exp(-(x·√½)²)."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        y[i] = np.float32(0.5) * v * (np.float32(1.0) + _erf_as(v * _SQRT_HALF, ez[i]))
+
+
+@jit
+def gelu_grad(x, dy, ez, dx):
+    """dx = dy · (0.5·(1 + erf(x·√½)) + x·φ(x)), φ(x) = exp(-x²/2)/√(2π) = ez/√(2π)."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        d = np.float32(0.5) * (np.float32(1.0) + _erf_as(v * _SQRT_HALF, ez[i])) + v * _INV_SQRT_2PI * ez[i]
+        dx[i] = dy[i] * d

@@ -181,6 +181,25 @@ def _lora_common(site: Site, x: str, w: str, a: str, b: str) -> dict:
                 alpha=float(site.attr("alpha")), scale=float(site.attr("scale")))
 
 
+def _merges(m: int, k: int, devices: int) -> bool:
+    """Whether the numpy kernels fold the adapter into the weight: W_eff = alpha·W' + scale·A·B costs K·r·N per
+    device, less than the rank-r products over the rows whenever a device has at least K rows; then the layer
+    is one GEMM each way (X·W_eff and dY·W_effᵀ) instead of a GEMM plus two skinny ones and an extra pass."""
+    return m // devices >= k
+
+
+def _merged_weight(w, a, b, k, n, devices, trans_b, alpha, scale):
+    """W_eff = alpha·W' + scale·A·B: (K, N), or (D, K, N) per device."""
+    wt = w.T if trans_b else w
+    if devices == 1:
+        weff = a.reshape(k, -1) @ b.reshape(-1, n)
+    else:
+        weff = np.matmul(a.reshape(devices, k, -1), b.reshape(devices, -1, n))
+    weff *= weff.dtype.type(scale)
+    weff += wt if alpha == 1.0 else wt * wt.dtype.type(alpha)
+    return weff
+
+
 def _per_device(t, devices):
     """A row-folded (M, c) operand as (D, M/D, c) (a view)."""
     return t.reshape(devices, t.shape[0] // devices, t.shape[1])
@@ -220,6 +239,15 @@ class LoraLinear(Op):
     def forward_into(self, outs, x, w, a, b, c=None, *, scale, transB=0, alpha=1.0, beta=1.0):
         m, n, k, _, devices = lora_dims(x.shape, w.shape, a.shape, b.shape, transB)
         x2, y = x.reshape(m, k), outs[0].reshape(m, n)
+        if _merges(m, k, devices):
+            weff = _merged_weight(w, a, b, k, n, devices, transB, alpha, scale)
+            if devices == 1:
+                np.matmul(x2, weff, out=y)
+            else:
+                np.matmul(_per_device(x2, devices), weff, out=_per_device(y, devices))
+            if c is not None:
+                y += c if beta == 1.0 else c * c.dtype.type(beta)
+            return
         np.matmul(x2, w.T if transB else w, out=y)
         if alpha != 1.0:
             y *= y.dtype.type(alpha)
@@ -300,6 +328,17 @@ class LoraLinearGrad(Op):
         got = dict(zip(grads, outs))
         s = dy.dtype.type(scale)
         d2, x2 = dy.reshape(m, n), x.reshape(m, k)
+        if "x" in got and _merges(m, k, devices):  # dX through the merged weight; dA, dB as below
+            weff = _merged_weight(w, a, b, k, n, devices, transB, alpha, scale)
+            dx = got["x"].reshape(m, k)
+            if devices == 1:
+                np.matmul(d2, weff.T, out=dx)
+            else:
+                np.matmul(_per_device(d2, devices), weff.transpose(0, 2, 1), out=_per_device(dx, devices))
+            rest = grads.replace("x", "")
+            if rest:
+                self.forward_into(outs[1:], dy, x, w, a, b, grads=rest, scale=scale, transB=transB, alpha=alpha)
+            return
         if devices == 1:  # 2-D views: numpy's batched matmul costs more on small shapes
             dd, xd, a3, b3 = d2, x2, a.reshape(k, r), b.reshape(r, n)
 

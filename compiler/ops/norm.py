@@ -111,7 +111,7 @@ def _per_column(v, x_shape, axis):
 class LayerNormalization(Op):
     """Y = (X - mean) / sqrt(var + epsilon) · Scale + B over the axes from ``axis`` on (the Y output only).
 
-    ``stash_type`` is accepted and ignored: the mean and variance are summed in float64 (``_jit.layer_norm``)."""
+    ``stash_type`` is accepted and ignored: the statistics are summed in the input's dtype (``_jit.layer_norm``)."""
     name = "LayerNormalization"
     kind = "norm"
     c_call = "ef_layer_normalization(${y}, ${x}, ${scale}, ${bias}, ${rows}, ${n}, ${ns}, ${epsilon})"
@@ -133,7 +133,8 @@ class LayerNormalization(Op):
     def forward_into(self, outs, x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1):
         scale1 = _per_column(scale, x.shape, axis)
         bias1 = np.zeros_like(scale1) if b is None else _per_column(b, x.shape, axis)
-        _jit.layer_norm(_as_rows(x, axis), scale1, bias1, _as_rows(outs[0], axis), float(epsilon))
+        y = outs[0]
+        _jit.layer_norm(_as_rows(x, axis), scale1, bias1, _as_rows(y, axis), float(epsilon), y.dtype.type(0))
 
     def gradient(self, g, x, y, dy, *, axis=-1, epsilon=1e-5, stash_type=1):
         dx = ds = db = None
@@ -177,8 +178,9 @@ class LayerNormGradInput(Op):
         return dx
 
     def forward_into(self, outs, x, scale, dy, *, axis=-1, epsilon=1e-5):
+        dx = outs[0]
         _jit.layer_norm_grad_input(_as_rows(x, axis), _per_column(scale, x.shape, axis), _as_rows(dy, axis),
-                                   _as_rows(outs[0], axis), float(epsilon))
+                                   _as_rows(dx, axis), float(epsilon), dx.dtype.type(0))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 14 * size(x)
@@ -208,7 +210,9 @@ class LayerNormGradScale(Op):
         return ds
 
     def forward_into(self, outs, x, dy, *, axis=-1, epsilon=1e-5):
-        _jit.layer_norm_grad_scale(_as_rows(x, axis), _as_rows(dy, axis), outs[0].reshape(-1), float(epsilon))
+        ds = outs[0]
+        _jit.layer_norm_grad_scale(_as_rows(x, axis), _as_rows(dy, axis), ds.reshape(-1), float(epsilon),
+                                   ds.dtype.type(0))
 
     def flops(self, out_shapes, x, *rest, **attrs):
         return 10 * size(x)

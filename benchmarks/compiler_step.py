@@ -20,6 +20,9 @@ blocks, so drifting clock speed hits both alike; the figure is the median over t
 ``--threads`` threads (default: the core count): ``torch.set_num_threads`` and numpy's BLAS pool (threadpoolctl).
 Multi-threaded small GEMMs are very sensitive to other load on the machine (a BLAS or OpenMP worker that is
 not scheduled stalls the call): the JSON records the load average before and after; trust a quiet run.
+The executor's compiled kernels (numba) are compiled, or loaded from numba's on-disk cache, inside the first
+calls: those are verification calls, never timed steps; each row's ``first_call_ms`` gives them (evaluate, first
+train step, and torch's first step) and ``numba_kernels`` says how many kernels were compiled in the run.
 
     python benchmarks/compiler_step.py                 # cct-digits and deep-ae, batch 1/8/32, every strategy
     python benchmarks/compiler_step.py --all           # also cct-2-3x2 and ds-cnn
@@ -40,7 +43,7 @@ import pstats
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -299,6 +302,7 @@ class Case:
     torch_side: TorchSide
     feeds: dict[str, np.ndarray]
     step_torch: Callable[[], torch.Tensor]
+    first_step_s: dict[str, float] = field(default_factory=dict)  # per side: the first step (JIT compile or load)
 
     def step_executor(self) -> None:
         self.device.trainer.run(self.feeds)
@@ -357,15 +361,23 @@ def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
     with torch.no_grad():
         out = case.torch_side.module(torch.from_numpy(x)).numpy()
     ort_out = _onnxruntime(onnx_model, x)
+    start = time.perf_counter()
     executor_out = case.device.evaluate(x, case.feeds.get(case.program.label)).outputs
+    case.first_step_s["executor_evaluate"] = time.perf_counter() - start
     for what, ref in (("onnxruntime", ort_out), ("executor evaluate", executor_out)):
         np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL_SCALE * float(np.abs(ref).max()),
                                    err_msg=f"{case.model}/{case.strategy}/{case.batch}: torch forward vs {what}")
     executor_losses, torch_losses = [], []
-    for _ in range(VERIFY_STEPS):
+    for i in range(VERIFY_STEPS):
+        start = time.perf_counter()
         case.step_executor()
+        if i == 0:
+            case.first_step_s["executor"] = time.perf_counter() - start
         executor_losses.append(case.executor_loss())
+        start = time.perf_counter()
         torch_losses.append(case.step_torch().item())
+        if i == 0:
+            case.first_step_s["torch"] = time.perf_counter() - start
     np.testing.assert_allclose(executor_losses, torch_losses, rtol=RTOL,
                                err_msg=f"{case.model}/{case.strategy}/{case.batch}: losses")
     trained = case.device.get_params()
@@ -408,6 +420,20 @@ def time_case(case: Case, repeats: int, budget_s: float, clock: Callable[[], flo
                 fn()
                 times.append(clock() - start)
     return Timing(executor_s, torch_s)
+
+
+def numba_cache_stats() -> dict:
+    """How the executor's compiled kernels (compiler/ops/_jit.py) were obtained in this process: compiled here
+    (inside the first calls, which ``first_call_ms`` then includes) or loaded from numba's on-disk cache."""
+    import numba
+
+    import compiler.ops._jit as jit_module
+    hits = misses = 0
+    for value in vars(jit_module).values():
+        if isinstance(value, numba.core.registry.CPUDispatcher):
+            hits += sum(value.stats.cache_hits.values())
+            misses += sum(value.stats.cache_misses.values())
+    return {"compiled_in_this_run": misses, "loaded_from_cache": hits}
 
 
 def machine() -> dict:
@@ -468,6 +494,7 @@ def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: floa
             "executor_ms": round(executor_ms, 4), "torch_ms": round(torch_ms, 4),
             "ratio": round(torch_ms / executor_ms, 3), "steps_timed": len(timing.executor_s),
             "executor_min_ms": round(1e3 * min(timing.executor_s), 4),
+            "first_call_ms": {k: round(1e3 * v, 2) for k, v in case.first_step_s.items()},
             "torch_min_ms": round(1e3 * min(timing.torch_s), 4),
             "trainable_params": int(sum(program.values[n].size for n in program.trainable)),
             "tuning": dict(program.tuning),
@@ -518,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager",
               "machine": machine_before,
               "load_average_after": [round(v, 2) for v in os.getloadavg()],
+              "numba_kernels": numba_cache_stats(),
               "settings": {"lr": LR, "momentum": MOMENTUM, "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
                            "budget_s_per_side": args.budget_s, "threads": args.threads,
                            "statistic": f"median per-step {'process CPU' if args.clock == 'cpu' else 'wall'} time",

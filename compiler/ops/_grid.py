@@ -236,11 +236,39 @@ def _by_device(t: np.ndarray, devices: int) -> np.ndarray:
     return t.reshape(devices, t.shape[0] // devices, *t.shape[1:])
 
 
+def _lora_merges(cols: np.ndarray, devices: int) -> bool:
+    """Whether to fold the adapter into the weight, W_eff = W + scale·B·A (M, C·k) per device: it costs
+    M·r·C·k, less than the rank-r maps whenever a device has at least C·k output positions; the layer is then one
+    GEMM each way, as a plain convolution."""
+    n, ck, length = cols.shape
+    return (n // devices) * length >= ck
+
+
+def _merged_weight(w2, a3, b3, scale: float) -> np.ndarray:
+    """(D, M, C·k): W + scale·B·A per device."""
+    weff = np.matmul(b3, a3)
+    weff *= weff.dtype.type(scale)
+    weff += w2
+    return weff
+
+
+def _by_device_matmul(weights: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
+    """out (N, P, L) = weights[d] (P, Q) · t (N, Q, L) for device d's samples; weights (D, P, Q)."""
+    devices = weights.shape[0]
+    if devices == 1:
+        np.matmul(weights[0], t, out=out)
+    else:
+        np.matmul(weights[:, None], _by_device(t, devices), out=_by_device(out, devices))
+
+
 def lora_conv_forward(win, x4, w2, a3, b3, scale: float, out4) -> None:
     """out4 = conv(x4, W) + B ⊛ (scale · A ⊛ x4): W (M, C·k), A (D, r, C·k), B (D, M, r) (a 1×1 conv)."""
     devices = a3.shape[0]
     cols = _lora_columns(win, x4)
     y3 = out4.reshape(*out4.shape[:2], -1)
+    if _lora_merges(cols, devices):
+        _by_device_matmul(_merged_weight(w2, a3, b3, scale), cols, y3)
+        return
     np.matmul(w2, cols, out=y3)                                       # (N, M, L)
     s = np.matmul(a3[:, None], _by_device(cols, devices))            # (D, N/D, r, L)
     s *= s.dtype.type(scale)
@@ -249,21 +277,28 @@ def lora_conv_forward(win, x4, w2, a3, b3, scale: float, out4) -> None:
 
 def lora_conv_grad(win, grads: str, dy4, x4, w2, a3, b3, scale: float, outs) -> None:
     """The backward of lora_conv_forward; ``grads`` names ``outs`` in the order x, a, b:
-    dS = scale·Bᵀ·dY;  dX = col2im(Wᵀ·dY + Aᵀ·dS);  dA = Σ dS·colsᵀ;  dB = Σ dY·Sᵀ with S = scale·A·cols."""
+    dS = scale·Bᵀ·dY;  dX = col2im(Wᵀ·dY + Aᵀ·dS) (= col2im(W_effᵀ·dY) when merged);  dA = Σ dS·colsᵀ;
+    dB = Σ dY·Sᵀ with S = scale·A·cols."""
     devices = a3.shape[0]
     got = dict(zip(grads, outs))
     cols = _lora_columns(win, x4)
     n, m = dy4.shape[:2]
     dy3 = dy4.reshape(n, m, -1)
     dyd = _by_device(dy3, devices)
-    ds = np.matmul(b3.swapaxes(1, 2)[:, None], dyd)                  # (D, N/D, r, L)
-    ds *= ds.dtype.type(scale)
+    merged = _lora_merges(cols, devices)
+    if "a" in got or ("x" in got and not merged):
+        ds = np.matmul(b3.swapaxes(1, 2)[:, None], dyd)              # (D, N/D, r, L)
+        ds *= ds.dtype.type(scale)
     if "x" in got:
-        dcols = np.matmul(w2.T, dy3)                                  # (N, C·k, L)
-        _by_device(dcols, devices)[...] += np.matmul(a3.swapaxes(1, 2)[:, None], ds)
-        if _pointwise(win):
-            got["x"][...] = dcols.reshape(got["x"].shape)
+        pointwise = _pointwise(win)
+        dcols = got["x"].reshape(cols.shape) if pointwise else \
+            _work("dcols", cols.shape, dy4.dtype)                      # (N, C·k, L)
+        if merged:
+            _by_device_matmul(_merged_weight(w2, a3, b3, scale).swapaxes(1, 2), dy3, dcols)
         else:
+            np.matmul(w2.T, dy3, out=dcols)
+            _by_device(dcols, devices)[...] += np.matmul(a3.swapaxes(1, 2)[:, None], ds)
+        if not pointwise:
             _jit.col2im(dcols, got["x"], 0, *_window_args(win))
     colsd = _by_device(cols, devices)
     if "a" in got:

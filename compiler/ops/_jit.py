@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 jit = numba.njit(cache=True, fastmath=False, nogil=True, error_model="numpy")
+U = numba.uint64  # an unsigned index: no wraparound check, so the loop vectorises
 
 
 @jit
@@ -27,27 +28,32 @@ def _span(a, pad, stride):
 
 @jit
 def _fill_phases(src, ph, sh, sw, hq, wq, top, left, fill):
-    """ph (sh·sw·hq·wq + spare,) = the 2-D plane ``src`` padded (value ``fill``) and split into phases."""
+    """ph (sh·sw·hq·wq + spare,) = the 2-D plane ``src`` padded (value ``fill``) and split into phases.
+    Indices are unsigned (``U``) here and below: numba then drops its negative-index wraparound, which would
+    otherwise keep LLVM from vectorising the loops."""
     ph[:] = fill
     h, w = src.shape
     for a in range(sh):
         h0, r0 = _span(a, top, sh)
         for b in range(sw):
             w0, c0 = _span(b, left, sw)
-            phase = ph[(a * sw + b) * hq * wq:(a * sw + b + 1) * hq * wq]
-            cols = (w - w0 + sw - 1) // sw if w > w0 else 0
-            k = 0
+            cols = U((w - w0 + sw - 1) // sw if w > w0 else 0)
+            base = U(((a * sw + b) * hq + r0) * wq + c0)
+            k = U(0)
             for r in range(h0, h, sh):
-                dst = phase[(r0 + k) * wq + c0:(r0 + k) * wq + c0 + cols]
-                if sw == 1:  # a contiguous slice: the copy vectorises
-                    line = src[r, w0:w]
+                row = src[r]
+                dst = base + k * U(wq)
+                first = U(w0)
+                if sw == 1:
                     for q in range(cols):
-                        dst[q] = line[q]
+                        ph[dst + q] = row[first + q]
+                elif sw == 2:
+                    for q in range(cols):
+                        ph[dst + q] = row[first + U(2) * q]
                 else:
-                    row = src[r, w0:w:sw]
                     for q in range(cols):
-                        dst[q] = row[q]
-                k += 1
+                        ph[dst + q] = row[first + U(sw) * q]
+                k += U(1)
 
 
 @jit
@@ -58,20 +64,23 @@ def _gather_phases(ph, dst, sh, sw, hq, wq, top, left):
         h0, r0 = _span(a, top, sh)
         for b in range(sw):
             w0, c0 = _span(b, left, sw)
-            phase = ph[(a * sw + b) * hq * wq:(a * sw + b + 1) * hq * wq]
-            cols = (w - w0 + sw - 1) // sw if w > w0 else 0
-            k = 0
+            cols = U((w - w0 + sw - 1) // sw if w > w0 else 0)
+            base = U(((a * sw + b) * hq + r0) * wq + c0)
+            k = U(0)
             for r in range(h0, h, sh):
-                src = phase[(r0 + k) * wq + c0:(r0 + k) * wq + c0 + cols]
+                row = dst[r]
+                src = base + k * U(wq)
+                first = U(w0)
                 if sw == 1:
-                    line = dst[r, w0:w]
                     for q in range(cols):
-                        line[q] = src[q]
+                        row[first + q] = ph[src + q]
+                elif sw == 2:
+                    for q in range(cols):
+                        row[first + U(2) * q] = ph[src + q]
                 else:
-                    row = dst[r, w0:w:sw]
                     for q in range(cols):
-                        row[q] = src[q]
-                k += 1
+                        row[first + U(sw) * q] = ph[src + q]
+                k += U(1)
 
 
 @jit
@@ -225,6 +234,8 @@ def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare):
     dph = np.empty(sh * sw * hq * wq + spare, dx.dtype)
     best = np.empty(length, x.dtype)
     arg = np.empty(length, np.int64)
+    dyw = np.empty(length, dx.dtype)
+    zero = dyw[:0].sum()  # 0 in dx's dtype
     for n in range(n_):
         for c in range(c_):
             _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, -np.inf)
@@ -240,12 +251,11 @@ def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare):
                     best[p] = v if better else best[p]
                     arg[p] = t if better else arg[p]
             dph[:] = 0.0
-            for r in range(ho):
-                g = dy[n, c, r]
-                for q in range(wo):
-                    p = r * wq + q
-                    t = arg[p]
-                    dph[taps[t, 0] * hq * wq + taps[t, 1] + p] += g[q]
+            _widen(dy[n, c], dyw, wq)
+            for t in range(t_):  # per tap, a masked add: the outputs whose first maximum tap t read
+                dst = _tap(dph, taps, t, hq, wq, length)
+                for p in range(length):
+                    dst[p] += dyw[p] if arg[p] == t else zero
             _gather_phases(dph, dx[n, c], sh, sw, hq, wq, top, left)
 
 

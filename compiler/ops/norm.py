@@ -31,6 +31,12 @@ class Softmax(Op):
         e = np.exp(x - x.max(axis=axis, keepdims=True))
         return e / e.sum(axis=axis, keepdims=True)
 
+    def forward_into(self, outs, x, *, axis=-1):
+        y = outs[0]
+        np.subtract(x, x.max(axis=axis, keepdims=True), out=y)
+        np.exp(y, out=y)
+        y /= y.sum(axis=axis, keepdims=True)
+
     def gradient(self, g, x, y, dy, *, axis=-1):
         return (g.emit("SoftmaxGrad", [y[0], dy[0]], axis=axis),)
 
@@ -57,6 +63,13 @@ class SoftmaxGrad(Op):
 
     def forward(self, y, dy, *, axis=-1):
         return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+    def forward_into(self, outs, y, dy, *, axis=-1):
+        dx = outs[0]
+        np.multiply(dy, y, out=dx)
+        total = dx.sum(axis=axis, keepdims=True)
+        np.subtract(dy, total, out=dx)
+        dx *= y
 
     def flops(self, out_shapes, y, dy, **attrs):
         return 4 * size(dy)

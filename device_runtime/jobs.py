@@ -13,7 +13,8 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from device_runtime.batched import BatchedDevices
-from device_runtime.protocol import (CAUSE_ERROR, CAUSE_NONFINITE, Job, JobResult, ProtocolError, Telemetry)
+from device_runtime.protocol import (CAUSE_ERROR, CAUSE_NONFINITE, CAUSES, Job, JobResult, ProtocolError,
+                                     Telemetry)
 
 
 class JobData(Protocol):
@@ -94,9 +95,16 @@ def run_job(device: Any, job: Job, data: JobData) -> JobResult:
     except (ProtocolError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a device failure is a result, not a crash of whoever asked
-        return JobResult.failed(job, CAUSE_ERROR, f"{type(exc).__name__}: {exc}",
+        return JobResult.failed(job, failure_cause(exc), f"{type(exc).__name__}: {exc}",
                                 Telemetry(wall_s=time.perf_counter() - start))
     return _checked(result, job)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The protocol's cause for a device's exception: its own ``cause`` when it names one (a serial link's
+    disconnected / timeout), else "error"."""
+    cause = getattr(exc, "cause", CAUSE_ERROR)
+    return cause if cause in CAUSES else CAUSE_ERROR
 
 
 def batchable(jobs: Sequence[Job]) -> bool:

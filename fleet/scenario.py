@@ -54,7 +54,7 @@ AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad
 LORA_AGGREGATIONS = ("fedit", "ffa-lora", "flexlora", "hetlora")       # need tuning.strategy = "lora"
 MIXED_RANK_AGGREGATIONS = ("flexlora", "hetlora")                     # can combine adapters of different rank
 DATA_KINDS = ("digits", "machine-sound", "npz")
-RUNTIMES = ("numpy", "qemu", "gvsoc", "serial")
+RUNTIMES = ("numpy", "qemu", "gvsoc")  # simulated groups; boards on serial lines are [[fleet.boards]]
 AVAILABLE_RUNTIMES = ("numpy", "qemu", "gvsoc")  # the others are refused at load until their device backends land
 METRICS_AVAILABLE = True                # the exporter (fleet.exporter) has landed
 AVAILABILITY_KINDS = ("always", "dropout", "periodic")
@@ -125,12 +125,17 @@ _SECTION_KEYS = {
                     "num_malicious_nodes", "num_nodes_to_select", "max_update_norm", "dp"),
     "data": ("kind", "path", "dirichlet_alpha", "samples_per_device", "test_samples_per_device",
              "writer_strength", "anomaly_fraction"),
-    "fleet": ("groups",),
+    "fleet": ("groups", "boards"),
     "ray": ("address", "actors", "devices_per_call", "dashboard"),
     "metrics": ("address", "enabled"),
 }
 _GROUP_KEYS = ("name", "count", "target", "memory_kib", "clock_mhz", "availability", "link_kbps", "deadline_s",
-               "runtime", "port", "faults")
+               "runtime", "faults")
+_BOARD_KEYS = ("name", "port", "qemu", "target", "memory_kib", "program", "baud", "resource", "step_timeout_s")
+BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, 1000000, 2000000, 3000000)
+DEFAULT_BAUD = 115200
+DEFAULT_STEP_TIMEOUT_S = 60.0
+_RESOURCE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _FAULT_TABLE_KEYS = ("kind", "p")
 _AVAILABILITY_TABLE_KEYS = ("kind", "p", "on_rounds", "off_rounds", "phase")
 
@@ -307,17 +312,40 @@ class DeviceGroup:
     link_kbps: float = 1000.0            # link bandwidth, each direction
     deadline_s: float | None = None      # straggler deadline per round; None = wait for every device
     runtime: str = "numpy"
-    port: str | None = None              # serial: the board's port (None = discover)
     faults: Faults | None = None         # injected faults (robustness studies, tests)
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    """A dev board on a serial line (one device; fleet.boards drives it through a Ray board proxy)."""
+    name: str
+    port: str | None = None              # pyserial URL or path; None when qemu = true
+    qemu: bool = False                   # edgefleet starts a QEMU board with the program on a pty
+    target: str = "siracusa"             # the program (and cost model) is the fleet's for this target
+    memory_kib: int | None = None        # budget for tuning.rank_from_memory; None = the target's
+    program: str | None = None           # the program directory the board was flashed with (checked)
+    baud: int = DEFAULT_BAUD
+    resource: str | None = None          # the Ray custom resource of the board's node; None = "board:<name>"
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # per training / evaluation step on the board
+
+    @property
+    def ray_resource(self) -> str:
+        return self.resource or f"board:{self.name}"
 
 
 @dataclass(frozen=True)
 class FleetSpec:
     groups: tuple[DeviceGroup, ...]
+    boards: tuple[BoardSpec, ...] = ()
 
     @property
     def device_count(self) -> int:
-        return sum(group.count for group in self.groups)
+        return sum(group.count for group in self.groups) + len(self.boards)
+
+    def board_indices(self) -> tuple[tuple[BoardSpec, int], ...]:
+        """Each board with its device index: boards are numbered after every group's devices."""
+        start = sum(group.count for group in self.groups)
+        return tuple((board, start + i) for i, board in enumerate(self.boards))
 
     def group_ranges(self) -> tuple[tuple[DeviceGroup, range], ...]:
         """Each group with its device indices; devices are numbered group after group from 0."""
@@ -371,7 +399,7 @@ class Scenario:
                        run_dir: str | None = None) -> "Scenario":
         """A copy with command-line overrides applied. ``devices`` rescales the group counts in proportion
         (largest remainder, every group keeps at least one device) so they total exactly ``devices``;
-        groups of physical boards (runtime "serial") keep their count."""
+        boards ([[fleet.boards]]) are physical and stay, and count towards ``devices``."""
         return _with_overrides(self, rounds, devices, run_dir)
 
 
@@ -540,7 +568,44 @@ def _parse_fleet(t: _Table, base: Path | None) -> FleetSpec:
             raise ScenarioError(f"{t.source}: fleet.groups[{index}].name: expected a unique group name, got "
                                 f"{_show(group.name)} (also fleet.groups[{seen[group.name]}])")
         seen[group.name] = index
-    return FleetSpec(groups=groups)
+    boards = tuple(_parse_board(board, base) for board in (t.table_list("boards", required=False)))
+    for index, board in enumerate(boards):
+        path = f"fleet.boards[{index}]"
+        if board.name in seen:
+            raise ScenarioError(f"{t.source}: {path}.name: expected a name no group or other board has, got "
+                                f"{_show(board.name)} (also fleet.groups[{seen[board.name]}])")
+        for other, earlier in enumerate(boards[:index]):
+            for key in ("name", "port", "ray_resource"):
+                value = getattr(board, key)
+                if value is not None and value == getattr(earlier, key):
+                    shown = "resource" if key == "ray_resource" else key
+                    raise ScenarioError(f"{t.source}: {path}.{shown}: expected one board per {shown}, got "
+                                        f"{_show(value)} (also fleet.boards[{other}])")
+    return FleetSpec(groups=groups, boards=boards)
+
+
+def _parse_board(t: _Table, base: Path | None) -> BoardSpec:
+    name = t.string("name", pattern=_NAME_PATTERN, what="a name of letters, digits, '_', '.' or '-'")
+    qemu = t.boolean("qemu", default=False)
+    port = t.string("port", default=None, what='a port path or pyserial URL ("/dev/ttyUSB0", "socket://host:port")')
+    if qemu and port is not None:
+        t.fail("port", "not used with qemu = true (edgefleet starts the QEMU board and opens its pty)")
+    if not qemu and port is None:
+        t.fail("port", 'missing required key, expected the board\'s port ("/dev/ttyUSB0", "socket://host:port"), '
+                       "or qemu = true for an emulated board")
+    target = t.string("target", default="siracusa", pattern=re.compile(r"^([a-z0-9][a-z0-9_-]*|.+\.toml)$"),
+                      what='a target name such as "siracusa" or a path ending .toml')
+    program = t.string("program", default=None, what="a program directory (edgefleet compile -o DIR)")
+    baud = t.integer("baud", default=DEFAULT_BAUD, minimum=1)
+    if baud not in BAUD_RATES:
+        t.fail_value("baud", f"a standard baud rate ({', '.join(map(str, BAUD_RATES))})", baud)
+    return BoardSpec(name=name, port=port, qemu=qemu,
+                     target=_resolve(target, base) if target.endswith(".toml") else target,
+                     memory_kib=t.integer("memory_kib", default=None, minimum=1),
+                     program=_resolve(program, base) if program is not None else None, baud=baud,
+                     resource=t.string("resource", default=None, pattern=_RESOURCE_PATTERN,
+                                       what="a Ray resource name of letters, digits, '_', '.', ':' or '-'"),
+                     step_timeout_s=t.number("step_timeout_s", default=DEFAULT_STEP_TIMEOUT_S, above=0))
 
 
 def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
@@ -551,24 +616,22 @@ def _parse_group(t: _Table, index: int, base: Path | None) -> DeviceGroup:
                       what='a target name such as "siracusa" or a path ending .toml')
     if target.endswith(".toml"):
         target = _resolve(target, base)
+    if t.raw.get("runtime") == "serial":
+        t.fail("runtime", "boards on serial lines are listed as [[fleet.boards]] (one table per board, with its "
+                          "port), not as a group")
     runtime = t.choice("runtime", RUNTIMES, default="numpy")
     if runtime not in AVAILABLE_RUNTIMES:
         t.fail("runtime", f'"{runtime}" devices are not available in fleet runs yet (available: '
                           f'{_choices(AVAILABLE_RUNTIMES)})')
     if runtime == "gvsoc":
         _check_gvsoc(t, target)
-    port = t.string("port", default=None)
-    if port is not None and runtime != "serial":
-        t.fail("port", f'only used with runtime = "serial", got runtime = "{runtime}"')
-    if port is not None and count != 1:
-        t.fail("count", f"expected 1 for a group with a serial port (one board per port), got {count}")
     return DeviceGroup(name=name, count=count, target=target,
                        memory_kib=t.integer("memory_kib", default=None, minimum=1),
                        clock_mhz=t.number("clock_mhz", default=None, above=0),
                        availability=_parse_availability(t.table("availability")),
                        link_kbps=t.number("link_kbps", default=DeviceGroup.link_kbps, above=0),
                        deadline_s=t.number("deadline_s", default=None, above=0),
-                       runtime=runtime, port=port, faults=_parse_faults(t))
+                       runtime=runtime, faults=_parse_faults(t))
 
 
 def _check_gvsoc(t: _Table, target: str) -> None:
@@ -668,17 +731,17 @@ def _with_overrides(s: Scenario, rounds: int | None, devices: int | None, run_di
             raise ScenarioError(f"override: run_dir: expected a non-empty string, got {_show(run_dir)}")
         s = dataclasses.replace(s, run_dir=run_dir)
     if devices is not None:
-        s = dataclasses.replace(s, fleet=FleetSpec(groups=_rescale(s.fleet.groups, devices)))
+        s = dataclasses.replace(s, fleet=dataclasses.replace(s.fleet, groups=_rescale(s.fleet, devices)))
     return s
 
 
-def _rescale(groups: tuple[DeviceGroup, ...], devices: int) -> tuple[DeviceGroup, ...]:
-    fixed = sum(g.count for g in groups if g.runtime == "serial")
-    scalable = [i for i, g in enumerate(groups) if g.runtime != "serial"]
+def _rescale(fleet: FleetSpec, devices: int) -> tuple[DeviceGroup, ...]:
+    groups = fleet.groups
+    fixed = len(fleet.boards)
+    scalable = list(range(len(groups)))
     least = fixed + len(scalable)
-    if not _is_int(devices) or devices < least or (not scalable and devices != fixed):
-        expected = (f"exactly {fixed} (every group is a serial board)" if not scalable
-                    else f">= {least} (one per simulated group" + (f" plus {fixed} boards)" if fixed else ")"))
+    if not _is_int(devices) or devices < least:
+        expected = f">= {least} (one per simulated group" + (f" plus {fixed} boards)" if fixed else ")")
         raise ScenarioError(f"override: devices: expected an integer {expected}, got {_show(devices)}")
     counts = _largest_remainder([groups[i].count for i in scalable], devices - fixed)
     new = list(groups)
@@ -713,6 +776,7 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
         if g.faults is not None:
             group["faults"] = {"kind": g.faults.kind, "p": g.faults.p}
         groups.append({key: group[key] for key in _GROUP_KEYS if key in group})
+    boards = [fields(b, _BOARD_KEYS) for b in s.fleet.boards]
     return {
         "name": s.name,
         "seed": s.seed,
@@ -722,7 +786,7 @@ def _scenario_to_dict(s: Scenario) -> dict[str, Any]:
         "training": fields(s.training, _SECTION_KEYS["training"]),
         "aggregation": _aggregation_dict(s.aggregation),
         "data": fields(s.data, ("kind",) + DATA_KEYS[s.data.kind]),
-        "fleet": {"groups": groups},
+        "fleet": {"groups": groups, **({"boards": boards} if boards else {})},
         "ray": fields(s.ray, _SECTION_KEYS["ray"]),
         "metrics": fields(s.metrics, _SECTION_KEYS["metrics"]),
     }
@@ -904,9 +968,11 @@ class _Table:
             self.fail_value(key, "a table", value)
         return _Table(value, self.where(key), self.source, _allowed_keys(self.where(key)))
 
-    def table_list(self, key: str) -> list["_Table"]:
-        expected = f"an array of tables ([[{self.where(key)}]]), at least one"
-        value = self._get(key, _REQUIRED, expected)
+    def table_list(self, key: str, required: bool = True) -> list["_Table"]:
+        expected = f"an array of tables ([[{self.where(key)}]])" + (", at least one" if required else "")
+        value = self._get(key, _REQUIRED if required else [], expected)
+        if value == [] and not required:
+            return []
         if not _is_table_list(value):
             self.fail_value(key, expected, value)
         return [_Table(item, f"{self.where(key)}[{i}]", self.source, _allowed_keys(f"{self.where(key)}[{i}]"))
@@ -920,6 +986,8 @@ def _allowed_keys(path: str) -> tuple[str, ...]:
         return _DP_TABLE_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]", path):
         return _GROUP_KEYS
+    if re.fullmatch(r"fleet\.boards\[\d+\]", path):
+        return _BOARD_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]\.availability", path):
         return _AVAILABILITY_TABLE_KEYS
     if re.fullmatch(r"fleet\.groups\[\d+\]\.faults", path):
@@ -929,11 +997,13 @@ def _allowed_keys(path: str) -> tuple[str, ...]:
 
 def _known_paths(near: str) -> list[str]:
     """Every key path of the schema, with group paths numbered like ``near`` (for did-you-mean hints)."""
-    match = re.match(r"fleet\.groups\[(\d+)\]", near)
-    group = f"fleet.groups[{match.group(1) if match else 0}]"
+    match = re.match(r"fleet\.(groups|boards)\[(\d+)\]", near)
+    group = f"fleet.groups[{match.group(2) if match else 0}]"
+    board = f"fleet.boards[{match.group(2) if match else 0}]"
     paths = list(_TOP_KEYS)
     paths += [f"{section}.{key}" for section, keys in _SECTION_KEYS.items() for key in keys]
     paths += [f"{group}.{key}" for key in _GROUP_KEYS]
+    paths += [f"{board}.{key}" for key in _BOARD_KEYS]
     paths += [f"{group}.availability.{key}" for key in _AVAILABILITY_TABLE_KEYS]
     paths += [f"{group}.faults.{key}" for key in _FAULT_TABLE_KEYS]
     paths += [f"aggregation.dp.{key}" for key in _DP_TABLE_KEYS]

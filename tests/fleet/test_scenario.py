@@ -20,7 +20,7 @@ SHIPPED_RUNTIMES, SHIPPED_METRICS = fleet.scenario.AVAILABLE_RUNTIMES, fleet.sce
 @pytest.fixture(autouse=True)
 def whole_schema(monkeypatch):
     """These tests check the schema itself, including tables whose features are refused at load until they
-    land (test_unavailable_features_are_refused_at_load checks the refusal)."""
+    land (test_a_runtime_that_has_not_landed_is_refused_at_load checks the refusal)."""
     monkeypatch.setattr(fleet.scenario, "AVAILABLE_RUNTIMES", fleet.scenario.RUNTIMES)
     monkeypatch.setattr(fleet.scenario, "METRICS_AVAILABLE", True)
 
@@ -147,16 +147,13 @@ def test_availability_kinds():
     assert s.fleet.groups[1].availability == Periodic(on_rounds=2, off_rounds=1, phase="random")
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda r: r["fleet"]["groups"][0].update(runtime="serial", count=1, port="/dev/ttyUSB0"),
-     'fleet.groups[0].runtime: "serial" devices are not available in fleet runs yet'),
-], ids=["serial"])
-def test_unavailable_features_are_refused_at_load(monkeypatch, edit, expected):
-    """A runtime or table whose feature has not landed is refused when the scenario loads, not at run time
-    (remove a case, and its flag in fleet.scenario, when the feature lands)."""
-    monkeypatch.setattr(fleet.scenario, "AVAILABLE_RUNTIMES", SHIPPED_RUNTIMES)
-    monkeypatch.setattr(fleet.scenario, "METRICS_AVAILABLE", SHIPPED_METRICS)
-    assert expected in error_of(changed(edit))
+def test_a_runtime_that_has_not_landed_is_refused_at_load(monkeypatch):
+    """Every runtime has landed (boards are [[fleet.boards]]); the gate that refused a runtime at load until its
+    backend landed still works: one line when the scenario loads, not a failure at the first round."""
+    assert SHIPPED_RUNTIMES == fleet.scenario.RUNTIMES and SHIPPED_METRICS
+    monkeypatch.setattr(fleet.scenario, "AVAILABLE_RUNTIMES", ("numpy",))
+    assert ('fleet.groups[0].runtime: "qemu" devices are not available in fleet runs yet (available: "numpy")'
+            in error_of(changed(lambda r: r["fleet"]["groups"][0].update(runtime="qemu"))))
 
 
 def test_metrics_address_enables_metrics():
@@ -294,16 +291,16 @@ def test_missing_required_keys_are_named(edit, expected):
     (lambda r: r["training"].update(batch_size=64),
      "training.batch_size: expected an integer <= data.samples_per_device (32), got 64"),
     (lambda r: r["fleet"]["groups"][0].update(port="/dev/ttyUSB0"),
-     'fleet.groups[0].port: only used with runtime = "serial", got runtime = "numpy"'),
-    (lambda r: r["fleet"]["groups"][0].update(port="/dev/ttyUSB0", runtime="serial"),
-     "fleet.groups[0].count: expected 1 for a group with a serial port (one board per port), got 10"),
+     "unknown key 'fleet.groups[0].port'"),
+    (lambda r: r["fleet"]["groups"][0].update(runtime="serial"),
+     "fleet.groups[0].runtime: boards on serial lines are listed as [[fleet.boards]]"),
     (lambda r: r["fleet"]["groups"][1].update(name="a"),
      'fleet.groups[1].name: expected a unique group name, got "a" (also fleet.groups[0])'),
     (lambda r: r["fleet"]["groups"][0].update(availability={"kind": "always", "p": 0.5}),
      'fleet.groups[0].availability.p: only used when kind is "dropout", got kind = "always"'),
 ], ids=["fedit-needs-lora", "hetlora-needs-lora", "rank-from-memory", "ffa-lora-init", "init-unknown", "full-has-no-rank",
         "selective-selects", "proximal-mu", "path-only-npz", "anomaly-only-sound", "deep-ae-data",
-        "cct-digits-data", "sound-model", "steps-and-epochs", "batch-size", "port-serial", "port-count",
+        "cct-digits-data", "sound-model", "steps-and-epochs", "batch-size", "group-port", "group-serial",
         "unique-names", "availability-keys"])
 def test_rules_across_keys_are_named(edit, expected):
     assert expected in error_of(changed(edit))
@@ -350,10 +347,9 @@ def load_scenario_from_text(directory: Path, text: str) -> Scenario:
                        aggregation={"strategy": "fedavgm"}),
     lambda r: r.update(model={"name": "deep-ae"}, data={"kind": "machine-sound", "anomaly_fraction": 0.2}),
     lambda r: r.update(data={"kind": "npz", "path": "/data/fleet"}),
-    lambda r: r["fleet"]["groups"].append({"name": "board", "count": 1, "runtime": "serial",
-                                           "port": "socket://localhost:5000", "deadline_s": 2.5,
-                                           "availability": {"kind": "periodic", "on_rounds": 1,
-                                                            "off_rounds": 0, "phase": 0}}),
+    lambda r: r["fleet"].update(boards=[{"name": "board", "port": "socket://localhost:5000", "baud": 921600,
+                                         "resource": "lab-node-3", "step_timeout_s": 5},
+                                        {"name": "emu", "qemu": True, "target": "siracusa-small-l2"}]),
     lambda r: r.update(ray={"address": "auto", "actors": 8}, metrics={"address": "[::1]:9464"}),
 ], ids=["base", "full-fedprox", "selective", "sound", "npz", "serial", "ray-metrics"])
 def test_to_dict_round_trips(edit):
@@ -395,10 +391,56 @@ def test_override_devices_scales_groups_in_proportion():
 
 
 def test_override_devices_keeps_physical_boards():
-    s = parse(changed(lambda r: r["fleet"]["groups"].append(
-        {"name": "board", "count": 1, "runtime": "serial", "port": "/dev/ttyUSB0"})))
-    counts = [g.count for g in s.with_overrides(devices=101).fleet.groups]
-    assert counts == [67, 33, 1]
+    s = parse(changed(lambda r: r["fleet"].update(boards=[{"name": "board", "port": "/dev/ttyUSB0"}])))
+    scaled = s.with_overrides(devices=101)
+    assert [g.count for g in scaled.fleet.groups] == [67, 33]
+    assert scaled.fleet.boards == s.fleet.boards and scaled.device_count == 101
+    with pytest.raises(ScenarioError, match=r"^override: devices: expected an integer >= 3 \(one per simulated "
+                                            r"group plus 1 boards\), got 2$"):
+        s.with_overrides(devices=2)
+
+
+def test_boards_are_numbered_after_the_groups_and_take_defaults():
+    s = parse(changed(lambda r: r["fleet"].update(boards=[{"name": "b0", "qemu": True},
+                                                          {"name": "b1", "port": "/dev/ttyUSB0"}])))
+    assert s.device_count == 17
+    assert [(b.name, i) for b, i in s.fleet.board_indices()] == [("b0", 15), ("b1", 16)]
+    b0, b1 = s.fleet.boards
+    assert (b0.port, b0.qemu, b0.baud, b0.target, b0.ray_resource) == (None, True, 115200, "siracusa", "board:b0")
+    assert (b1.port, b1.qemu, b1.step_timeout_s) == ("/dev/ttyUSB0", False, 60.0)
+
+
+def test_board_program_paths_are_resolved_against_the_scenario_file(tmp_path):
+    path = tmp_path / "lab.toml"
+    path.write_text('name = "lab"\n[model]\nname = "cct-digits"\n[[fleet.groups]]\ncount = 2\n'
+                    '[[fleet.boards]]\nname = "b0"\nport = "/dev/ttyUSB0"\nprogram = "build/cct"\n')
+    assert load_scenario(path).fleet.boards[0].program == str(tmp_path / "build" / "cct")
+
+
+@pytest.mark.parametrize("board, expected", [
+    ({"name": "b"}, 'fleet.boards[0].port: missing required key, expected the board\'s port'),
+    ({"name": "b", "qemu": True, "port": "/dev/pts/1"}, "fleet.boards[0].port: not used with qemu = true"),
+    ({"port": "/dev/ttyUSB0"}, "fleet.boards[0].name: missing required key"),
+    ({"name": "a", "qemu": True}, 'fleet.boards[0].name: expected a name no group or other board has, got "a" '
+                                  '(also fleet.groups[0])'),
+    ({"name": "b", "qemu": True, "baud": 100000}, "fleet.boards[0].baud: expected a standard baud rate"),
+    ({"name": "b", "qemu": "yes"}, 'fleet.boards[0].qemu: expected true or false, got "yes"'),
+    ({"name": "b", "qemu": True, "resource": "board 1"}, "fleet.boards[0].resource: expected a Ray resource name"),
+    ({"name": "b", "qemu": True, "step_timeout_s": 0}, "fleet.boards[0].step_timeout_s: expected a number > 0"),
+    ({"name": "b", "qemu": True, "prot": 1}, "unknown key 'fleet.boards[0].prot' (did you mean "
+                                             "'fleet.boards[0].port'?)"),
+], ids=["no-port", "port-and-qemu", "no-name", "name-taken", "baud", "qemu-type", "resource", "timeout", "typo"])
+def test_board_errors_are_named(board, expected):
+    assert expected in error_of(changed(lambda r: r["fleet"].update(boards=[board])))
+
+
+@pytest.mark.parametrize("key, value", [("name", "b0"), ("port", "/dev/ttyUSB0"), ("resource", "node-1")])
+def test_two_boards_cannot_share_a_name_port_or_resource(key, value):
+    boards = [{"name": "b0", "port": "/dev/ttyUSB0", "resource": "node-1"},
+              {"name": "b1", "port": "/dev/ttyUSB1", "resource": "node-2"}]
+    boards[1][key] = value
+    assert (f"fleet.boards[1].{key}: expected one board per {key}, got \"{value}\" (also fleet.boards[0])"
+            in error_of(changed(lambda r: r["fleet"].update(boards=boards))))
 
 
 @settings(max_examples=200, deadline=None)

@@ -60,11 +60,14 @@ def start_ray(scenario: Any, actors: int) -> RaySession | None:
     if address:
         ray.init(address=address, **INIT_OPTIONS)
         return RaySession(ray.get_runtime_context().gcs_address, False, True)
-    return start_local_ray(max(actors, os.cpu_count() or 1), dashboard=bool(getattr(scenario.ray, "dashboard", False)))  # fleet.limits warns when actors > cores
+    boards = getattr(getattr(scenario, "fleet", None), "boards", ())  # plugged in here: their proxies' resources
+    return start_local_ray(max(actors, os.cpu_count() or 1), dashboard=bool(getattr(scenario.ray, "dashboard", False)),
+                           resources={board.ray_resource: 1.0 for board in boards})  # fleet.limits warns when actors > cores
 
 
-def start_local_ray(num_cpus: int, dashboard: bool = False) -> RaySession:
-    """A local Ray instance on loopback with token authentication (see the module docstring)."""
+def start_local_ray(num_cpus: int, dashboard: bool = False, resources: dict[str, float] | None = None) -> RaySession:
+    """A local Ray instance on loopback with token authentication (see the module docstring); ``resources``:
+    custom resources of this node (a board's, ``{"board:<name>": 1}``, places its proxy here)."""
     import ray
     import ray._private.ray_constants as ray_constants
     os.environ.update(LOCAL_ENV)
@@ -75,7 +78,8 @@ def start_local_ray(num_cpus: int, dashboard: bool = False) -> RaySession:
     _reload_ray_config()
     temp_dir = os.environ.get("RAY_TMPDIR") or str(ray_temp_dir())
     options = {**INIT_OPTIONS, "include_dashboard": dashboard, "dashboard_host": LOOPBACK}  # opt-in
-    ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, **options)
+    ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, resources=dict(resources or {}),
+             **options)
     return RaySession(ray.get_runtime_context().gcs_address, True, True)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from device_runtime.protocol import (LOCAL_STEPS_KEY, LR_KEY, Job, JobResult, encode_jobs, make_job)
 from fleet.arrays import from_record, to_record
+from fleet.boards import RUNTIME as BOARD_RUNTIME, Board, BoardPool, Dispatcher, board_group, plan_boards
 from fleet.cluster import start_ray
 from fleet.grid import NODE_BASE, DeviceInfo, FleetGrid, JobDefaults
 from fleet.host import DeviceHost, DeviceHostCore, local_steps
@@ -39,6 +40,11 @@ class Fleet:
     batched: dict[str, Any] = field(default_factory=dict)  # key → device-axis program
     ranks: dict[int, int] = field(default_factory=dict)    # node id → LoRA rank
     runtimes: dict[str, str] = field(default_factory=dict)  # key → device runtime
+    boards: list[Board] = field(default_factory=list)      # [[fleet.boards]], run by board proxies
+
+    def hosted_programs(self) -> dict[str, Any]:
+        """The programs the host pool runs (boards' programs run on the boards)."""
+        return {k: p for k, p in self.programs.items() if self.runtimes.get(k) != BOARD_RUNTIME}
 
 
 class HostPool:
@@ -112,7 +118,18 @@ def build_fleet(scenario: Scenario, builder: ProgramBuilder) -> Fleet:
                 runtime=group.runtime, budget_bytes=(group.memory_kib or 0) * 1024))
             if rank:
                 ranks[NODE_BASE + index] = rank
-    return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks, runtimes)
+    boards = plan_boards(scenario, builder)
+    for board in boards:  # numbered after the groups; their own program key, run by board proxies
+        programs[board.key], runtimes[board.key] = board.program, BOARD_RUNTIME
+        devices.append(DeviceInfo(
+            index=board.index, group=board.spec.name, program=board.key,
+            clock_hz=clock_hz(board_group(board.spec), board.program), link_bps=float(board.spec.baud),
+            deadline_s=None, cycles_per_step=cycles_per_step(board.program),
+            peak_bytes_by_level=peak_memory(board.program), target=board.spec.target, runtime=BOARD_RUNTIME))
+        if board.rank:
+            ranks[NODE_BASE + board.index] = board.rank
+    return Fleet(programs, devices, {k: v for k, v in batched_programs.items() if v is not None}, ranks, runtimes,
+                 boards)
 
 
 def peak_memory(program: Any) -> tuple[tuple[str, int], ...]:
@@ -253,7 +270,20 @@ def _run_scenario(scenario: Scenario | None, run: RunDir, resume: bool, rounds: 
     fleet = build_fleet(scenario, builder)
     actors = scenario.ray.actors if actors is None else actors
     start_ray(scenario, actors)
-    pool = HostPool(scenario, fleet.programs, actors, fleet.batched, fleet.runtimes)
+    hosts = HostPool(scenario, fleet.hosted_programs(), actors, fleet.batched, fleet.runtimes)
+    boards = BoardPool(scenario, fleet.boards, actors, log)
+    try:
+        return _run_rounds(scenario, run, fleet, hosts, boards, done, checkpoint, progress, stop_after_round,
+                           extra_observers, wall_start)
+    finally:
+        boards.close()
+
+
+def _run_rounds(scenario: Scenario, run: RunDir, fleet: Fleet, hosts: HostPool, boards: BoardPool, done: int,
+                checkpoint: Any, progress: bool, stop_after_round: int | None, extra_observers: Sequence[Any],
+                wall_start: float) -> dict[str, Any]:
+    board_status = boards.start()
+    pool = Dispatcher(hosts, boards)
     first = fleet.programs[fleet.devices[0].program]
     steps = scenario_steps(scenario)
     grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, scenario.training.lr, scenario.seed))
@@ -286,7 +316,9 @@ def _run_scenario(scenario: Scenario | None, run: RunDir, resume: bool, rounds: 
     personal = personalize(pool, fleet, initial, final, steps, scenario)
     summary = _summary(scenario, run, fleet, first, personal, [l.duration_s for l in driver.logs],
                        rounds_completed, time.perf_counter() - wall_start)
-    summary["hosts"] = {"actors": len(pool.nodes), "nodes": len(set(pool.nodes))}
+    summary["hosts"] = {"actors": len(hosts.nodes), "nodes": len(set(hosts.nodes))}
+    if board_status:
+        summary["boards"] = boards.report()
     run.write_summary(summary)
     run.write_state({"rounds_completed": rounds_completed, "finished": True})
     run.log(f"finished: {rounds_completed} rounds")
@@ -325,7 +357,7 @@ def _initial_arrays(fleet: Fleet) -> dict[str, np.ndarray]:
     return arrays
 
 
-def personalize(pool: HostPool, fleet: Fleet, initial: Mapping[str, np.ndarray],
+def personalize(pool: HostPool | Dispatcher, fleet: Fleet, initial: Mapping[str, np.ndarray],
                 final: Mapping[str, np.ndarray], steps: int, scenario: Scenario) -> dict[str, list[float]]:
     """Per device: the base model, the global adapter, and the global adapter after local fine-tuning."""
     from fleet.strategies import truncate_state

@@ -84,6 +84,10 @@ class LoadedScenario:
         for group, indices in self.scenario.fleet.group_ranges():
             if index in indices:
                 return self.kinds.get(group.name) or self._compile(group)
+        for board, board_index in self.scenario.fleet.board_indices():
+            if index == board_index:
+                raise ValueError(f"{PARTITION_ID_KEY}={index}: device {index} is the board {board.name!r}; boards "
+                                 f"join runs of edgefleet run (board proxies), not a Flower deployment's SuperNodes")
         raise ValueError(f"{PARTITION_ID_KEY}={index}: scenario {self.scenario.name!r} has "
                          f"{self.scenario.device_count} devices (0..{self.scenario.device_count - 1})")
 

@@ -31,7 +31,7 @@ RESULT_KEYS = {"num-examples": "num_examples", "loss-before": "loss_before", "me
 TELEMETRY_KEYS = {"samples": "samples", "steps": "steps", "wall-s": "wall_s",
                   "modelled-cycles-per-step": "modelled_cycles_per_step", "measured-cycles": "measured_cycles",
                   "instructions": "instructions", "bytes-down": "bytes_down", "bytes-up": "bytes_up",
-                  "link-s": "link_s", "modelled-s": "modelled_s"}
+                  "link-s": "link_s", "link-bytes": "link_bytes", "modelled-s": "modelled_s"}
 DEVICE_KEY = "device"
 NO_METRIC = -1.0  # a task metric that does not exist for the data (AUC without anomalies) travels as -1
 

@@ -76,6 +76,12 @@ DEVICE_METRICS = (
             "cause"),
     _device("edgefleet_device_last_seen_timestamp_seconds", "gauge", "Unix time of the device's last reply."),
     _device("edgefleet_device_state", "gauge", "1 for the device's current state.", "state"),
+    _device("edgefleet_device_measured_step_cycles", "gauge",
+            "Cycles per training step counted on the device (boards, QEMU) in its last training job."),
+    _device("edgefleet_device_link_seconds_total", "counter",
+            "Time spent on the serial link to the device (boards), both directions, retries included."),
+    _device("edgefleet_device_link_bytes_total", "counter",
+            "Bytes over the serial link to the device (boards), both directions, framing included."),
 )
 
 # ---- per round (the last finished round, and counters over rounds) ---------------------------------------
@@ -133,7 +139,8 @@ def _replied(record: DeviceRecord) -> bool:
 class DeviceState:
     """What the exporter knows of one device; ``lines`` caches its rendered samples (None: re-render)."""
     __slots__ = ("labels", "prefix", "budget_bytes", "peak", "cycles", "modelled_ips", "measured_ips", "wall_s",
-                 "loss", "metric", "up", "down", "joined", "failed", "last_seen", "state", "lines", "slot")
+                 "loss", "metric", "up", "down", "joined", "failed", "last_seen", "state", "lines", "slot",
+                 "measured_cycles", "link_s", "link_bytes")
 
     def __init__(self, labels: tuple[str, str, str, str], slot: int):
         self.slot = slot                 # position in the exposition (registration order)
@@ -144,6 +151,8 @@ class DeviceState:
         self.cycles = 0
         self.modelled_ips = self.measured_ips = self.wall_s = self.loss = self.metric = math.nan
         self.up = self.down = self.joined = 0
+        self.measured_cycles = self.link_bytes = 0    # boards and QEMU devices only (0: not emitted)
+        self.link_s = 0.0
         self.failed: dict[str, int] = {}
         self.last_seen = math.nan
         self.state = "idle"
@@ -210,6 +219,9 @@ class FleetMetrics:
                 d = self._devices[record.device]
                 d.up += record.telemetry.bytes_up
                 d.down += record.telemetry.bytes_down
+                if record.telemetry.link_bytes:  # measured on a serial link (a simulated device's is modelled)
+                    d.link_s += record.telemetry.link_s
+                    d.link_bytes += record.telemetry.link_bytes
                 if record.ok and record.instruction == "train":
                     d.joined += 1
                 if record.cause:
@@ -274,6 +286,7 @@ class FleetMetrics:
                 d.loss = r.loss if math.isfinite(r.loss) else d.loss
                 d.modelled_ips = t.samples / t.modelled_s if t.samples and t.modelled_s > 0 else d.modelled_ips
                 d.measured_ips = t.samples / t.wall_s if t.samples and t.wall_s > 0 else d.measured_ips
+                d.measured_cycles = t.measured_cycles // t.steps if t.measured_cycles and t.steps else d.measured_cycles
             metric = r.metric_before if r.instruction == "evaluate" else r.metric_after
             d.metric = metric if math.isfinite(metric) else d.metric
         self._touch(d)
@@ -407,6 +420,11 @@ def _device_values(d: DeviceState) -> Iterator[tuple[int, tuple[str, ...], float
     if math.isfinite(d.last_seen):
         yield 12, (), d.last_seen
     yield 13, (d.state,), 1
+    if d.measured_cycles:
+        yield 14, (), d.measured_cycles
+    if d.link_bytes:
+        yield 15, (), d.link_s
+        yield 16, (), d.link_bytes
 
 
 def _device_lines(d: DeviceState) -> tuple[str, ...]:
@@ -421,7 +439,10 @@ def _device_lines(d: DeviceState) -> tuple[str, ...]:
     lines += [f"{n[8]}{{{p}}} {d.up}\n", f"{n[9]}{{{p}}} {d.down}\n", f"{n[10]}{{{p}}} {d.joined}\n",
               "".join(f'{n[11]}{{{p},cause="{_escape(k)}"}} {v}\n' for k, v in sorted(d.failed.items())),
               f"{n[12]}{{{p}}} {_number(d.last_seen)}\n" if finite(d.last_seen) else "",
-              f'{n[13]}{{{p},state="{d.state}"}} 1\n']
+              f'{n[13]}{{{p},state="{d.state}"}} 1\n',
+              f"{n[14]}{{{p}}} {d.measured_cycles}\n" if d.measured_cycles else ""]
+    lines += ([f"{n[15]}{{{p}}} {_number(d.link_s)}\n", f"{n[16]}{{{p}}} {d.link_bytes}\n"] if d.link_bytes
+              else ["", ""])
     return tuple(lines)
 
 

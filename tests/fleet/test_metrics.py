@@ -70,7 +70,12 @@ def expected_per_device(logs):
     for log in logs:
         for r in log.devices:
             d = out.setdefault(r.device, {"up": 0, "down": 0, "joined": 0, "loss": math.nan, "seen": math.nan,
-                                          "failed": {}})
+                                          "failed": {}, "link_s": 0.0, "link_bytes": 0, "cycles": 0})
+            if r.telemetry.link_bytes:
+                d["link_s"] += r.telemetry.link_s
+                d["link_bytes"] += r.telemetry.link_bytes
+            if r.ok and r.instruction == "train" and r.telemetry.measured_cycles:
+                d["cycles"] = r.telemetry.measured_cycles // r.telemetry.steps
             d["up"] += r.telemetry.bytes_up
             d["down"] += r.telemetry.bytes_down
             d["joined"] += r.ok and r.instruction == "train"
@@ -108,6 +113,10 @@ def test_device_series_equal_the_run_directory(tmp_path):
                         tuple(sorted({**e["labels"], "level": level}.items())))] == value
         if math.isfinite(e["loss"]):
             assert got[("edgefleet_device_loss", labels)] == pytest.approx(e["loss"])
+        assert got.get(("edgefleet_device_link_bytes_total", labels), 0) == e["link_bytes"]
+        assert got.get(("edgefleet_device_link_seconds_total", labels), 0) == pytest.approx(e["link_s"])
+        assert got.get(("edgefleet_device_measured_step_cycles", labels), 0) == e["cycles"]
+    assert any(e["link_bytes"] and e["cycles"] for e in expected_per_device(logs).values())
     failures = {}
     for log in logs:
         for r in log.devices:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 from compiler.program import Program
 from device_runtime.device import DeviceError
 from device_runtime.jobs import failure_cause, run_job
-from device_runtime.protocol import (CAUSE_DISCONNECTED, CAUSE_TIMEOUT, Job, JobResult, decode_jobs, encode_jobs)
+from device_runtime.protocol import (CAUSE_DISCONNECTED, CAUSE_ERROR, CAUSE_TIMEOUT, Job, JobResult, decode_jobs,
+                                     encode_jobs)
 from fleet.data import DeviceData, device_data
 from fleet.scenario import BoardSpec, DataSpec, DeviceGroup, Scenario
 
@@ -104,7 +105,7 @@ class BoardProxyCore:
     def _run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         if job.device != self.index:
-            return JobResult.failed(job, "error", f"board {self.spec.name} is device {self.index}, "
+            return JobResult.failed(job, CAUSE_ERROR, f"board {self.spec.name} is device {self.index}, "
                                                   f"not device {job.device}")
         if self.device is None:
             try:
@@ -269,7 +270,7 @@ class BoardPool:
             limit = timeout_s[index] if isinstance(timeout_s, Mapping) else timeout_s
             try:
                 out[index] = ray.get(ref, timeout=max(1.0, limit - (time.monotonic() - started)))
-            except ray.exceptions.GetTimeoutError as exc:
+            except ray.exceptions.GetTimeoutError:
                 out[index] = TimeoutError(f"board proxy did not answer within {limit:.0f} s")
                 self._drop(index)
             except ray.exceptions.RayError as exc:

@@ -68,7 +68,7 @@ def error_of(raw: dict) -> str:
 
 def test_there_are_shipped_scenarios():
     names = {path.stem for path in SHIPPED}
-    assert {"quickstart", "digits-1000", "hetero-memory", "deep-ae-anomaly", "long-resume"} <= names
+    assert {"quickstart", "digits-1000", "hetero-memory", "deep-ae-anomaly", "long-resume", "boards-qemu"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -93,6 +93,9 @@ def test_shipped_scenarios_say_what_the_brief_asks():
     anomaly = load_scenario(REPO / "scenarios/deep-ae-anomaly.toml")
     assert (anomaly.model.name, anomaly.data.kind, anomaly.device_count) == ("deep-ae", "machine-sound", 200)
     assert load_scenario(REPO / "scenarios/long-resume.toml").training.rounds >= 100
+    boards = load_scenario(REPO / "scenarios/boards-qemu.toml")
+    assert [b.qemu for b in boards.fleet.boards] == [True, True] and boards.fleet.groups
+    assert boards.training.fraction == 1.0  # every round shows the boards beside the simulated devices
 
 
 def test_zoo_names_and_data_shapes_agree_with_the_compiler():

@@ -56,6 +56,7 @@ class BoardProxyCore:
         self.device = None                 # the open SerialDevice, or None until the next job opens it
         self.url = self.spec.port
         self.opened = 0                    # how often the port was opened (1 + reconnects)
+        self.start_error = ""              # why the QEMU board could not be started (qemu = true)
         self._data: DeviceData | None = None
 
     # ---- the port ---------------------------------------------------------------------------------------
@@ -64,14 +65,26 @@ class BoardProxyCore:
         A board that does not answer now is not an error here: its jobs fail until it does."""
         error = ""
         try:
-            if self.spec.qemu and self.qemu is None:
-                from device_runtime.serial.qemu_board import QemuBoard, build_serial_firmware
-                self.qemu = QemuBoard(build_serial_firmware(self.firmware))
-                self.url = self.qemu.url
+            self._start_qemu()
             self._open()
         except DeviceError as exc:
-            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            error = _line(exc)
         return self.status(error)
+
+    def _start_qemu(self) -> None:
+        """qemu = true: build the program's serial firmware and start the QEMU board (once; a failure is kept and
+        each job fails with it, cause "error")."""
+        if not self.spec.qemu or self.qemu is not None:
+            return
+        if self.start_error:
+            raise DeviceError(self.start_error)
+        from device_runtime.serial.qemu_board import QemuBoard, build_serial_firmware
+        try:
+            self.qemu = QemuBoard(build_serial_firmware(self.firmware))
+        except Exception as exc:  # a firmware that does not build is this board's failure, not the run's
+            self.start_error = f"cannot start the QEMU board: {_line(exc)}"
+            raise DeviceError(self.start_error) from None
+        self.url = self.qemu.url
 
     def status(self, error: str = "") -> dict[str, Any]:
         hello = self.device.hello.to_dict() if self.device is not None else None
@@ -109,6 +122,7 @@ class BoardProxyCore:
                                                   f"not device {job.device}")
         if self.device is None:
             try:
+                self._start_qemu()
                 self._open()
             except DeviceError as exc:
                 return JobResult.failed(job, failure_cause(exc), f"board {self.spec.name}: {exc}")
@@ -273,7 +287,9 @@ class BoardPool:
             except ray.exceptions.GetTimeoutError:
                 out[index] = TimeoutError(f"board proxy did not answer within {limit:.0f} s")
                 self._drop(index)
-            except ray.exceptions.RayError as exc:
+            except ray.exceptions.RayTaskError as exc:   # the call raised; the proxy lives on
+                out[index] = RuntimeError(f"board proxy: {_line(exc)}")
+            except ray.exceptions.RayError as exc:       # the proxy is gone: a new one at the next job
                 out[index] = ConnectionError(f"board proxy failed: {_line(exc)}")
                 self._drop(index)
         return out
@@ -304,7 +320,8 @@ class BoardPool:
         for index, board_jobs in by_board.items():
             answer = answers.get(index, ConnectionError("no board proxy"))
             if isinstance(answer, BaseException):
-                cause = CAUSE_TIMEOUT if isinstance(answer, TimeoutError) else CAUSE_DISCONNECTED
+                cause = (CAUSE_TIMEOUT if isinstance(answer, TimeoutError) else
+                         CAUSE_DISCONNECTED if isinstance(answer, ConnectionError) else CAUSE_ERROR)
                 name = self.boards[index].spec.name if index in self.boards else index
                 results[index] = [JobResult.failed(j, cause, f"board {name}: {_line(answer)}") for j in board_jobs]
             else:

@@ -302,6 +302,9 @@ class GeluGrad(UnaryGrad):
         x1 = x.reshape(-1)
         _jit.gelu_grad(x1, dy.reshape(-1), _gelu_exp(x1), outs[0].reshape(-1))
 
+    def c_args(self, site: Site):
+        return dict(pair_grad_args(site), approximate=_approximate(site))
+
 
 class Erf(Unary):
     name = "Erf"

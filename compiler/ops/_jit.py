@@ -499,8 +499,8 @@ def _store_wide(wide, dst, width, wo):
 
 
 @jit
-def flat_depthwise_forward(x, w, y, width, wo, off, mask, lead, size):
-    """x (N, C, H·W), y (N, M, Ho·Wo) flat planes; see above."""
+def flat_depthwise_forward(x, w, bias, y, width, wo, off, mask, lead, size):
+    """x (N, C, H·W), y (N, M, Ho·Wo) flat planes; see above. The bias (M,) is added after the taps."""
     n_, c_, hw = x.shape
     m_, t_ = w.shape
     mult = m_ // c_
@@ -524,6 +524,9 @@ def flat_depthwise_forward(x, w, y, width, wo, off, mask, lead, size):
                     wt = wm[k, t]
                     for p in range(length):
                         acc[p] += wt[p] * src[p]
+                bm = bias[c * mult + k]
+                for p in range(length):
+                    acc[p] += bm
                 _store_wide(acc, y[n, c * mult + k], width, wo)
 
 

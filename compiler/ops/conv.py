@@ -173,10 +173,7 @@ class Conv(Op):
     def forward_into(self, outs, x, w, b=None, *, strides=None, pads=None, dilations=None, group=1,
                      kernel_shape=None, auto_pad="NOTSET"):
         win = Window.of("Conv", x.shape, w.shape[2:], strides, pads, dilations, auto_pad)
-        y4 = win.lift(outs[0])
-        _grid.conv_forward(win, win.lift(x), win.lift(w), group, y4)
-        if b is not None:
-            y4 += b.reshape(1, -1, 1, 1)
+        _grid.conv_forward(win, win.lift(x), win.lift(w), group, win.lift(outs[0]), b)
 
     def gradient(self, g, x, y, dy, *, strides=None, pads=None, dilations=None, group=1, kernel_shape=None,
                  auto_pad="NOTSET"):

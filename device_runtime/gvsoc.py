@@ -17,9 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -151,28 +149,19 @@ class GvsocDevice(QemuDevice):
             raise DeviceError(f"{self.name}: {exc}") from None
         binary = run_dir / "job.elf"
         binary.write_bytes(bytes(elf))
-        cmd = gvsoc_command(self.gvsoc, binary, run_dir / "gvsoc")
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=self.timeout_s, env=gvsoc_env(self.gvsoc))
-        except subprocess.TimeoutExpired:
-            raise DeviceError(f"{self.name}: program {self.program.model!r} did not finish within "
-                              f"{self.timeout_s:g} s on GVSoC (timeout)") from None
-        except OSError as exc:
-            raise DeviceError(f"{self.name}: cannot start {cmd[0]}: {exc.strerror}") from None
-        self.last_run_s = time.perf_counter() - start
-        self.last_transcript = proc.stdout
-        (run_dir / "transcript.txt").write_text(proc.stdout + proc.stderr)
+        proc = self._execute(gvsoc_command(self.gvsoc, binary, run_dir / "gvsoc"), run_dir, "GVSoC",
+                             gvsoc_env(self.gvsoc))
+        stdout, text = proc.stdout.decode(errors="replace"), (proc.stdout + proc.stderr).decode(errors="replace")
+        self.last_transcript = stdout
+        (run_dir / "transcript.txt").write_text(text)
         if proc.returncode != 0:
-            text = proc.stdout + proc.stderr
             code = firmware_exit_code(text)
             said = f"the firmware exited with code {code}" if code is not None else \
                 f"GVSoC exited with code {proc.returncode}"
             raise DeviceError(f"{self.name}: {said}: {_cause(code or proc.returncode, text.encode())}")
-        for index, cycles in parse_profile(proc.stdout).items():
+        for index, cycles in parse_profile(stdout).items():
             self.last_profile[index] = self.last_profile.get(index, 0) + cycles
-        return self.decode(parse_transcript(proc.stdout), mode, len(steps), output_bytes)
+        return self.decode(parse_transcript(stdout), mode, len(steps), output_bytes)
 
     def decode(self, reply: bytes, mode: int, steps: int, output_bytes: int) -> OutFile:
         """The reply's bytes → OutFile with the whole parameter region (the ranges written over the current one)."""

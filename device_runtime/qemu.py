@@ -201,17 +201,7 @@ class QemuDevice(ParameterAccess):
         (run_dir / "batches.bin").write_bytes(job)
         out_path = run_dir / "out.bin"
         out_path.unlink(missing_ok=True)
-        cmd = self._command()
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise DeviceError(f"{self.name}: program {self.program.model!r} did not finish within "
-                              f"{self.timeout_s:g} s on {self.board.name} (timeout)") from None
-        except OSError as exc:
-            raise DeviceError(f"{self.name}: cannot start {cmd[0]}: {exc.strerror}") from None
-        self.last_run_s = time.perf_counter() - start
+        proc = self._execute(self._command(), run_dir, self.board.name)
         if proc.returncode != 0:
             raise DeviceError(f"{self.name}: firmware exited with code {proc.returncode} on {self.board.name}: "
                               f"{_cause(proc.returncode, proc.stdout + proc.stderr)}")
@@ -219,6 +209,22 @@ class QemuDevice(ParameterAccess):
             raise DeviceError(f"{self.name}: firmware exited without writing out.bin")
         return decode_out(out_path.read_bytes(), mode, self.fingerprint, steps, self.program.params_bytes,
                           output_bytes)
+
+    def _execute(self, cmd: list[str], run_dir: Path, where: str,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run the firmware's command (QEMU, the host executable, GVSoC) within the device's deadline; sets
+        ``last_run_s``; a timeout or a command that cannot start is a one-line DeviceError."""
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=self.timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"{self.name}: program {self.program.model!r} did not finish within "
+                              f"{self.timeout_s:g} s on {where} (timeout)") from None
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: cannot start {cmd[0]}: {exc.strerror}") from None
+        self.last_run_s = time.perf_counter() - start
+        return proc
 
     def train(self, x: np.ndarray, y: np.ndarray | None, steps: int, lr: float | None = None) -> TrainResult:
         if steps < 1:

@@ -80,8 +80,8 @@ DATA_CACHE_DEVICES = 4096             # stock client's data cache, the same boun
 RUN_TIMEOUT_S = 1800                  # deadline per measurement process
 QUIET_CORES = 0.3                     # before a measurement: wait until other processes use fewer cores
 QUIET_WAIT_S = 60.0                   # ... but no longer than this
-AIM_SPEEDUP = 10.0
-AIM_ROUND_S, AIM_ROUND_DEVICES = 60.0, 10000
+AIM_SPEEDUP = 20.0                     # issue 8: at 1,000 devices
+AIM_ROUND_S, AIM_ROUND_DEVICES = 15.0, 10000      # issue 8
 STOCK_LINE_CAVEAT = ("likely a lower bound: Flower's simulation engine hands out messages by asking its in-memory "
                      "LinkState, node by node, for that node's messages, and each ask scans every stored message "
                      "(vce_api.add_messages_to_queue → InMemoryLinkState.get_message_ins), so its cost per round "

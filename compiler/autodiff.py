@@ -276,10 +276,7 @@ def _emit_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SGDConfig,
         return
     inputs = [param, grad, lr]
     if sgd.momentum:
-        velocity = g.names(f"{param}.momentum")
-        g.tensors[velocity] = TensorSpec(velocity, g.shape(grad), "float32", Role.OPT_STATE)
-        g.values[velocity] = np.zeros(g.shape(grad), np.float32)
-        inputs.append(velocity)
+        inputs.append(_new_state(g, f"{param}.momentum", np.zeros(g.shape(grad), np.float32)))
     g.phase, g.layer = "update", param.rsplit(".", 1)[0]
     axis, channels = g.train_channels(param) or (0, 0)
     g.emit_n("SGD", inputs, f"{param}.update", momentum=sgd.momentum, weight_decay=sgd.weight_decay,
@@ -307,24 +304,26 @@ def _emit_integer_update(g: GradBuilder, param: str, grad: str, lr: str, sgd: SG
         grad = g.emit("Mul", [grad, g.const(factor, f"{param}.qas_factor")], f"{param}.grad")
     inputs = [param, grad, lr]
     if sgd.int_update == "master" and g.dtype(param) == "int8":
-        master = g.names(param + MASTER_SUFFIX)
         index = (slice(None),) * axis + (slice(0, shape[axis]),)
-        g.tensors[master] = TensorSpec(master, shape, "float32", Role.OPT_STATE)
-        g.values[master] = np.asarray(g.values[param])[index].astype(np.float32)
-        inputs.append(master)
+        inputs.append(_new_state(g, param + MASTER_SUFFIX, np.asarray(g.values[param])[index].astype(np.float32)))
     g.emit_n("QSGD", inputs, f"{param}.update", axis=axis, channels=channels)
     g.phase = "backward"
 
 
 def _emit_adam(g: GradBuilder, param: str, grad: str, lr: str, adam: AdamConfig) -> None:
-    inputs = [param, grad, lr]
-    for state, shape in (("adam_m", g.shape(grad)), ("adam_v", g.shape(grad)), ("adam_corrections", (2,))):
-        name = g.names(f"{param}.{state}")
-        g.tensors[name] = TensorSpec(name, shape, "float32", Role.OPT_STATE)
-        g.values[name] = np.zeros(shape, np.float32)
-        inputs.append(name)
+    inputs = [param, grad, lr] + [_new_state(g, f"{param}.{state}", np.zeros(shape, np.float32)) for state, shape in
+                                  (("adam_m", g.shape(grad)), ("adam_v", g.shape(grad)), ("adam_corrections", (2,)))]
     g.phase, g.layer = "update", param.rsplit(".", 1)[0]
     axis, channels = g.train_channels(param) or (0, 0)
     g.emit_n("Adam", inputs, f"{param}.update", beta1=adam.betas[0], beta2=adam.betas[1], eps=adam.eps,
              weight_decay=adam.weight_decay, axis=axis, channels=channels)
     g.phase = "backward"
+
+
+def _new_state(g: GradBuilder, hint: str, value: np.ndarray) -> str:
+    """A new optimizer-state tensor (momentum, Adam's moments, an int8 weight's float32 master) with its
+    initial value; returns its name."""
+    name = g.names(hint)
+    g.tensors[name] = TensorSpec(name, value.shape, "float32", Role.OPT_STATE)
+    g.values[name] = value
+    return name

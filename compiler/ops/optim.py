@@ -90,8 +90,8 @@ def _index(rank: int, axis: int, channels: int) -> tuple[slice, ...]:
 
 
 class Adam(Op):
-    """PyTorch's Adam (L2 weight decay, no AMSGrad): d = g + wd·p; m = m + (1−β1)·(d − m) (torch's lerp); v = β2·v + (1−β2)·d²;
-    p -= lr/c1 · m / (√v/√c2 + ε) with cₖ = 1 − βₖᵗ the bias corrections, arithmetic in torch's order.
+    """PyTorch's Adam (L2 weight decay, no AMSGrad): d = g + wd·p; m = m + (1−β1)·(d − m) (torch's lerp);
+    v = β2·v + (1−β2)·d²; p -= lr/c1 · m / (√v/√c2 + ε) with cₖ = 1 − βₖᵗ the bias corrections, arithmetic in torch's order.
 
     Inputs: param, grad, lr (scalar), m, v, corrections (2,). No outputs: param, m, v and the corrections are
     written back in place. The corrections are kept as state that starts at 0, like every optimizer state, and

@@ -27,60 +27,88 @@ def _span(a, pad, stride):
 
 
 @jit
+def _row_groups(w, sw, left):
+    """How a row of w columns splits into column phases: its columns [lo, hi) form whole groups of sw (padded
+    column lo + left a multiple of sw), whose first lands at position q0 of each phase; the at most sw - 1
+    columns on either side are single."""
+    lo = (sw - left % sw) % sw
+    hi = lo + ((w - lo) // sw) * sw if w > lo else lo
+    return lo, max(hi, lo), (lo + left) // sw
+
+
+@jit
+def _single(pc, sw, step):
+    """Where padded column pc lies from its row's start in phase (·, 0): its phase's start + its position."""
+    if sw == 2:
+        return U(pc & 1) * step + U(pc >> 1)
+    return U(pc % sw) * step + U(pc // sw)
+
+
+@jit
 def _fill_phases(src, ph, sh, sw, hq, wq, top, left, fill):
-    """ph (sh·sw·hq·wq + spare,) = the 2-D plane ``src`` padded (value ``fill``) and split into phases.
-    Indices are unsigned (``U``) here and below: numba then drops its negative-index wraparound, which would
-    otherwise keep LLVM from vectorising the loops."""
+    """ph (sh·sw·hq·wq + spare,) = the 2-D plane ``src`` padded (value ``fill``) and split into phases: input
+    element (r, c) goes to phase ((r + top) % sh, (c + left) % sw), row (r + top) // sh, column (c + left) // sw.
+    A row is read in whole groups of sw columns, one element to each column phase (``_row_groups``), so a stride-2
+    row is one pass of interleaved loads. Indices are unsigned (``U``) here and below: numba then drops its
+    negative-index wraparound, which would otherwise keep LLVM from vectorising the loops."""
     ph[:] = fill
     h, w = src.shape
+    step = U(hq * wq)  # phase (a, b) → (a, b + 1)
+    lo, hi, q0 = _row_groups(w, sw, left)
+    groups = U((hi - lo) // sw)
     for a in range(sh):
         h0, r0 = _span(a, top, sh)
-        for b in range(sw):
-            w0, c0 = _span(b, left, sw)
-            cols = U((w - w0 + sw - 1) // sw if w > w0 else 0)
-            base = U(((a * sw + b) * hq + r0) * wq + c0)
-            k = U(0)
-            for r in range(h0, h, sh):
-                row = src[r]
-                dst = base + k * U(wq)
-                first = U(w0)
-                if sw == 1:
-                    for q in range(cols):
-                        ph[dst + q] = row[first + q]
-                elif sw == 2:
-                    for q in range(cols):
-                        ph[dst + q] = row[first + U(2) * q]
-                else:
-                    for q in range(cols):
-                        ph[dst + q] = row[first + U(sw) * q]
-                k += U(1)
+        base = U((a * sw * hq + r0) * wq)  # phase (a, 0), the row that input row h0 lands in
+        for r in range(h0, h, sh):
+            row = src[r]
+            for c in range(lo):
+                ph[base + _single(c + left, sw, step)] = row[c]
+            for c in range(hi, w):
+                ph[base + _single(c + left, sw, step)] = row[c]
+            first, at = U(lo), base + U(q0)
+            if sw == 1:
+                for q in range(groups):
+                    ph[at + q] = row[first + q]
+            elif sw == 2:
+                for q in range(groups):
+                    ph[at + q] = row[first + U(2) * q]
+                    ph[at + step + q] = row[first + U(2) * q + U(1)]
+            else:
+                for b in range(U(sw)):
+                    for q in range(groups):
+                        ph[at + b * step + q] = row[first + b + U(sw) * q]
+            base += U(wq)
 
 
 @jit
 def _gather_phases(ph, dst, sh, sw, hq, wq, top, left):
     """The inverse of ``_fill_phases`` on the input region: dst (h, w) = the phases' input elements."""
     h, w = dst.shape
+    step = U(hq * wq)
+    lo, hi, q0 = _row_groups(w, sw, left)
+    groups = U((hi - lo) // sw)
     for a in range(sh):
         h0, r0 = _span(a, top, sh)
-        for b in range(sw):
-            w0, c0 = _span(b, left, sw)
-            cols = U((w - w0 + sw - 1) // sw if w > w0 else 0)
-            base = U(((a * sw + b) * hq + r0) * wq + c0)
-            k = U(0)
-            for r in range(h0, h, sh):
-                row = dst[r]
-                src = base + k * U(wq)
-                first = U(w0)
-                if sw == 1:
-                    for q in range(cols):
-                        row[first + q] = ph[src + q]
-                elif sw == 2:
-                    for q in range(cols):
-                        row[first + U(2) * q] = ph[src + q]
-                else:
-                    for q in range(cols):
-                        row[first + U(sw) * q] = ph[src + q]
-                k += U(1)
+        base = U((a * sw * hq + r0) * wq)
+        for r in range(h0, h, sh):
+            row = dst[r]
+            for c in range(lo):
+                row[c] = ph[base + _single(c + left, sw, step)]
+            for c in range(hi, w):
+                row[c] = ph[base + _single(c + left, sw, step)]
+            first, at = U(lo), base + U(q0)
+            if sw == 1:
+                for q in range(groups):
+                    row[first + q] = ph[at + q]
+            elif sw == 2:
+                for q in range(groups):
+                    row[first + U(2) * q] = ph[at + q]
+                    row[first + U(2) * q + U(1)] = ph[at + step + q]
+            else:
+                for b in range(U(sw)):
+                    for q in range(groups):
+                        row[first + b + U(sw) * q] = ph[at + b * step + q]
+            base += U(wq)
 
 
 @jit

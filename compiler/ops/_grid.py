@@ -86,7 +86,8 @@ def _depthwise(group: int, cg: int) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Flat:
-    """The flat form of a stride-1 window whose output is no wider than its input (``_jit.flat_depthwise_*``):
+    """The flat form of a stride-1 window whose output is no wider than its input (``_jit.flat_depthwise_*``, and
+    ``_jit.flat_im2col`` / ``flat_col2im`` when it is exactly as wide):
     tap t of output p = oh·W + ow reads the plane, placed at ``lead`` in a zero buffer of ``size``, at
     lead + p + off[t]; ``mask[t, ow]`` is 0 where that read would wrap into the neighbouring row."""
     off: np.ndarray   # (T,) int64
@@ -117,7 +118,7 @@ class Flat:
 def _flat_planes(a4: np.ndarray, written: bool = False) -> np.ndarray:
     """(N, C, H, W) -> (N, C, H·W); an output must be contiguous (the executor's tensors and ``forward``'s are)."""
     if written and not a4.flags.c_contiguous:
-        raise ValueError("depthwise kernels write into contiguous arrays only")
+        raise ValueError("the flat kernels write into contiguous arrays only")
     return np.ascontiguousarray(a4).reshape(*a4.shape[:2], -1)
 
 
@@ -134,13 +135,33 @@ def _sample_blocks(n: int, per_sample: int):
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
+def _flat_columns(win) -> "Flat | None":
+    """The flat form for im2col / col2im: stride 1 and an output exactly as wide as the input (a "same" window),
+    so the columns have no junk and each tap's row is one contiguous run."""
+    flat = Flat.of(win)
+    return flat if flat is not None and win.out_hw[1] == win.in_hw[1] else None
+
+
 def _columns(win, x4: np.ndarray, block: slice, c0: int, channels: int) -> np.ndarray:
     """im2col of x4[block, c0:c0 + channels]: (B, channels·kh·kw, Ho·Wo), in a reused scratch array."""
     rows = channels * win.kernel[0] * win.kernel[1]
     n = block.stop - block.start
     cols = _work("columns", (n, rows, win.out_hw[0] * win.out_hw[1]), x4.dtype)
-    _jit.im2col(x4[block], cols, c0, *_window_args(win))
+    flat = _flat_columns(win)
+    if flat is not None:
+        _jit.flat_im2col(_flat_planes(x4[block]), cols, c0, *flat.args())
+    else:
+        _jit.im2col(x4[block], cols, c0, *_window_args(win))
     return cols
+
+
+def _col2im(win, dcols: np.ndarray, dx4: np.ndarray, c0: int) -> None:
+    """dx4[:, c0:c0 + Cb] = the adjoint of ``_columns`` applied to dcols (B, Cb·kh·kw, Ho·Wo)."""
+    flat = _flat_columns(win)
+    if flat is not None:
+        _jit.flat_col2im(dcols, _flat_planes(dx4, True), c0, *flat.args())
+    else:
+        _jit.col2im(dcols, dx4, c0, *_window_args(win))
 
 
 def conv_forward(win, x4: np.ndarray, w4: np.ndarray, group: int, out4: np.ndarray, bias=None) -> None:
@@ -187,7 +208,7 @@ def conv_grad_input(win, dy4: np.ndarray, w4: np.ndarray, group: int, dx4: np.nd
         for g in range(group):
             dcols = _work("dcols", (block.stop - block.start, wg.shape[2], dy3.shape[2]), dy4.dtype)
             np.matmul(wg[g].T, dy3[block, g * mg:(g + 1) * mg], out=dcols)
-            _jit.col2im(dcols, dx4[block], g * cg, *_window_args(win))
+            _col2im(win, dcols, dx4[block], g * cg)
 
 
 def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.ndarray) -> None:
@@ -300,7 +321,7 @@ def lora_conv_grad(win, grads: str, dy4, x4, w2, a3, b3, scale: float, outs) -> 
             np.matmul(w2.T, dy3, out=dcols)
             _by_device(dcols, devices)[...] += np.matmul(a3.swapaxes(1, 2)[:, None], ds)
         if not pointwise:
-            _jit.col2im(dcols, got["x"], 0, *_window_args(win))
+            _col2im(win, dcols, got["x"], 0)
     colsd = _by_device(cols, devices)
     if "a" in got:
         da = got["a"].reshape(a3.shape)

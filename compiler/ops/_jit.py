@@ -618,6 +618,61 @@ def flat_depthwise_grad_weight(x, dy, dw, width, wo, off, mask, lead, size):
                 dw[c * mult + k, t] = total
 
 
+# ---- im2col / col2im in the flat form: stride 1, output exactly as wide as the input ------------------------
+# Tap t's column row is the plane (at ``lead`` in a zero buffer) read at lead + off[t] + p, one contiguous run of
+# H·W, with zeros where ``mask`` says the read wrapped into the neighbouring row: no loop per output row.
+@jit
+def _expand_mask(mask, ho, keep):
+    """keep (T, ho·W) = mask (T, W) repeated over the ho output rows."""
+    t_, width = mask.shape
+    for t in range(t_):
+        for r in range(ho):
+            _copy(mask[t], keep[t, r * width:(r + 1) * width])
+
+
+@jit
+def flat_im2col(x, cols, c0, off, mask, lead, size):
+    """cols (B, Cb·T, Ho·W) = ``im2col``'s columns of x[:, c0:c0 + Cb], x (B, C, H·W) flat planes."""
+    b_, rows, length = cols.shape
+    t_, width = mask.shape
+    hw = x.shape[2]
+    keep = np.empty((t_, length), np.bool_)
+    _expand_mask(mask, length // width, keep)
+    buf = np.zeros(size, x.dtype)
+    zero = buf[:0].sum()
+    for n in range(b_):
+        for ci in range(rows // t_):
+            _copy(x[n, c0 + ci], buf[lead:lead + hw])
+            for t in range(t_):
+                src = buf[lead + off[t]:lead + off[t] + length]
+                dst = cols[n, ci * t_ + t]
+                k = keep[t]
+                for p in range(length):
+                    dst[p] = src[p] if k[p] else zero
+
+
+@jit
+def flat_col2im(cols, dx, c0, off, mask, lead, size):
+    """The adjoint of ``flat_im2col``, added up per element in tap order from zero as ``col2im`` does:
+    dx[:, c0:c0 + Cb] (B, C, H·W) flat planes."""
+    b_, rows, length = cols.shape
+    t_, width = mask.shape
+    hw = dx.shape[2]
+    keep = np.empty((t_, length), np.bool_)
+    _expand_mask(mask, length // width, keep)
+    buf = np.empty(size, dx.dtype)
+    for n in range(b_):
+        for ci in range(rows // t_):
+            buf[:] = 0.0
+            for t in range(t_):
+                dst = buf[lead + off[t]:lead + off[t] + length]
+                src = cols[n, ci * t_ + t]
+                k = keep[t]
+                for p in range(length):
+                    dst[p] = dst[p] + src[p] if k[p] else dst[p]
+            _copy(buf[lead:lead + hw], dx[n, c0 + ci])
+
+
 # ---- GELU in float32: the Abramowitz–Stegun erf (compiler/ops/elementwise.py), float32 operations ----------
 # The exponential is numpy's (vectorised); these loops compute its argument and everything after it in one pass
 # each. x, e, y are flat float32 arrays.

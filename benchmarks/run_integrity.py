@@ -1,17 +1,21 @@
 """What the crash-safe run directory costs per round: atomic writes (fsync + rename + directory fsync),
 CRC-checked metrics records, the manifest of checkpoint hashes — against the run directory before them.
 
-One round's writes, as the engine does them after a round: the metrics records of every device (a train and
-an evaluate record each, shaped like the engine's, with telemetry) plus the round record, the checkpoint
-(Deep-AE rank-4 LoRA adapters, 53.5 KB, as in benchmarks/fleet_round.py) and state.json. The baseline is
-fleet/runs.py as of commit 1533576 (before this work: no fsync of checkpoints or state, no CRC, no manifest),
-loaded from git. Both write into their own fresh directory on the same disk, interleaved: every round is
-written by both, one right after the other, the order alternating from round to round, so a change in the
-machine's load hits both. The figure is the median over rounds of the paired difference (integrity minus
-baseline, same round); the medians of each side and of each part (metrics, checkpoint, state) are given
-too. The share of a round is that extra over the seconds per round in benchmarks/results/fleet_round.json
-at the same device count, read when this runs. The load average is recorded before and after each
-configuration: a figure taken on a loaded machine says so.
+One round's writes, as the engine does them after a round: the metrics records (a train and an evaluate
+record per device, made by fleet.records.round_log_records from DeviceRecords shaped like a numpy
+device's, telemetry included, and the round record), the checkpoint (Deep-AE rank-4 LoRA adapters,
+53.5 KB, as in benchmarks/fleet_round.py) and state.json. The baseline is fleet/runs.py as of commit 1533576
+(before this work: no fsync of checkpoints or state, no CRC, no manifest), loaded from git.
+
+Both write into their own fresh directory on the same disk, interleaved: every round is written by both,
+one right after the other, the order alternating from round to round, so a change in the machine's load
+hits both; before each, gc.collect() and os.sync() (so neither pays for the other's unsynced writes in a
+journal commit). The figure is the median over rounds of the paired difference (integrity minus baseline,
+same round), with its quartiles; the medians of each side and of each part (metrics, checkpoint, state)
+are given too, and apart from them the seconds round_log_records takes to make a round's records (the
+same for both, counted in neither). The share of a round is the extra over the seconds per round in
+benchmarks/results/fleet_round.json at the same device count, read when this runs. The load average is
+recorded before and after each configuration: a figure taken on a loaded machine says so.
 
     python benchmarks/run_integrity.py                  # 1,000 and 10,000 devices
     python benchmarks/run_integrity.py --devices 1000 --rounds 15 --out /tmp/r.json
@@ -37,6 +41,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from device_runtime.protocol import Telemetry  # noqa: E402
+from fleet.records import round_log_records  # noqa: E402
+from fleet.roundlog import DeviceRecord, RoundLog  # noqa: E402
 from fleet.runs import RunDir, encode_record  # noqa: E402
 
 BASELINE_COMMIT = "1533576"
@@ -68,20 +75,42 @@ def adapters() -> dict[str, np.ndarray]:
     return out
 
 
-def records(devices: int, round_: int) -> list[dict]:
+def round_log(devices: int, round_: int) -> RoundLog:
+    """A round as the round driver closes it: a train and an evaluate DeviceRecord per device (the evaluate
+    one without training numbers, NaN), telemetry as a numpy device fills it, the round's timings."""
     rng = np.random.default_rng(round_)
     out = []
-    for kind in ("train", "evaluate"):
+    for instruction in ("train", "evaluate"):
+        train = instruction == "train"
         for d in range(devices):
-            out.append({"type": "device", "round": round_, "kind": kind, "device": d, "group": "g",
-                        "num_examples": 32, "train_loss": float(rng.random()), "loss_before": float(rng.random()),
-                        "loss_after": float(rng.random()), "metric_before": float(rng.random()),
-                        "metric_after": float(rng.random()), "modelled_s": 0.12, "bytes_down": 53504,
-                        "bytes_up": 53504 if kind == "train" else 0, "wall_s": 0.001, "cycles": 123456,
-                        "peak_bytes_by_level": {"L1": 65536, "L2": 500000, "L3": 0}})
-    out.append({"type": "round", "round": round_, "devices_trained": devices, "failures": {},
-                "train_loss": 0.5, "global_metric": 0.7, "bytes_up": devices * 53504})
-    return out
+            telemetry = Telemetry(samples=32 if train else 0, steps=4 if train else 0, wall_s=float(rng.random()),
+                                  modelled_cycles_per_step=708381, peak_bytes_by_level={"L1": 196608, "L2": 270592,
+                                                                                         "L3": 0},
+                                  bytes_down=53504, bytes_up=53504 if train else 0, link_s=0.0539,
+                                  modelled_s=0.0039 if train else 0.0)
+            numbers = ([float(v) for v in rng.random(5)] if train else [float(v) for v in rng.random(2)])
+            out.append(DeviceRecord(round_, instruction, d, "g", "siracusa", "numpy", "", "", 32, *numbers,
+                                    telemetry=telemetry))
+    return RoundLog(round_, 1.0e9, 1.0e9 + 1.3, list(range(devices)), out, {},
+                    {"train_s": 0.8, "aggregate_train_s": 0.1, "evaluate_s": 0.4}, {"loss": 0.5})
+
+
+def records(devices: int, round_: int) -> list[dict]:
+    """The metrics.jsonl records the engine writes for that round (fleet.records.round_log_records)."""
+    return round_log_records(round_log(devices, round_))
+
+
+def records_seconds(devices: int, repeats: int = 5) -> float:
+    """Median seconds of fleet.records.round_log_records: the engine's step before every run directory's
+    append (RoundLog → records), the same for the baseline and this one."""
+    log = round_log(devices, 1)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        round_log_records(log)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 PARTS = ("metrics", "checkpoint", "state")
@@ -131,6 +160,7 @@ def measure(devices: int, rounds: int, work: Path, baseline_cls) -> dict:
         order = ("baseline", "integrity") if r % 2 == 0 else ("integrity", "baseline")
         for name in order:
             gc.collect()  # the garbage of building the records is not the writer's cost
+            os.sync()  # nor the other side's unsynced writes, which a journal commit would flush with ours
             times[name].append(one_round(runs[name], r, rows, arrays))
     load_after = os.getloadavg()
     runs["integrity"].unlock()
@@ -146,6 +176,7 @@ def measure(devices: int, rounds: int, work: Path, baseline_cls) -> dict:
             "parts_s_per_round": {name: {part: statistics.median(t[part] for t in times[name]) for part in PARTS}
                                   for name in times},
             "fsyncs_per_round": fsyncs,
+            "records_s_per_round": records_seconds(devices),
             "metrics_bytes_per_round": sum(len(encode_record(x)) for x in rows),
             "baseline_rounds_s": [round(t, 6) for t in base], "integrity_rounds_s": [round(t, 6) for t in new]}
 

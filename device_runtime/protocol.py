@@ -172,14 +172,17 @@ class Telemetry:
     modelled_s: float = 0.0              # the job's compute time on the target by its cost model (0: no model)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {name: getattr(self, name) for name in _TELEMETRY_FIELDS}
         out["peak_bytes_by_level"] = dict(self.peak_bytes_by_level)
         return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Telemetry":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls(**{k: v for k, v in raw.items() if k in _TELEMETRY_FIELDS})
+
+
+# listed once: dataclasses.fields() rebuilds its tuple on every call (a Telemetry per job, thousands a round)
+_TELEMETRY_FIELDS = tuple(f.name for f in fields(Telemetry))
 
 
 NAN = float("nan")

@@ -9,7 +9,6 @@ the round driver wrote. Lines of a round without its "round" line (a killed roun
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -23,11 +22,22 @@ _FLOAT_FIELDS = frozenset(f.name for f in fields(DeviceRecord) if f.type in ("fl
 
 
 def round_log_records(log: RoundLog) -> list[dict[str, Any]]:
-    """The metrics.jsonl lines of one round."""
-    devices = [{"type": "device", **d.to_dict()} for d in log.devices]
-    records = devices + [{"type": "round", **log.summary(), "started_at": log.started_at, "ended_at": log.ended_at,
-                          "sampled": list(log.sampled)}]
-    return [_json_safe(r) for r in records]
+    """The metrics.jsonl lines of one round. A DeviceRecord's float fields that are NaN (not applicable: an
+    evaluate job has no training loss) or infinite are written as null, as ``_device`` reads them back; any
+    other non-finite number (in telemetry, in the round line) is left to ``RunDir.append_metrics``, which
+    writes null and names it in the line's "nonfinite" table."""
+    devices = [_device_line(d) for d in log.devices]
+    return devices + [{"type": "round", **log.summary(), "started_at": log.started_at, "ended_at": log.ended_at,
+                       "sampled": list(log.sampled)}]
+
+
+def _device_line(record: DeviceRecord) -> dict[str, Any]:
+    line = {"type": "device", **record.to_dict()}
+    for name in _FLOAT_FIELDS:
+        value = line[name]
+        if value - value != 0:  # NaN or ±inf (a finite float minus itself is 0); one test per field, no walk
+            line[name] = None
+    return line
 
 
 def round_logs_from_records(records: Iterable[Mapping[str, Any]]) -> list[RoundLog]:
@@ -50,17 +60,6 @@ def read_round_logs(run_dir: str | os.PathLike) -> list[RoundLog]:
     """The RoundLogs of the intact records (each line's CRC checked; a torn tail is left out, fleet.runs)."""
     from fleet.runs import RunDir
     return round_logs_from_records(RunDir(run_dir).metrics())
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/Inf (a failed job's loss) are written as null: metrics.jsonl is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _device(raw: Mapping[str, Any]) -> DeviceRecord:

@@ -50,7 +50,7 @@ class DeviceRecord:
                    result.metric_after, budget_bytes, result.telemetry)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "telemetry"}
+        out = {name: getattr(self, name) for name in _DEVICE_RECORD_FIELDS}
         out["telemetry"] = self.telemetry.to_dict()
         return out
 
@@ -60,6 +60,10 @@ class DeviceRecord:
         values = {k: (NAN if v is None else v) for k, v in raw.items() if k in known}
         values["telemetry"] = Telemetry.from_dict(raw.get("telemetry", {}))
         return cls(**values)
+
+
+# what to_dict copies, listed once (dataclasses.fields() rebuilds its tuple on every call: 2,000 records a round)
+_DEVICE_RECORD_FIELDS = tuple(f.name for f in fields(DeviceRecord) if f.name != "telemetry")
 
 
 @dataclass

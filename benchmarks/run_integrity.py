@@ -56,11 +56,12 @@ TOML = 'name = "bench"\nseed = 0\n\n[training]\nrounds = 5\n'
 def baseline_runs():
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_COMMIT}:fleet/runs.py"],
                             capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "runs_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("runs_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as directory:  # the module is in memory once loaded
+        path = Path(directory) / "runs_baseline.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("runs_baseline", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module.RunDir
 
 

@@ -46,6 +46,30 @@ def test_non_finite_numbers_are_null_with_a_flag_and_come_back(tmp_path):
     assert math.isnan(back["loss"]) and back["t"] == {"wall_s": math.inf, "levels": [1.0, -math.inf]}
 
 
+def test_a_rounds_records_keep_their_non_finite_numbers(tmp_path):
+    """fleet.records: a DeviceRecord's own float fields that are NaN (an evaluate job has no training loss)
+    or infinite are plain null and read back as NaN; any other non-finite number (telemetry, the round's
+    server metrics) is null with a flag and reads back as itself."""
+    from device_runtime.protocol import Telemetry
+    from fleet.records import read_round_logs, round_log_records
+    from fleet.roundlog import DeviceRecord, RoundLog
+    run = RunDir(tmp_path / "run")
+    run.create(TOML)
+    devices = [DeviceRecord(1, "train", 0, cause="nonfinite", loss=math.inf, telemetry=Telemetry(wall_s=math.inf)),
+               DeviceRecord(1, "evaluate", 1, num_examples=8, loss_before=0.5, metric_before=0.25)]
+    run.append_metrics(round_log_records(RoundLog(1, 10.0, 11.0, [0], devices, {}, {}, {"auc": math.nan})))
+    train, evaluate, round_ = [_strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert train["loss"] is None and train["nonfinite"] == {"telemetry.wall_s": "inf"}
+    assert evaluate["loss"] is evaluate["loss_after"] is evaluate["metric_after"] is None
+    assert "nonfinite" not in evaluate and evaluate["loss_before"] == 0.5
+    assert round_["server_metrics"] == {"auc": None} and round_["nonfinite"]["server_metrics.auc"] == "nan"
+    [log] = read_round_logs(tmp_path / "run")
+    back_train, back_evaluate = log.devices
+    assert math.isnan(back_train.loss) and back_train.telemetry.wall_s == math.inf
+    assert math.isnan(back_evaluate.loss) and back_evaluate.loss_before == 0.5
+    assert math.isnan(log.server_metrics["auc"])
+
+
 def test_a_torn_or_corrupt_tail_is_cut_on_resume(tmp_path):
     run = _run(tmp_path)
     path = tmp_path / "run" / "metrics.jsonl"

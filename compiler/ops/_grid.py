@@ -51,6 +51,7 @@ class Grid:
     top: int
     left: int
     taps: np.ndarray  # (T, 2) int64, per kernel tap (row-major): phase index a·sw + b, flat offset in the phase
+    reach: np.ndarray  # (T, 2) int64, per kernel tap: its input row and column offset, i·dh - top and j·dw - left
 
     @classmethod
     @functools.lru_cache(maxsize=1024)
@@ -61,8 +62,10 @@ class Grid:
         hq = max(-(-hp // sh), ho + (kh - 1) * dh // sh) + 1  # one spare row: the last tap's junk columns
         taps = np.array([(((i * dh) % sh) * sw + (j * dw) % sw, ((i * dh) // sh) * wq + (j * dw) // sw)
                          for i in range(kh) for j in range(kw)], np.int64).reshape(-1, 2)
-        taps.flags.writeable = False
-        return cls(sh, sw, hq, wq, ho, wo, win.pads[0], win.pads[1], taps)
+        reach = np.array([(i * dh - win.pads[0], j * dw - win.pads[1]) for i in range(kh) for j in range(kw)],
+                         np.int64).reshape(-1, 2)
+        taps.flags.writeable = reach.flags.writeable = False
+        return cls(sh, sw, hq, wq, ho, wo, win.pads[0], win.pads[1], taps, reach)
 
     @property
     def spare(self) -> int:
@@ -341,5 +344,7 @@ def max_pool(win, x4: np.ndarray, out4: np.ndarray) -> None:
 
 
 def max_pool_grad(win, x4: np.ndarray, dy4: np.ndarray, dx4: np.ndarray) -> None:
-    """Each dy goes to the first maximum of its window (PyTorch's tie rule); overlapping windows add up."""
-    _jit.max_pool_grad(x4, dy4, dx4, *Grid.of(win).args())
+    """Each dy goes to the first maximum of its window (PyTorch's tie rule); overlapping windows add up, in
+    PyTorch's order."""
+    grid = Grid.of(win)
+    _jit.max_pool_grad(x4, dy4, dx4, *grid.args(), grid.reach)

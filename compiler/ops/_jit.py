@@ -252,18 +252,19 @@ def max_pool(x, y, taps, sh, sw, hq, wq, top, left, spare):
 
 
 @jit
-def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare):
-    """Each dy goes to the first maximum of its window (PyTorch's tie rule); overlapping windows add up."""
+def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare, reach):
+    """Each dy goes to the first maximum of its window (PyTorch's tie rule), added into dx output by output in
+    row-major order, as PyTorch's backward does: the window's argmax over the taps runs on the phase grid, then
+    one scalar pass adds dy at the input position the winning tap read (``reach`` (T, 2): its row and column
+    offset from the window's corner, i·dh - top and j·dw - left); a winner in the padding is dropped."""
     n_, c_ = x.shape[0], x.shape[1]
+    h, w = x.shape[2], x.shape[3]
     ho, wo = dy.shape[2], dy.shape[3]
     t_ = taps.shape[0]
     length = ho * wq
     ph = np.empty(sh * sw * hq * wq + spare, x.dtype)
-    dph = np.empty(sh * sw * hq * wq + spare, dx.dtype)
     best = np.empty(length, x.dtype)
     arg = np.empty(length, np.int64)
-    dyw = np.empty(length, dx.dtype)
-    zero = dyw[:0].sum()  # 0 in dx's dtype
     for n in range(n_):
         for c in range(c_):
             _fill_phases(x[n, c], ph, sh, sw, hq, wq, top, left, -np.inf)
@@ -278,13 +279,14 @@ def max_pool_grad(x, dy, dx, taps, sh, sw, hq, wq, top, left, spare):
                     better = v > best[p]
                     best[p] = v if better else best[p]
                     arg[p] = t if better else arg[p]
-            dph[:] = 0.0
-            _widen(dy[n, c], dyw, wq)
-            for t in range(t_):  # per tap, a masked add: the outputs whose first maximum tap t read
-                dst = _tap(dph, taps, t, hq, wq, length)
-                for p in range(length):
-                    dst[p] += dyw[p] if arg[p] == t else zero
-            _gather_phases(dph, dx[n, c], sh, sw, hq, wq, top, left)
+            plane, g = dx[n, c], dy[n, c]
+            plane[:] = 0.0
+            for oh in range(ho):
+                for ow in range(wo):
+                    t = arg[oh * wq + ow]
+                    r, q = oh * sh + reach[t, 0], ow * sw + reach[t, 1]
+                    if r >= 0 and r < h and q >= 0 and q < w:
+                        plane[r, q] += g[oh, ow]
 
 
 # ---- im2col / col2im for the GEMM convolutions -------------------------------------------------------------

@@ -666,6 +666,26 @@ def test_max_pool_gradient_goes_to_the_first_maximum_on_ties():
     np.testing.assert_array_equal(dx, [[[[5.0, 0.0], [0.0, 0.0]]]])
 
 
+@pytest.mark.parametrize("shape,attrs", [
+    ((2, 3, 16, 16), dict(kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))),  # cct-2-3x2's pools
+    ((1, 2, 9, 11), dict(kernel_shape=(3, 2), strides=(2, 3), pads=(1, 1, 0, 1))),
+    ((1, 2, 7, 8), dict(kernel_shape=(2, 2), dilations=(2, 2), strides=(1, 1)))])
+def test_max_pool_gradient_adds_overlapping_windows_in_pytorchs_order(shape, attrs):
+    """Where windows overlap, one input collects several dy: the sum is PyTorch's to the last bit in float32
+    (added output by output in row-major order)."""
+    rng = np.random.default_rng(SEED)
+    x = rng.integers(0, 3, shape).astype(np.float32)  # many ties, so one position wins several windows
+    dy = rng.standard_normal(get_op("MaxPool").infer(shape, **attrs)).astype(np.float32)
+    dx = get_op("MaxPoolGrad").forward(x, dy, **attrs)
+    tx = torch.tensor(x, requires_grad=True)
+    top, left, bottom, right = attrs.get("pads", (0, 0, 0, 0))
+    tp = F.pad(tx, (left, right, top, bottom), value=-np.inf)  # torch pads symmetrically only: pad here
+    F.max_pool2d(tp, attrs["kernel_shape"], attrs["strides"], dilation=attrs.get("dilations", (1, 1))).backward(
+        torch.tensor(dy))
+    assert np.count_nonzero(dx) > 0
+    np.testing.assert_array_equal(dx, tx.grad.numpy())
+
+
 @pytest.mark.parametrize("op_name,shapes,attrs,match", [
     ("Conv", [(1, 4, 5, 5), (6, 3, 3, 3)], {"group": 2}, "group=2"),
     ("Conv", [(1, 3, 2, 2), (4, 3, 3, 3)], {}, "does not fit"),

@@ -238,14 +238,15 @@ def conv_grad_weight(win, x4: np.ndarray, dy4: np.ndarray, group: int, dw4: np.n
 
 
 def _sum_products(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> None:
-    """out (…, P, Q) (+)= Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample, accumulated."""
-    scratch = _work("sum", out.shape, out.dtype) if accumulate or len(a) > 1 else None
-    for i in range(len(a)):
-        if i == 0 and not accumulate:
-            np.matmul(a[0], b[0].swapaxes(-1, -2), out=out)
-        else:
-            np.matmul(a[i], b[i].swapaxes(-1, -2), out=scratch)
-            out += scratch
+    """out (…, P, Q) (+)= Σ_n a[n] (…, P, L) · b[n]ᵀ (…, L, Q): one GEMM per sample (in one numpy call), the
+    products added up in sample order."""
+    products = _work("products", (len(a), *out.shape), out.dtype)
+    np.matmul(a, b.swapaxes(-1, -2), out=products)
+    if accumulate:
+        for product in products:
+            out += product
+    else:
+        np.add.reduce(products, axis=0, out=out)
 
 
 # ---- LoRA on a convolution (compiler/ops/lora_conv.py) -------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from compiler.ir import Role
-from compiler.ops import Op, get_op
+from compiler.ops import Op, _jit, get_op
 from compiler.program import Phase, Program, TensorInfo
 from device_runtime.device import (DeviceError, EvalResult, ParameterAccess, Telemetry, TrainResult, batches,
                                    lr_tensors, modelled_cycles_per_step)
@@ -43,11 +43,54 @@ def _kernel(op: Op, ins: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> Ca
     return op.forward_into
 
 
+def _skip(outs: Sequence[np.ndarray], *ins: np.ndarray, **attrs: Any) -> None:
+    """The call of a step that a fused call before it already did."""
+
+
+def _scale_shift_run(steps: Sequence, i: int, views: Mapping[str, np.ndarray], readers: Mapping[str, set[int]],
+                     results: set[str]) -> int:
+    """How many steps from ``i`` one ``_jit.scale_shift`` pass can do: 0, or 2 for Mul(x, s) → Add(·, t) with s
+    and t one float32 value per channel (a frozen BatchNorm as the frontend folds it), or 3 with the Relu after
+    it; each intermediate read by the next step only, and the last output the same array as x or apart from it."""
+    def dead_after(name: str, j: int) -> bool:
+        return readers.get(name, set()) <= {j} and name not in results
+
+    if i + 1 >= len(steps) or (steps[i].op, steps[i + 1].op) != ("Mul", "Add"):
+        return 0
+    mul, add = steps[i], steps[i + 1]
+    if add.inputs[0] != mul.outputs[0] or not dead_after(mul.outputs[0], i + 1):
+        return 0
+    x, s, t = views[mul.inputs[0]], views[mul.inputs[1]], views[add.inputs[1]]
+    channel = (x.shape[1],) + (1,) * (x.ndim - 2)
+    if x.ndim < 3 or s.shape != channel or t.shape != channel or x.dtype != np.float32 or \
+            s.dtype != x.dtype or t.dtype != x.dtype or not x.flags.c_contiguous:
+        return 0
+    count = 2
+    if i + 2 < len(steps) and steps[i + 2].op == "Relu" and steps[i + 2].inputs[0] == add.outputs[0] and \
+            dead_after(add.outputs[0], i + 2):
+        count = 3
+    out = views[steps[i + count - 1].outputs[0]]
+    if out.dtype != x.dtype or not out.flags.c_contiguous or out.shape != x.shape or \
+            (np.shares_memory(out, x) and not _same_array(out, x)) or np.shares_memory(out, s) or \
+            np.shares_memory(out, t):
+        return 0
+    return count
+
+
+def _scale_shift_call(x: np.ndarray, s: np.ndarray, t: np.ndarray, out: np.ndarray, relu: bool) -> Callable:
+    n, c = x.shape[:2]
+    args = (x.reshape(n, c, -1), s.reshape(c), t.reshape(c), out.reshape(n, c, -1), relu)
+    return lambda outs, *ins, **attrs: _jit.scale_shift(*args)
+
+
 class PhaseRunner:
-    """One phase (train or evaluate) bound to its arena: a flat list of kernel calls on views."""
+    """One phase (train or evaluate) bound to its arena: a flat list of kernel calls on views, one per step that
+    is not a view. With ``fuse``, a frozen BatchNorm's Mul → Add (→ Relu) whose intermediates nothing else reads
+    runs as one compiled pass in the Mul's call (the same numbers: each element rounded as by the separate ops) and
+    the later steps' calls do nothing; their intermediate tensors are then never written."""
 
     def __init__(self, program: Program, phase: Phase, params: np.ndarray,
-                 param_views: Mapping[str, np.ndarray]):
+                 param_views: Mapping[str, np.ndarray], fuse: bool = True):
         self.arena = np.zeros(phase.arena_bytes, np.uint8)
         views: dict[str, np.ndarray] = dict(param_views)
         for name, offset in phase.arena_offsets.items():
@@ -56,7 +99,12 @@ class PhaseRunner:
         self.feeds = {name: views[name] for name in phase.feeds}
         self.results = {name: views[name] for name in phase.results}
         self.calls: list[tuple[Callable[..., None], list[np.ndarray], dict[str, Any], list[np.ndarray], str]] = []
-        for step in phase.steps:
+        readers: dict[str, set[int]] = {}
+        for j, step in enumerate(phase.steps):
+            for name in step.inputs:
+                readers.setdefault(name, set()).add(j)
+        fused_until = -1
+        for i, step in enumerate(phase.steps):
             op = get_op(step.op)
             ins = [views[i] for i in step.inputs]
             if op.view:
@@ -67,7 +115,15 @@ class PhaseRunner:
                 outs = [views[step.inputs[i]] for i in op.updates if i < len(step.inputs)]
             else:
                 outs = [views[o] for o in step.outputs]
-            self.calls.append((_kernel(op, ins, outs), ins, dict(step.attrs), outs, step.name))
+            kernel = _skip if i <= fused_until else _kernel(op, ins, outs)
+            run = _scale_shift_run(phase.steps, i, views, readers, set(phase.results)) if fuse and i > fused_until \
+                else 0
+            if run:
+                last = phase.steps[i + run - 1]
+                kernel = _scale_shift_call(ins[0], ins[1], views[phase.steps[i + 1].inputs[1]],
+                                           views[last.outputs[0]], relu=run == 3)
+                fused_until = i + run - 1
+            self.calls.append((kernel, ins, dict(step.attrs), outs, step.name))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> None:
         for name, view in self.feeds.items():

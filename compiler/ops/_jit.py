@@ -736,6 +736,25 @@ def gelu_grad(x, dy, ez, dx):
         dx[i] = dy[i] * d
 
 
+# ---- a frozen BatchNorm (Mul by a per-channel scale, Add a per-channel shift), optionally with its ReLU ----------
+@jit
+def scale_shift(x, s, t, y, relu):
+    """y (N, C, L) = x · s[c] + t[c], then max(·, 0) (as ``relu``: NaN stays) when ``relu``: what the separate
+    Mul, Add and Relu compute, element by element with the same roundings (no contraction), in one pass."""
+    n_, c_, l_ = x.shape
+    for n in range(n_):
+        for c in range(c_):
+            src, dst = x[n, c], y[n, c]
+            scale, shift = s[c], t[c]
+            if relu:
+                for q in range(l_):
+                    v = src[q] * scale + shift
+                    dst[q] = v if not v < 0 else v * 0
+            else:
+                for q in range(l_):
+                    dst[q] = src[q] * scale + shift
+
+
 # ---- ReLU and its gradient (flat arrays; one pass each) ----------------------------------------------------
 @jit
 def relu(x, y):

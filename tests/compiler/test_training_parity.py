@@ -135,6 +135,29 @@ def test_unfused_updates_run_after_the_backward_pass_and_train_the_same():
         np.testing.assert_array_equal(a.params[name], b.params[name])
 
 
+@pytest.mark.parametrize("strategy", ["full", "classifier"])
+def test_fused_batch_norm_passes_train_and_evaluate_bit_for_bit_as_the_separate_ops(strategy):
+    """The executor runs each folded BatchNorm (Mul → Add → Relu, intermediates read by nothing else) as one pass:
+    every one of ds-cnn's, in both phases, and the losses, parameters and outputs equal the step-by-step run."""
+    from device_runtime.numpy_executor import PhaseRunner, _skip
+    program = compile_model("ds-cnn", tuning=strategy, batch=4, lr=0.05)
+    norms = sum(s.name.endswith(".bn/Mul") for s in program.train.steps)
+    fused, plain = NumpyDevice(program), NumpyDevice(program)
+    plain.trainer = PhaseRunner(program, program.train, plain.params, plain.param_views, fuse=False)
+    plain.evaluator = PhaseRunner(program, program.evaluate, plain.params, plain.param_views, fuse=False)
+    assert norms == 9
+    for runner in (fused.trainer, fused.evaluator):
+        assert sum(call[0] is _skip for call in runner.calls) == 2 * norms  # the Add and the Relu of each
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, *program.tensors[program.input].shape[1:])).astype(np.float32)
+    y = rng.integers(0, 12, 8).astype(np.int64)
+    a, b = fused.train(x, y, 2), plain.train(x, y, 2)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    np.testing.assert_array_equal(fused.evaluate(x, y).outputs, plain.evaluate(x, y).outputs)
+
+
 def test_report_separates_gemm_and_optimizer_flops_and_cycles():
     from compiler.ops import get_op
     from compiler.targets import load_target, lower_to_target

@@ -10,8 +10,9 @@ edgefleet
     device-host actors, 250 devices per call). Round times: the spacing of the per-round checkpoint files
     (checkpoint 0 is written just before round 1, checkpoint k at the end of round k, after aggregation and
     the round's metrics); the summary's own ``timing.seconds_per_round`` is kept beside them. An edgefleet
-    train job also evaluates each device before and after its step (loss, AUC), which the stock client does
-    not: the comparison favours stock.
+    train job also reports each device's loss and AUC before its step (from round 2 on, the host reuses the
+    previous round's evaluation of the same adapters) and evaluates it after its step, which the stock client
+    does not: the comparison favours stock.
 stock Flower
     ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the stock ``FedAvg`` (fraction_train =
     fraction_evaluate = 1.0) and a ``ClientApp`` doing the same local work in PyTorch: the hand-written

@@ -8,7 +8,7 @@ A failing device is a failed ``JobResult`` (cause and one line), never an except
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -66,27 +66,36 @@ def _checked(result: JobResult, job: Job) -> JobResult:
     return result
 
 
-def run_job(device: Any, job: Job, data: JobData) -> JobResult:
+class Evaluated(NamedTuple):
+    """A device's loss and task metric on its test data with some arrays: what an evaluate job answers, and
+    what a train job with the same arrays would compute first (so it can be reused)."""
+    loss: float
+    metric: float
+
+
+def run_job(device: Any, job: Job, data: JobData, before: Evaluated | None = None) -> JobResult:
     """Run one job on one device. ``device`` implements device_runtime.device.Device (plus
-    ``reset_optimizer``/``set_proximal`` from ``ParameterAccess``)."""
+    ``reset_optimizer``/``set_proximal`` from ``ParameterAccess``). ``before``: the device's numbers with
+    the job's arrays, already known (a train job then skips its first evaluation)."""
     start = time.perf_counter()
     try:
         task = device.program.task
         device.set_params(job.arrays)
         device.reset_optimizer()
         device.set_proximal(job.proximal_mu, job.arrays)
-        before = device.evaluate(data.x_test, data.y_test)
-        metric_before = task_metric(task, before.outputs, data.x_test, data.y_test)
+        if before is None or job.instruction == "evaluate":
+            evaluated = device.evaluate(data.x_test, data.y_test)
+            before = Evaluated(evaluated.loss, task_metric(task, evaluated.outputs, data.x_test, data.y_test))
         if job.instruction == "evaluate":
             return JobResult(job.device, job.instruction, num_examples=int(len(data.x_test)),
-                             loss_before=before.loss, metric_before=metric_before,
+                             loss_before=before.loss, metric_before=before.metric,
                              telemetry=Telemetry(wall_s=time.perf_counter() - start, bytes_down=nbytes(job.arrays)))
         trained = device.train(data.x_train, _labels(task, data.y_train), job.steps, lr=job.lr)
         after = device.evaluate(data.x_test, data.y_test)
         arrays = _sent_back(job, trained.params)
         telemetry = trained.telemetry
         result = JobResult(job.device, job.instruction, arrays=arrays, num_examples=int(len(data.x_train)),
-                           loss_before=before.loss, metric_before=metric_before,
+                           loss_before=before.loss, metric_before=before.metric,
                            loss=float(np.mean(trained.losses)), loss_after=after.loss,
                            metric_after=task_metric(task, after.outputs, data.x_test, data.y_test),
                            telemetry=telemetry)
@@ -114,8 +123,10 @@ def batchable(jobs: Sequence[Job]) -> bool:
                and dict(j.config) == dict(first.config) for j in jobs)
 
 
-def run_jobs_batched(bd: BatchedDevices, jobs: Sequence[Job], data: Sequence[JobData]) -> list[JobResult]:
-    """Up to ``bd.devices`` jobs (``batchable``) in one pass; one JobResult per job, as ``run_job`` gives."""
+def run_jobs_batched(bd: BatchedDevices, jobs: Sequence[Job], data: Sequence[JobData],
+                     before: Sequence[Evaluated] | None = None) -> list[JobResult]:
+    """Up to ``bd.devices`` jobs (``batchable``) in one pass; one JobResult per job, as ``run_job`` gives.
+    ``before``: every device's numbers with its job's arrays, already known (train jobs skip that pass)."""
     if not jobs:
         return []
     if not batchable(jobs):
@@ -127,7 +138,10 @@ def run_jobs_batched(bd: BatchedDevices, jobs: Sequence[Job], data: Sequence[Job
         bd.set_proximal(first.proximal_mu, [j.arrays for j in jobs])
         x_test = np.stack([d.x_test for d in data])
         y_test = np.stack([d.y_test for d in data])
-        before = bd.evaluate(x_test, _labels(task, y_test))
+        if before is None or first.instruction == "evaluate":
+            evaluated = bd.evaluate(x_test, _labels(task, y_test))
+            before = [Evaluated(e.loss, task_metric(task, e.outputs, d.x_test, d.y_test))
+                      for e, d in zip(evaluated, data)]
         trained = after = None
         if first.instruction != "evaluate":
             x_train = np.stack([d.x_train for d in data])
@@ -142,15 +156,14 @@ def run_jobs_batched(bd: BatchedDevices, jobs: Sequence[Job], data: Sequence[Job
     wall = (time.perf_counter() - start) / len(jobs)
     results = []
     for k, (job, d) in enumerate(zip(jobs, data)):
-        metric_before = task_metric(task, before[k].outputs, d.x_test, d.y_test)
         if trained is None:
             results.append(JobResult(job.device, job.instruction, num_examples=int(len(d.x_test)),
-                                     loss_before=before[k].loss, metric_before=metric_before,
+                                     loss_before=before[k].loss, metric_before=before[k].metric,
                                      telemetry=Telemetry(wall_s=wall, bytes_down=nbytes(job.arrays))))
             continue
         arrays = _sent_back(job, trained[k].params)
         result = JobResult(job.device, job.instruction, arrays=arrays, num_examples=int(len(d.x_train)),
-                           loss_before=before[k].loss, metric_before=metric_before,
+                           loss_before=before[k].loss, metric_before=before[k].metric,
                            loss=float(np.mean(trained[k].losses)), loss_after=after[k].loss,
                            metric_after=task_metric(task, after[k].outputs, d.x_test, d.y_test),
                            telemetry=trained[k].telemetry)

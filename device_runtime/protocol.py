@@ -243,5 +243,35 @@ class JobResult:
         return cls(**raw)
 
 
-def results_to_dicts(results: Iterable[JobResult]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in results]
+def encode_results(results: Sequence[JobResult]) -> dict[str, Any]:
+    """Results for one call across a process boundary. The arrays of results that carry the same names,
+    shapes and dtypes (a batch of devices trained on one program) travel stacked, one array per name: a few
+    large buffers, not thousands of small ones, each serialized on its own."""
+    raws = [r.to_dict() for r in results]
+    rows = [i for i, r in enumerate(results) if r.arrays]
+    payload: dict[str, Any] = {"version": PROTOCOL_VERSION, "results": raws}
+    if len(rows) < 2:
+        return payload
+    first = results[rows[0]].arrays
+    layout = {name: (np.shape(value), np.asarray(value).dtype) for name, value in first.items()}
+    if any(r.arrays.keys() != first.keys() for r in map(results.__getitem__, rows)) or any(
+            (np.shape(v), np.asarray(v).dtype) != layout[n] for i in rows for n, v in results[i].arrays.items()):
+        return payload
+    for i in rows:
+        raws[i]["arrays"] = {}
+    payload["stacked"] = {"rows": rows, "arrays": {name: np.stack([results[i].arrays[name] for i in rows])
+                                                   for name in first}}
+    return payload
+
+
+def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
+    """The JobResults ``encode_results`` sent; stacked arrays come back as per-device views of the stack."""
+    if payload.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(f"results of protocol version {payload.get('version')!r}; this side speaks "
+                            f"{PROTOCOL_VERSION}")
+    raws = [dict(raw) for raw in payload["results"]]
+    stacked = payload.get("stacked")
+    if stacked:
+        for row, i in enumerate(stacked["rows"]):
+            raws[i]["arrays"] = {name: value[row] for name, value in stacked["arrays"].items()}
+    return [JobResult.from_dict(raw) for raw in raws]

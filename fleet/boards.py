@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from compiler.program import Program
 from device_runtime.device import DeviceError
@@ -359,6 +359,12 @@ class Dispatcher:
         if key in self.boards.keys:
             return self.boards.dispatch(jobs)
         return self.hosts.dispatch(key, jobs)
+
+    def stream(self, key: str, jobs: Sequence[Job]) -> Iterator[tuple[int, list[JobResult]]]:
+        """(offset, results) chunks as they complete (``HostPool.stream``); a board key's jobs in one."""
+        if key in self.boards.keys:
+            return iter([(0, self.boards.dispatch(jobs))])
+        return self.hosts.stream(key, jobs)
 
 
 def _job_limit_s(job: Job, spec: BoardSpec) -> float:

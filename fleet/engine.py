@@ -12,11 +12,12 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from device_runtime.protocol import (LOCAL_STEPS_KEY, LR_KEY, Job, JobResult, encode_jobs, make_job)
+from device_runtime.protocol import (LOCAL_STEPS_KEY, LR_KEY, Job, JobResult, decode_results, encode_jobs,
+                                     make_job)
 from fleet.arrays import from_record, to_record
 from fleet.boards import RUNTIME as BOARD_RUNTIME, Board, BoardPool, Dispatcher, board_group, plan_boards
 from fleet.cluster import start_ray
@@ -54,6 +55,7 @@ class HostPool:
                  batched: Mapping[str, Any] | None = None, runtimes: Mapping[str, str] | None = None):
         self.scenario = scenario
         self.per_call = scenario.ray.devices_per_call
+        self._first_actor: dict[str, int] = {}
         data_spec = _dataclass_dict(scenario.data)
         runtimes = dict(runtimes or {})
         payloads = [(k, False, runtimes.get(k, "numpy"), *p.to_bytes()) for k, p in programs.items()]
@@ -73,14 +75,32 @@ class HostPool:
         self.nodes = ray.get([a.node.remote() for a in self.actors])
 
     def dispatch(self, key: str, jobs: Sequence[Job]) -> list[JobResult]:
-        """Run jobs on program ``key``: chunks of ``devices_per_call`` jobs, spread over the actors."""
+        """Run jobs on program ``key``; their results, in order."""
+        results: list[JobResult] = []
+        for offset, chunk in sorted(self.stream(key, jobs), key=lambda item: item[0]):
+            results += chunk
+        return results
+
+    def stream(self, key: str, jobs: Sequence[Job]) -> Iterator[tuple[int, list[JobResult]]]:
+        """Run jobs on program ``key`` in chunks of ``devices_per_call``, spread over the actors (submitted
+        now); the returned iterator gives (the chunk's offset in ``jobs``, its results) as each chunk completes,
+        so the caller handles one chunk's results while the hosts compute the others."""
+        offsets = range(0, len(jobs), self.per_call)
         if self.local is not None:
-            return [JobResult.from_dict(r) for r in self.local.run(key, encode_jobs(jobs))]
-        import ray
-        chunks = [jobs[i:i + self.per_call] for i in range(0, len(jobs), self.per_call)]
-        refs = [self.actors[i % len(self.actors)].run.remote(key, encode_jobs(chunk))
-                for i, chunk in enumerate(chunks)]
-        return [JobResult.from_dict(r) for chunk in ray.get(refs) for r in chunk]
+            return ((offset, decode_results(self.local.run(key, encode_jobs(jobs[offset:offset + self.per_call]))))
+                    for offset in offsets)
+        actors = self.actors
+        first = self._first_actor.setdefault(key, len(self._first_actor))  # programs start on different actors;
+        pending = {actors[(first + i) % len(actors)].run.remote(  # a device's chunk stays on one actor (its data)
+            key, encode_jobs(jobs[offset:offset + self.per_call])): offset for i, offset in enumerate(offsets)}
+        return _as_completed(pending)
+
+
+def _as_completed(pending: dict[Any, int]) -> Iterator[tuple[int, list[JobResult]]]:
+    import ray
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(ref), decode_results(ray.get(ref))
 
 
 def _dataclass_dict(obj: Any) -> dict[str, Any]:
@@ -286,7 +306,7 @@ def _run_rounds(scenario: Scenario, run: RunDir, fleet: Fleet, hosts: HostPool, 
     pool = Dispatcher(hosts, boards)
     first = fleet.programs[fleet.devices[0].program]
     steps = scenario_steps(scenario)
-    grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, scenario.training.lr, scenario.seed))
+    grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(steps, scenario.training.lr, scenario.seed))
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
     if checkpoint is not None:

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from device_runtime.protocol import LOCAL_STEPS_KEY, LR_KEY, JobResult, encode_jobs
+from device_runtime.protocol import LOCAL_STEPS_KEY, LR_KEY, decode_results, encode_jobs
 from fleet.arrays import to_record
 from fleet.engine import RunRecorder, _initial_arrays, build_fleet, clock_hz, group_program, make_fleet_strategy
 from fleet.host import DeviceHostCore, local_steps
@@ -128,7 +128,7 @@ def run_device(message: Message, context: Context) -> Message:
     modelled_s = modelled_seconds(instruction(message), cycles_per_step=device.cycles_per_step, steps=job.steps,
                                   clock_hz=device.clock_hz, link_bps=device.group.link_kbps * 1e3,
                                   down_bytes=down_bytes)
-    result = JobResult.from_dict(loaded.host.run(device.key, encode_jobs([job]))[0])
+    (result,) = decode_results(loaded.host.run(device.key, encode_jobs([job])))
     if result.ok:
         compute_s = device.cycles_per_step * job.steps / device.clock_hz if job.trains else 0.0
         result = result.with_telemetry(modelled_s=compute_s, link_s=max(0.0, modelled_s - compute_s))

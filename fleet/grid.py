@@ -57,12 +57,13 @@ class JobDefaults:
     seed: int
 
 
-Dispatch = Callable[[str, Sequence[Job]], list[JobResult]]
+Dispatch = Callable[[str, Sequence[Job]], Iterable[tuple[int, list[JobResult]]]]
 
 
 class FleetGrid(Grid):
     def __init__(self, devices: Sequence[DeviceInfo], dispatch: Dispatch, defaults: JobDefaults, run_id: int = 1):
-        """``dispatch(program_key, jobs)`` runs jobs on the host pool and returns their JobResults."""
+        """``dispatch(program_key, jobs)`` runs jobs on the host pool and yields their JobResults in chunks as
+        they complete: (offset of the chunk in ``jobs``, its results) (``HostPool.stream``)."""
         self.devices = {NODE_BASE + d.index: d for d in devices}
         self.by_index = {d.index: d for d in devices}
         self.dispatch = dispatch
@@ -151,17 +152,26 @@ class FleetGrid(Grid):
                 replies.append(reply_from_result(message, JobResult.failed(job, *failure)))
                 continue
             groups.setdefault(info.program, []).append((message, job, modelled_s))
-        for program, items in groups.items():
+        for items in groups.values():
             items.sort(key=lambda item: item[1].device)  # stable device → host chunks across rounds
-            results = self.dispatch(program, [job for _, job, _ in items])
-            for (message, job, modelled_s), result in zip(items, results):
-                info = self.devices[message.metadata.dst_node_id]
-                compute_s = job.steps * info.cycles_per_step / info.clock_hz if kind == "train" else 0.0
-                if result.ok:
-                    result = result.with_telemetry(modelled_s=compute_s,
-                                                   link_s=result.telemetry.link_s or max(0.0, modelled_s - compute_s))
-                replies.append(reply_from_result(message, result))
+        # every program's jobs are submitted before any reply is built; each chunk's replies are built while the
+        # hosts compute the others, and the replies keep the devices' order
+        streams = [(items, self.dispatch(program, [job for _, job, _ in items])) for program, items in groups.items()]
+        for items, stream in streams:
+            slots: list[Message | None] = [None] * len(items)
+            for offset, results in stream:
+                for k, result in enumerate(results, start=offset):
+                    slots[k] = self._reply(kind, *items[k], result)
+            replies += slots
         return replies
+
+    def _reply(self, kind: str, message: Message, job: Job, modelled_s: float, result: JobResult) -> Message:
+        info = self.devices[message.metadata.dst_node_id]
+        if result.ok:
+            compute_s = job.steps * info.cycles_per_step / info.clock_hz if kind == "train" else 0.0
+            result = result.with_telemetry(modelled_s=compute_s,
+                                           link_s=result.telemetry.link_s or max(0.0, modelled_s - compute_s))
+        return reply_from_result(message, result)
 
     def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float) -> tuple[str, str] | None:
         """(cause, reason) when the device does not answer this message in simulation, else None."""

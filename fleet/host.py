@@ -7,6 +7,7 @@ travel as (manifest JSON, .npz bytes), never as pickled objects of ours.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import replace
@@ -17,8 +18,8 @@ import numpy as np
 from compiler.program import Program
 from device_runtime import NumpyDevice
 from device_runtime.batched import BatchedDevices
-from device_runtime.jobs import batchable, run_job, run_jobs_batched
-from device_runtime.protocol import BYZANTINE_VALUE, CAUSE_ERROR, Job, JobResult, decode_jobs
+from device_runtime.jobs import Evaluated, batchable, run_job, run_jobs_batched
+from device_runtime.protocol import BYZANTINE_VALUE, CAUSE_ERROR, Job, JobResult, decode_jobs, encode_results
 from fleet.data import DeviceData, device_data
 from fleet.scenario import DataSpec
 
@@ -37,6 +38,7 @@ RUNTIMES = {"numpy": NumpyDevice, "qemu": _qemu_device, "gvsoc": _gvsoc_device}
 
 
 DATA_CACHE_BYTES = 1 << 30  # per host
+EVALUATED_CACHE = 1 << 20    # devices whose last evaluation a host remembers (~200 bytes each)
 
 
 def _nbytes(data: DeviceData) -> int:
@@ -52,6 +54,9 @@ class DeviceHostCore:
         self.programs: dict[str, Program] = {}
         self._data: OrderedDict[int, DeviceData] = OrderedDict()  # least recently used first
         self._data_bytes = 0
+        # (program key, executor, device) → (digest of the arrays, the device's numbers with them): a train job
+        # with the arrays the device was last evaluated with (the previous round's global adapters) reuses them
+        self._evaluated: OrderedDict[tuple[str, str, int], tuple[bytes, Evaluated]] = OrderedDict()
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False,
@@ -90,20 +95,56 @@ class DeviceHostCore:
         return "local"
 
     # ---- work -----------------------------------------------------------------------------------------
-    def run(self, key: str, payload: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Run the jobs of ``payload`` (``encode_jobs``) on program ``key``; one JobResult dict per job, in
-        order, failures included. Jobs that one device-axis pass can take together run batched."""
+    def run(self, key: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the jobs of ``payload`` (``encode_jobs``) on program ``key``; their JobResults, one per job in
+        order, failures included, as ``encode_results`` sends them. Jobs that one device-axis pass can take
+        together run batched."""
         jobs = decode_jobs(payload)
+        by_table = self._digests(jobs)
+        digests = [by_table[id(job.arrays)] for job in jobs]
         batched = self.batched.get(key)
+        together = batched is not None and len(jobs) > 1 and batchable(jobs)
+        # numbers are reused only from the same executor (the device-axis program rounds differently)
+        where = (key, "batched" if together else "single")
+        known = [self._known(where, job.device, digest) for job, digest in zip(jobs, digests)]
         results: list[JobResult] = []
-        if batched is not None and len(jobs) > 1 and batchable(jobs):
+        if together:
             for i in range(0, len(jobs), batched.devices):
-                chunk = jobs[i:i + batched.devices]
-                results += run_jobs_batched(batched, chunk, [self.data(j.device) for j in chunk])
+                chunk, before = jobs[i:i + batched.devices], known[i:i + batched.devices]
+                results += run_jobs_batched(batched, chunk, [self.data(j.device) for j in chunk],
+                                            None if None in before else before)
         else:
             device = self.devices[key]
-            results = [run_job(device, job, self.data(job.device)) for job in jobs]
-        return [inject_fault(job, result).to_dict() for job, result in zip(jobs, results)]
+            results = [run_job(device, job, self.data(job.device), k) for job, k in zip(jobs, known)]
+        for job, digest, result in zip(jobs, digests, results):
+            if result.ok and not job.fault:
+                self._remember(where, job.device, digest, Evaluated(result.loss_before, result.metric_before))
+        return encode_results([inject_fault(job, result) for job, result in zip(jobs, results)])
+
+    # ---- evaluations a later job can reuse ------------------------------------------------------------
+    @staticmethod
+    def _digests(jobs: list[Job]) -> dict[int, bytes]:
+        """id(arrays) → a digest of the arrays (jobs decoded from one table share one mapping)."""
+        out: dict[int, bytes] = {}
+        for job in jobs:
+            if id(job.arrays) not in out:
+                h = hashlib.blake2b(digest_size=16)
+                for name in sorted(job.arrays):
+                    value = np.ascontiguousarray(job.arrays[name])
+                    h.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+                    h.update(value.data)
+                out[id(job.arrays)] = h.digest()
+        return out
+
+    def _known(self, where: tuple[str, str], device: int, digest: bytes) -> Evaluated | None:
+        entry = self._evaluated.get((*where, device))
+        return entry[1] if entry is not None and entry[0] == digest else None
+
+    def _remember(self, where: tuple[str, str], device: int, digest: bytes, numbers: Evaluated) -> None:
+        self._evaluated[(*where, device)] = (digest, numbers)
+        self._evaluated.move_to_end((*where, device))
+        while len(self._evaluated) > EVALUATED_CACHE:
+            self._evaluated.popitem(last=False)
 
 
 def inject_fault(job: Job, result: JobResult) -> JobResult:

@@ -13,10 +13,10 @@ import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from device_runtime.protocol import CAUSE_ERROR, CAUSES, Job, JobResult, Telemetry, make_job
-from fleet.arrays import from_record, to_record
+from fleet.arrays import filled, from_record, numpy_record
 from fleet.roundlog import DeviceRecord
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
@@ -41,9 +41,15 @@ def instruction(message: Message) -> str:
     return "train" if message.metadata.message_type.split(".")[0] == MessageType.TRAIN else "evaluate"
 
 
+def record_in(content: RecordDict, key: str, kind: type):
+    """``content[key]`` when it is a record of type ``kind``, else None (without building Flower's typed views
+    ``content.array_records`` & co., which re-check every record on each access)."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
 def instruction_record(message: Message) -> ArrayRecord | None:
-    content = message.content
-    return content.array_records[ARRAYS_KEY] if ARRAYS_KEY in content.array_records else None
+    return record_in(message.content, ARRAYS_KEY, ArrayRecord)
 
 
 def instruction_arrays(message: Message) -> dict[str, np.ndarray]:
@@ -53,8 +59,8 @@ def instruction_arrays(message: Message) -> dict[str, np.ndarray]:
 
 
 def instruction_config(message: Message) -> dict[str, Any]:
-    content = message.content
-    return dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
+    config = record_in(message.content, CONFIG_KEY, ConfigRecord)
+    return {} if config is None else dict(config)
 
 
 def job_from_message(message: Message, device: int, arrays: Mapping[str, np.ndarray], **job: Any) -> Job:
@@ -72,24 +78,27 @@ def modelled_seconds(kind: str, *, cycles_per_step: int, steps: int, clock_hz: f
 
 
 def reply_from_result(message: Message, result: JobResult) -> Message:
-    """The reply Message for a device's result: its content, or an Error whose code names the cause."""
+    """The reply Message for a device's result: its content, or an Error whose code names the cause. The
+    records are filled directly (their values are the protocol's ints, floats and ndarrays); the arrays stay
+    ndarrays until something asks for their bytes (``fleet.arrays.NumpyArray``)."""
     if not result.ok:
         return Message(Error(code=ERROR_CODES[result.cause], reason=f"device {result.device}: {result.error}"),
                        reply_to=message)
     metrics: dict[str, int | float] = {DEVICE_KEY: int(result.device)}
+    train = result.instruction == "train"
     for key, name in RESULT_KEYS.items():
         value = getattr(result, name)
         if name == "num_examples":
             metrics[key] = int(value)
-        elif result.instruction == "train" or name in ("loss_before", "metric_before"):
+        elif train or name in ("loss_before", "metric_before"):
             metrics[key] = float(value) if math.isfinite(value) else NO_METRIC
+    telemetry = result.telemetry
     for key, name in TELEMETRY_KEYS.items():
-        metrics[key] = getattr(result.telemetry, name)
-    content = RecordDict()
-    if result.instruction == "train":
-        content[ARRAYS_KEY] = to_record(result.arrays)
-    content[METRICS_KEY] = MetricRecord(metrics)
-    return Message(content, reply_to=message)
+        value = getattr(telemetry, name)
+        metrics[key] = value if isinstance(value, (int, float)) else float(value)
+    records = {ARRAYS_KEY: numpy_record(result.arrays)} if train else {}
+    records[METRICS_KEY] = filled(MetricRecord, metrics)
+    return Message(filled(RecordDict, records), reply_to=message)
 
 
 def record_from_reply(reply: Message, round_: int, kind: str, device_of: Callable[[int], int],
@@ -105,7 +114,7 @@ def record_from_reply(reply: Message, round_: int, kind: str, device_of: Callabl
                             cause=CAUSE_OF_CODE.get(reply.error.code, CAUSE_ERROR), error=reply.error.reason,
                             budget_bytes=int(facts.get("budget_bytes", 0)),
                             telemetry=Telemetry(peak_bytes_by_level=facts.get("peak_bytes_by_level", {})))
-    metrics = reply.content.metric_records[METRICS_KEY] if METRICS_KEY in reply.content.metric_records else {}
+    metrics = record_in(reply.content, METRICS_KEY, MetricRecord) or {}
     index = int(metrics[DEVICE_KEY]) if DEVICE_KEY in metrics else device_of(node)
     facts = describe(index)
     numbers = {name: _number(metrics.get(key), name) for key, name in RESULT_KEYS.items()}

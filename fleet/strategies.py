@@ -34,15 +34,18 @@ from __future__ import annotations
 
 import logging
 import math
+from logging import INFO
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 
 from device_runtime.protocol import FREEZE_LORA_A_KEY, LORA_RANK_KEY, PRUNE_GAMMA_KEY  # keys devices honour
-from fleet.arrays import from_array, from_record, to_record
+from fleet.arrays import filled, from_array, from_record, to_record
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     Bulyan,
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -228,6 +231,86 @@ def flexlora_aggregate(
     return _average_rest(states, weights, done)
 
 
+# --- reading replies without Flower's typed views ------------------------------------
+# ``content.array_records`` / ``metric_records`` build and re-check a new view on each access (~7 µs);
+# at thousands of replies a round the guard and the aggregators read the records directly.
+
+
+def records_of(content: RecordDict) -> tuple[list[ArrayRecord], list[MetricRecord]]:
+    """The ArrayRecords and the MetricRecords a reply holds, in order."""
+    arrays, metrics = [], []
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            arrays.append(record)
+        elif isinstance(record, MetricRecord):
+            metrics.append(record)
+    return arrays, metrics
+
+
+def first_metrics(content: RecordDict) -> MetricRecord:
+    return next(r for r in content.values() if isinstance(r, MetricRecord))
+
+
+def first_arrays(content: RecordDict) -> ArrayRecord:
+    return next(r for r in content.values() if isinstance(r, ArrayRecord))
+
+
+def aggregate_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Flower's ``aggregate_metricrecords`` (the default ``*_metrics_aggr_fn`` of every FedAvg-family
+    strategy), the same arithmetic in the same order, reading the records directly."""
+    metric_records = [[r for r in record.values() if isinstance(r, MetricRecord)] for record in records]
+    weights = [float(found[0][weighting_metric_name]) for found in metric_records]
+    total_weight = sum(weights)
+    aggregated: dict[str, object] = {}
+    for found, weight in zip(metric_records, [w / total_weight for w in weights], strict=True):
+        for record in found:
+            for key, value in record.items():
+                if key == weighting_metric_name:
+                    continue
+                current = aggregated.get(key)
+                if current is None:
+                    aggregated[key] = [v * weight for v in value] if isinstance(value, list) else value * weight
+                elif isinstance(value, list):
+                    aggregated[key] = [c + v * weight for c, v in zip(current, value, strict=True)]
+                else:
+                    aggregated[key] = current + value * weight
+    return filled(MetricRecord, aggregated)
+
+
+def checked_replies(strategy: FedAvg, replies: Iterable[Message], is_train: bool) -> list[Message]:
+    """FedAvg's ``_check_and_log_replies``: the replies with content, after the same consistency checks
+    (one ArrayRecord with the same keys for training, one MetricRecord with the same keys holding a scalar
+    weight), raising Flower's ``InconsistentMessageReplies`` as it does."""
+    valid, errors = [], []
+    for reply in replies:
+        (errors if reply.has_error() else valid).append(reply)
+    if not valid and not errors:
+        return valid
+    flwr_log(INFO, "%s: Received %s results and %s failures",
+             "aggregate_train" if is_train else "aggregate_evaluate", len(valid), len(errors))
+    for reply in errors:
+        flwr_log(INFO, "\t> Received error in reply from node %d: %s", reply.metadata.src_node_id, reply.error.reason)
+    if not valid:
+        return valid
+    found = [records_of(m.content) for m in valid]
+    if is_train:
+        if any(len(arrays) != 1 for arrays, _ in found):
+            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies.")
+        keys = found[0][0][0].keys()
+        if any(arrays[0].keys() != keys for arrays, _ in found[1:]):
+            raise InconsistentMessageReplies(reason="All ArrayRecords must have the same keys for aggregation.")
+    if any(len(metrics) != 1 for _, metrics in found):
+        raise InconsistentMessageReplies(reason="Expected exactly one MetricRecord in replies.")
+    keys = found[0][1][0].keys()
+    if any(metrics[0].keys() != keys for _, metrics in found[1:]):
+        raise InconsistentMessageReplies(reason="All MetricRecords must have the same keys for aggregation.")
+    if strategy.weighted_by_key not in keys:
+        raise InconsistentMessageReplies(reason=f"Missing required key `{strategy.weighted_by_key}`.")
+    if any(isinstance(metrics[0][strategy.weighted_by_key], list) for _, metrics in found):
+        raise InconsistentMessageReplies(reason=f"Key `{strategy.weighted_by_key}` must be a single value.")
+    return valid
+
+
 # --- reply guard -----------------------------------------------------------------
 
 
@@ -286,11 +369,10 @@ def check_reply(
         return "error", f"client error {reply.error.code}: {reply.error.reason}"
     if not reply.has_content():
         return "error", "reply has neither content nor error"
-    content = reply.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    array_records, metric_records = records_of(reply.content)
+    if len(array_records) != 1 or len(metric_records) != 1:
         return "error", "expected exactly one ArrayRecord and one MetricRecord"
-    record = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
+    record, metrics = array_records[0], metric_records[0]
     weight = metrics.get(weighted_by_key)
     if not isinstance(weight, (int, float)):
         return "error", f"missing or non-scalar {weighted_by_key!r}"
@@ -315,8 +397,9 @@ def check_reply(
 
 def _signature(reply: Message) -> tuple:
     content = reply.content
-    ((metrics_name, metrics),) = content.metric_records.items()
-    return next(iter(content.array_records)), metrics_name, frozenset(metrics)
+    names = {type(r): (k, r) for k, r in content.items()}
+    metrics_name, metrics = names[MetricRecord]
+    return names[ArrayRecord][0], metrics_name, frozenset(metrics.keys())
 
 
 def filter_replies(
@@ -372,7 +455,7 @@ def filter_replies(
 def _sender(reply: Message) -> str:
     """"device N" when the reply says which device it is (edgefleet replies do), else "node N"."""
     if reply.has_content():
-        for metrics in reply.content.metric_records.values():
+        for metrics in records_of(reply.content)[1]:
             if isinstance(metrics.get("device"), int):
                 return f"device {metrics['device']}"
     return f"node {reply.metadata.src_node_id}"
@@ -383,8 +466,7 @@ def _copy_config(config: ConfigRecord) -> ConfigRecord:
 
 
 def _sent_shapes(message: Message) -> dict[str, Shape]:
-    records = message.content.array_records.values()
-    return {k: s for record in records for k, s in shapes_of(record).items()}
+    return {k: s for record in records_of(message.content)[0] for k, s in shapes_of(record).items()}
 
 
 class Guarded(Strategy):
@@ -418,7 +500,12 @@ class Guarded(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, _copy_config(config), grid))
-        self._sent = {m.metadata.dst_node_id: _sent_shapes(m) for m in messages}
+        shapes: dict[int, dict[str, Shape]] = {}  # id(content) → its shapes: FedAvg shares one content
+        self._sent = {}
+        for m in messages:
+            if id(m.content) not in shapes:
+                shapes[id(m.content)] = _sent_shapes(m)
+            self._sent[m.metadata.dst_node_id] = shapes[id(m.content)]
         self._sent_records = {m.metadata.dst_node_id: m.content for m in messages}
         self._decoded = {}
         return messages
@@ -428,7 +515,7 @@ class Guarded(Strategy):
         if content is None:
             return None
         if id(content) not in self._decoded:
-            self._decoded[id(content)] = {k: from_array(v) for record in content.array_records.values()
+            self._decoded[id(content)] = {k: from_array(v) for record in records_of(content)[0]
                                           for k, v in record.items()}
         return self._decoded[id(content)]
 
@@ -476,23 +563,30 @@ def _to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 class FastAverage(FedAvg):
-    """FedAvg's aggregate_train, the same arithmetic (num-examples weighted mean of every array, Flower's
-    metric aggregation), with arrays decoded once and without re-parsing .npy headers (fleet.arrays)."""
+    """FedAvg's aggregate_train and aggregate_evaluate, the same arithmetic (num-examples weighted mean of
+    every array, Flower's metric aggregation) and the same checks, with arrays decoded once, records read
+    directly and no .npy headers re-parsed (fleet.arrays)."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid = checked_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
-        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        weights = [float(first_metrics(c)[self.weighted_by_key]) for c in contents]
         total = sum(weights)
         summed: dict[str, np.ndarray] = {}
         for content, weight in zip(contents, weights):
-            for record in content.array_records.values():
-                for key, value in record.items():
-                    term = from_array(value) * (weight / total)
-                    summed[key] = term if key not in summed else summed[key] + term
+            factor = weight / total
+            for key, value in first_arrays(content).items():
+                term = from_array(value) * factor
+                summed[key] = term if key not in summed else summed[key] + term
         return to_record(summed), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = checked_replies(self, replies, is_train=False)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
 
 
 def _at_node_ranks(
@@ -532,12 +626,12 @@ def _aggregate_states(
 
     Also returns each replying node's rank (its smallest layer rank).
     """
-    valid, _ = strategy._check_and_log_replies(replies, is_train=True)  # pylint: disable=protected-access
+    valid = checked_replies(strategy, replies, is_train=True)
     if not valid:
         return None, None, {}
     contents = [m.content for m in valid]
-    states = [_to_state(next(iter(c.array_records.values()))) for c in contents]
-    weights = [float(next(iter(c.metric_records.values()))[strategy.weighted_by_key]) for c in contents]
+    states = [_to_state(first_arrays(c)) for c in contents]
+    weights = [float(first_metrics(c)[strategy.weighted_by_key]) for c in contents]
     reply_ranks = {
         m.metadata.src_node_id: min(ranks.values())
         for m, ranks in zip(valid, map(state_ranks, states))
@@ -723,6 +817,9 @@ def make_strategy(name: str, *, guard: bool = True, max_update_norm: float | Non
     factory = STRATEGIES.get(name.lower())
     if factory is None:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if isinstance(factory, type) and issubclass(factory, FedAvg):  # Flower's own default, read directly
+        options.setdefault("train_metrics_aggr_fn", aggregate_metrics)
+        options.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
     try:
         strategy = factory(**options)
     except TypeError as err:

@@ -87,7 +87,7 @@ def test_client_app_replies_as_the_fleet_grid(tiny, kind):
     t = scenario.training
     steps = local_steps(t.local_steps, t.local_epochs, scenario.data.samples_per_device or 32, t.batch_size)
     pool = HostPool(scenario, fleet.programs, 0, fleet.batched, fleet.runtimes)
-    grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(steps, t.lr, scenario.seed))
+    grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(steps, t.lr, scenario.seed))
     grid.begin_round(1)
     device = 1
 

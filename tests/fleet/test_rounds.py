@@ -17,10 +17,10 @@ from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedC
 from compiler import compile_model
 from device_runtime import NumpyDevice
 from device_runtime.protocol import (CAUSE_NONFINITE, Job, JobResult, ProtocolError, Telemetry, decode_jobs,
-                                     encode_jobs, make_job)
+                                     decode_results, encode_jobs, encode_results, make_job)
 from fleet.arrays import from_record, to_record
-from fleet.engine import (HostPool, _initial_arrays, _set_task_identity, build_fleet, run_scenario,
-                          scenario_steps, train_config)
+from fleet.engine import (HostPool, _dataclass_dict, _initial_arrays, _set_task_identity, build_fleet,
+                          run_scenario, scenario_steps, train_config)
 from fleet.grid import FleetGrid, JobDefaults
 from fleet.programs import ProgramBuilder, pretrain_base
 from fleet.roundlog import DeviceRecord, RoundLog
@@ -71,6 +71,16 @@ def test_jobs_and_results_cross_as_builtins_and_arrays():
     result = JobResult(4, "train", arrays={"w": np.ones(2, np.float32)}, loss=0.5,
                        telemetry=Telemetry(steps=3, peak_bytes_by_level={"L2": 10}))
     assert JobResult.from_dict(result.to_dict()).telemetry == result.telemetry
+    # a call's results: arrays of the same layout travel stacked, one array per name; the rest as they are
+    trained = [JobResult(d, "train", arrays={"w": np.full((2, 3), d, np.float32)}, loss=0.1 * d) for d in range(3)]
+    mixed = trained + [JobResult(9, "train", arrays={"w": np.ones(4, np.float32)}), JobResult(8, "evaluate")]
+    stacked = encode_results(trained + [JobResult(8, "evaluate")])
+    assert stacked["stacked"]["arrays"]["w"].shape == (3, 2, 3)
+    for sent in (stacked, encode_results(mixed)):
+        for a, b in zip(decode_results(sent), trained):
+            assert a.device == b.device and a.loss == b.loss
+            np.testing.assert_array_equal(a.arrays["w"], b.arrays["w"])
+    assert "stacked" not in encode_results(mixed) and decode_results(encode_results(mixed))[3].arrays["w"].shape == (4,)
     with pytest.raises(ProtocolError, match="'clipping_norm'.*no device honours"):
         make_job("train", 0, shared, config={"clipping_norm": 1.0})
     with pytest.raises(ProtocolError, match="instruction 'fly'"):
@@ -233,7 +243,7 @@ def _driver_fleet(tmp_path):
     builder = ProgramBuilder(s, pretrain_base(s, log=lambda text: None))
     fleet = build_fleet(s, builder)
     pool = HostPool(s, fleet.programs, 0, fleet.batched, fleet.runtimes)
-    grid = FleetGrid(fleet.devices, pool.dispatch, JobDefaults(scenario_steps(s), s.training.lr, s.seed))
+    grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(scenario_steps(s), s.training.lr, s.seed))
     return s, grid, _initial_arrays(fleet)
 
 
@@ -301,3 +311,46 @@ def test_ray_address_from_the_environment(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_train_job_reuses_the_evaluation_of_the_same_arrays(monkeypatch):
+    """A device evaluated with the global adapters (the previous round's evaluate job) does not evaluate
+    them again at the start of a train job with the same adapters: the numbers are the ones a fresh host
+    computes, to the bit; other adapters, or another executor, are evaluated anew."""
+    from device_runtime.batched import BatchedDevices
+    from fleet.host import DeviceHostCore
+    s = scenario()
+    builder = ProgramBuilder(s, pretrain_base(s, log=lambda text: None))
+    fleet = build_fleet(s, builder)
+    key = fleet.devices[0].program
+    initial = _initial_arrays(fleet)
+    moved = {k: v + np.float32(0.01) for k, v in initial.items()}
+
+    def host() -> DeviceHostCore:
+        core = DeviceHostCore(_dataclass_dict(s.data), s.seed)
+        core.install(key, *fleet.programs[key].to_bytes())
+        core.install(key, *fleet.batched[key].to_bytes(), batched=True)
+        return core
+
+    evaluations = []
+    real = BatchedDevices.evaluate
+    monkeypatch.setattr(BatchedDevices, "evaluate", lambda self, *a: evaluations.append(1) or real(self, *a))
+
+    def run(core, kind, arrays, devices):
+        jobs = [make_job(kind, d, arrays, steps=1, lr=0.05, seed=s.seed) for d in devices]
+        return decode_results(core.run(key, encode_jobs(jobs)))
+
+    warm, fresh = host(), host()
+    evaluated = run(warm, "evaluate", initial, [0, 1, 2])
+    evaluations.clear()
+    reused = run(warm, "train", initial, [0, 1, 2])
+    assert len(evaluations) == 1  # only the evaluation after training
+    computed = run(fresh, "train", initial, [0, 1, 2])
+    for e, r, c in zip(evaluated, reused, computed):
+        assert (r.loss_before, r.metric_before) == (e.loss_before, e.metric_before) == (c.loss_before, c.metric_before)
+        assert r.loss_after == c.loss_after
+    evaluations.clear()
+    run(warm, "train", moved, [0, 1, 2])
+    assert len(evaluations) == 2  # new adapters: evaluated before and after
+    alone = run(warm, "train", initial, [1])[0]  # the single-device executor does not reuse batched numbers
+    assert alone.loss_before == pytest.approx(evaluated[1].loss_before, rel=1e-5)

@@ -39,6 +39,8 @@ from fleet.strategies import (  # noqa: E402
     PRUNE_GAMMA_KEY,
     STRATEGIES,
     FedIT,
+    aggregate_metrics,
+    checked_replies,
     FFALoRA,
     FlexLoRA,
     Guarded,
@@ -386,6 +388,32 @@ def test_stock_fedadam_on_adapter_records():
     eta_norm = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
     for key in current:
         np.testing.assert_allclose(got[key], current[key] + eta_norm * m / (np.sqrt(v) + 1e-3))
+
+
+def test_metric_aggregation_is_flowers_to_the_bit():
+    """The metric averaging every strategy gets (it reads the records directly) gives Flower's own
+    ``aggregate_metricrecords`` result exactly: same keys, same floats, lists included."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    rng = np.random.default_rng(3)
+    replies = [reply(n, adapter_state(2, seed=n), int(rng.integers(1, 50)), loss=float(rng.normal()),
+                     device=n, curve=[float(v) for v in rng.normal(size=3)]) for n in range(1, 40)]
+    contents = [r.content for r in replies]
+    ours, flowers = aggregate_metrics(contents, "num-examples"), aggregate_metricrecords(contents, "num-examples")
+    assert dict(ours) == dict(flowers) and set(ours) == {"loss", "device", "curve"}
+    assert FedIT().aggregate_evaluate(1, replies) == FedAvg().aggregate_evaluate(1, replies)
+
+
+def test_reply_checks_refuse_what_flowers_refuse():
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    good = [reply(1, adapter_state(2, seed=1), 3), reply(2, adapter_state(2, seed=2), 5)]
+    assert checked_replies(FedIT(), good + [error_reply(3)], is_train=True) == good
+    other_keys = reply(4, {"other": np.ones(2, np.float32)}, 2)
+    no_weight = reply(5, adapter_state(2, seed=5), 1)
+    no_weight.content["metrics"] = MetricRecord({"loss": 1.0})
+    for bad in (other_keys, no_weight):
+        for strategy in (FedIT(), FedAvg()):
+            with pytest.raises(InconsistentMessageReplies):
+                strategy.aggregate_train(1, good + [bad])
 
 
 # --- the guard ---------------------------------------------------------------------------

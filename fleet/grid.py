@@ -131,6 +131,7 @@ class FleetGrid(Grid):
             return []
         kind = instruction(messages[0])
         decoded: dict[int, dict[str, np.ndarray]] = {}   # id(record) → arrays: shared records decode once
+        down_bytes: dict[int, int] = {}
         groups: dict[str, list[tuple[Message, Job, float]]] = {}
         replies: list[Message] = []
         draws = self._rng(kind).random((len(messages), 2))
@@ -140,11 +141,11 @@ class FleetGrid(Grid):
             key = id(record)
             if key not in decoded:
                 decoded[key] = instruction_arrays(message)
-            arrays = decoded[key]
+                down_bytes[key] = sum(a.nbytes for a in decoded[key].values())
+            arrays, down = decoded[key], down_bytes[key]
             job = job_from_message(message, info.index, arrays, steps=self.defaults.steps, lr=self.defaults.lr,
                                    seed=self.defaults.seed, round=self.round, deadline_s=info.deadline_s,
                                    fault=info.fault if (kind == "train" and fault_u < info.fault_p) else "")
-            down = sum(a.nbytes for a in arrays.values())
             modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=job.steps,
                                           clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down)
             failure = self._unavailable(info, kind, drop_u, modelled_s)

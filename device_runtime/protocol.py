@@ -264,6 +264,15 @@ def encode_results(results: Sequence[JobResult]) -> dict[str, Any]:
     return payload
 
 
+class StackRow(dict):
+    """A device's arrays that crossed stacked: a dict of row views, which also knows the stacks and its row,
+    so the driver can check and average many devices' arrays a stack at a time (``fleet.arrays``)."""
+
+    def __init__(self, stacks: Mapping[str, np.ndarray], row: int):
+        super().__init__((name, value[row]) for name, value in stacks.items())
+        self.stacks, self.row = stacks, row
+
+
 def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
     """The JobResults ``encode_results`` sent; stacked arrays come back as per-device views of the stack."""
     if payload.get("version") != PROTOCOL_VERSION:
@@ -273,5 +282,5 @@ def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
     stacked = payload.get("stacked")
     if stacked:
         for row, i in enumerate(stacked["rows"]):
-            raws[i]["arrays"] = {name: value[row] for name, value in stacked["arrays"].items()}
+            raws[i]["arrays"] = StackRow(stacked["arrays"], row)
     return [JobResult.from_dict(raw) for raw in raws]

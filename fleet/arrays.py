@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -101,8 +101,36 @@ def filled(record_type: type, items: Mapping[str, Any]):
 
 
 def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An ArrayRecord of ``NumpyArray``s: no copy, no bytes until asked for."""
-    return filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """An ArrayRecord of ``NumpyArray``s: no copy, no bytes until asked for. Arrays that are rows of stacks
+    (``protocol.StackRow``: a host's results) remember their stack and row (``stacked_rows``)."""
+    record = filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    stacks, row = getattr(arrays, "stacks", None), getattr(arrays, "row", None)
+    if stacks is not None:
+        for name, array in record.items():
+            array.__dict__["_row"] = (stacks[name], row)
+    return record
+
+
+def stacked_rows(arrays: Sequence[Array]) -> list[tuple[np.ndarray, list[int]]]:
+    """``arrays`` (one per reply, all of one shape) as (stack, positions): ``stack[j]`` is
+    ``arrays[positions[j]]``. Rows of one host stack share it (taken whole when all its rows are there); any
+    other array is a stack of its own. Groups come in the order of their first array, so the same replies
+    always give the same groups."""
+    groups: dict[int, tuple[np.ndarray, list[int], list[int]]] = {}
+    for position, array in enumerate(arrays):
+        held = array.__dict__.get("_row") if "_ndarray" in array.__dict__ else None
+        if held is None:
+            groups[-1 - position] = (from_array(array)[None], [0], [position])
+            continue
+        stack, row = held
+        group = groups.setdefault(id(stack), (stack, [], []))
+        group[1].append(row)
+        group[2].append(position)
+    out = []
+    for stack, rows, positions in groups.values():
+        whole = len(rows) == len(stack) and rows == list(range(len(stack)))
+        out.append((stack if whole else stack[rows], positions))
+    return out
 
 
 def from_array(array: Array) -> np.ndarray:

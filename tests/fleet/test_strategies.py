@@ -577,3 +577,27 @@ def test_start_loop_heterogeneous_ranks(name, aggregate):
         np.testing.assert_allclose(got[key], expected[key], atol=1e-10)
     evaluated = to_state(grid.sent_to(1, MessageType.EVALUATE)[0].content["arrays"])
     assert evaluated["enc.lora_a"].shape == (6, 1)
+
+
+def test_replies_from_a_hosts_stack_are_checked_and_averaged_a_stack_at_a_time():
+    """Replies whose arrays crossed from a host stacked (rows of one array per name) are checked for NaN and
+    averaged per stack: the same verdicts as reply by reply, and FedAvg's mean up to the last bits."""
+    from device_runtime.protocol import JobResult, decode_results, encode_results
+    from fleet.arrays import stacked_rows
+    from fleet.messages import reply_from_result
+    states = [adapter_state(2, seed=s) for s in range(6)]
+    states[4] = {k: np.full_like(v, np.nan) if i == 0 else v for i, (k, v) in enumerate(states[4].items())}
+    results = decode_results(encode_results([JobResult(d, "train", arrays=st, num_examples=d + 1, loss=0.1,
+                                                       loss_after=0.1) for d, st in enumerate(states)]))
+    replies = [reply_from_result(Message(RecordDict(), 100 + d, MessageType.TRAIN), r)
+               for d, r in enumerate(results)]
+    key = next(iter(states[0]))
+    groups = stacked_rows([next(iter(r.content.array_records.values()))[key] for r in replies])
+    assert len(groups) == 1 and groups[0][1] == list(range(6))  # one stack, taken whole
+    good, rejected = filter_replies(replies, {k: v.shape for k, v in states[0].items()})
+    assert rejected == {"nan": 1} and [r.metadata.src_node_id for r in good] == [100, 101, 102, 103, 105]
+    ours = to_state(FedIT().aggregate_train(1, good)[0])
+    stock = to_state(FedAvg().aggregate_train(1, [reply(i, states[i], i + 1) for i in (0, 1, 2, 3, 5)])[0])
+    for k in stock:
+        np.testing.assert_allclose(ours[k], stock[k], rtol=1e-6, atol=1e-7)
+        assert ours[k].dtype == stock[k].dtype

@@ -30,12 +30,25 @@ train step, and torch's first step) and ``numba_kernels`` says how many kernels 
     python benchmarks/compiler_step.py --all --threads 1 --clock cpu   # CPU time: for a machine others load
     python benchmarks/compiler_step.py --profile deep-ae:lora:32   # cProfile of executor steps, no JSON
 
+``--user-models`` runs the same comparison on the PyTorch models of tests/compiler/torch_models.py (MobileNetV2
+inverted residual, MobileNetV3 block, ViTs on nn.TransformerEncoderLayer and nn.MultiheadAttention, a 1-D conv KWS
+net, an autoencoder, a residual MLP) as a user has them: exported with torch.onnx.export's default (dynamo)
+exporter, compiled under the parity tests' tunings (``full``, ``selective`` by module path, ``lora`` on their
+targets and ``lora+head``; rank 2, alpha 4, random init) plus ``lora-auto`` (compile_model's targets,
+convolutions included), and timed against the same ``nn.Module`` with LoRA as weight parametrizations and
+requires_grad exactly on the program's trainable tensors. A combination that does not compile or verify is a
+row with ``error`` (its one-line reason) instead of timings.
+
+    python benchmarks/compiler_step.py --user-models --threads 1 --clock cpu \
+        --out benchmarks/results/compiler_step_user_models.json
+
 ratio = torch_ms / executor_ms: above 1 the executor is faster.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import platform
@@ -53,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
+from torch.nn.utils import parametrize
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -355,16 +369,19 @@ def build_case(model: str, strategy: str, batch: int) -> Case:
     return case
 
 
-def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
-    """Forward equal to onnxruntime and to the executor; VERIFY_STEPS steps with equal losses and parameters."""
+def verify(case: Case, onnx_model: onnx.ModelProto | None) -> None:
+    """Forward equal to onnxruntime (unless ``onnx_model`` is None: the caller checked the module without its
+    adapters) and to the executor; VERIFY_STEPS steps with equal losses and parameters."""
     x = case.feeds[case.program.input]
     with torch.no_grad():
         out = case.torch_side.module(torch.from_numpy(x)).numpy()
-    ort_out = _onnxruntime(onnx_model, x)
     start = time.perf_counter()
     executor_out = case.device.evaluate(x, case.feeds.get(case.program.label)).outputs
     case.first_step_s["executor_evaluate"] = time.perf_counter() - start
-    for what, ref in (("onnxruntime", ort_out), ("executor evaluate", executor_out)):
+    references = [("executor evaluate", executor_out)]
+    if onnx_model is not None:
+        references.append(("onnxruntime", _onnxruntime(onnx_model, x)))
+    for what, ref in references:
         np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL_SCALE * float(np.abs(ref).max()),
                                    err_msg=f"{case.model}/{case.strategy}/{case.batch}: torch forward vs {what}")
     executor_losses, torch_losses = [], []
@@ -384,6 +401,7 @@ def verify(case: Case, onnx_model: onnx.ModelProto) -> None:
     for name, param in case.torch_side.params.items():
         ref = param.detach().numpy()
         ref = ref.T if case.torch_side.layouts[name] else ref
+        ref = ref.reshape(trained[name].shape)  # a PRelu slope as the exporter broadcasts it (same size)
         atol = ATOL_SCALE * max(float(np.abs(ref).max()), 1e-3)
         np.testing.assert_allclose(trained[name], ref, rtol=RTOL, atol=atol,
                                    err_msg=f"{case.model}/{case.strategy}/{case.batch}: {name}")
@@ -487,10 +505,16 @@ def profile(spec: str, steps: int, top: int) -> None:
 def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: float,
              clock: Callable[[], float] = time.perf_counter) -> dict:
     case = build_case(model, strategy, batch)
-    timing = time_case(case, repeats, budget_s, clock)
+    return case_row(case, time_case(case, repeats, budget_s, clock),
+                    f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
+                    f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
+                    f"parameters equal (rtol {RTOL})")
+
+
+def case_row(case: Case, timing: Timing, torch_baseline: str, verified: str) -> dict:
     executor_ms, torch_ms = (1e3 * statistics.median(t) for t in (timing.executor_s, timing.torch_s))
     program = case.program
-    return {"model": model, "strategy": strategy, "batch": batch,
+    return {"model": case.model, "strategy": case.strategy, "batch": case.batch,
             "executor_ms": round(executor_ms, 4), "torch_ms": round(torch_ms, 4),
             "ratio": round(torch_ms / executor_ms, 3), "steps_timed": len(timing.executor_s),
             "executor_min_ms": round(1e3 * min(timing.executor_s), 4),
@@ -501,17 +525,154 @@ def run_case(model: str, strategy: str, batch: int, repeats: int, budget_s: floa
             "arena_bytes": program.report["memory"]["arena_bytes"],
             "arena_lower_bound_bytes": program.report["memory"]["arena_lower_bound_bytes"],
             "arena_over_lower_bound": program.report["memory"]["arena_over_lower_bound"],
-            "torch_baseline": f"hand-written nn.Module {TORCH_MODELS[model].label}, float32 eager",
-            "verified": f"forward == onnxruntime and executor evaluate; {VERIFY_STEPS} steps: losses and "
-                        f"parameters equal (rtol {RTOL})"}
+            "torch_baseline": torch_baseline, "verified": verified}
+
+
+# ---- user-style PyTorch models (tests/compiler/torch_models.py) -----------------------------------------
+USER_STRATEGIES = ("full", "selective", "lora", "lora+head", "lora-auto")
+USER_RANK, USER_ALPHA = 2, 4.0    # the parity tests' (tests/compiler/test_pytorch_models.py)
+USER_OPSET = 18                   # default exporter (torch.onnx.export, dynamo=True) at the parity tests' opset
+
+
+def user_tuning(name: str, strategy: str) -> dict | None:
+    """The parity tests' tunings, plus ``lora-auto`` (compile_model's LoRA targets, convolutions included);
+    ``lora+head`` on a CNN, whose head is its only linear layer and a parity-test LoRA target, is LoRA on the
+    automatic targets with the head trained fully; None where the strategy means nothing (no head)."""
+    from tests.compiler.torch_models import SPECS
+    spec = SPECS[name]
+    if strategy == "full":
+        return {"strategy": "full"}
+    if strategy == "selective":
+        return {"strategy": "selective", "train": list(spec.selective)}
+    lora = {"strategy": "lora", "rank": USER_RANK, "alpha": USER_ALPHA, "init": "random"}
+    if strategy == "lora-auto":
+        return lora
+    lora["targets"] = list(spec.lora)
+    if strategy == "lora":
+        return lora
+    if not spec.head:
+        return None
+    if set(spec.head) & set(spec.lora):  # a CNN's only linear layer is its head: LoRA on the automatic targets
+        del lora["targets"]
+    return dict(lora, train=list(spec.head))
+
+
+class LoraConvWeight(nn.Module):
+    """PEFT's conv LoRA as a weight parametrization: W + scale · Σ_r B[:, r] A[r] (B's 1×1 conv after A's
+    windowed conv is one conv with that weight); A (r, C, *kernel), B (M, r, 1...)."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, scale: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.b = nn.Parameter(torch.tensor(b))
+        self.scale = scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        b = self.b.reshape(self.b.shape[0], self.b.shape[1])
+        return w + self.scale * torch.tensordot(b, self.a, dims=1)
+
+
+@functools.cache
+def _user_export(name: str) -> onnx.ModelProto:
+    from tests.compiler.torch_models import SPECS, build, export
+    return export(build(name), SPECS[name].input_shape, dynamo=True, opset=USER_OPSET)
+
+
+def _user_torch_side(name: str, program: Program) -> TorchSide:
+    """The same nn.Module (tests.compiler.torch_models.build), LoRA parametrizations where the program has
+    adapters, and requires_grad exactly on the program's trainable tensors (named by module path)."""
+    from tests.compiler.torch_models import add_lora, build
+    net = build(name)
+    net.requires_grad_(False)
+    by_name = dict(net.named_parameters())
+    alpha = float(program.tuning.get("alpha", USER_ALPHA))
+    for layer in sorted({n.rsplit(".lora_", 1)[0] for n in program.values if n.endswith(".lora_a")}):
+        a, b = program.values[f"{layer}.lora_a"], program.values[f"{layer}.lora_b"]
+        module = net.get_submodule(layer)
+        if isinstance(module, nn.Linear):
+            lora = add_lora(net, layer, a, b, alpha / a.shape[1])
+        else:
+            lora = LoraConvWeight(a, b, alpha / a.shape[0])
+            parametrize.register_parametrization(module, "weight", lora)
+        by_name[f"{layer}.lora_a"], by_name[f"{layer}.lora_b"] = lora.a, lora.b
+    missing = set(program.trainable) - set(by_name)
+    if missing:
+        raise AssertionError(f"{name}: no torch parameter for {sorted(missing)}")
+    params = {k: by_name[k].requires_grad_(True) for k in program.trainable}
+    layouts = {k: p.ndim == 2 and tuple(p.shape) != program.values[k].shape for k, p in params.items()}
+    return TorchSide(net, params, layouts)
+
+
+def build_user_case(name: str, strategy: str, batch: int, tuning: dict) -> Case:
+    from tests.compiler.torch_models import SPECS, build
+    spec = SPECS[name]
+    onnx_model = _user_export(name)
+    program = compile_model(onnx_model, tuning, batch=batch, lr=LR, momentum=MOMENTUM)
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    feeds = {program.input: x}
+    xt = torch.from_numpy(x)
+    if spec.task == "classification":
+        y = rng.integers(0, spec.classes, batch)
+        feeds[program.label] = y
+        yt = torch.from_numpy(y)
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out, yt)
+    else:
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(out, xt)
+    with torch.no_grad():  # the module as exported (no adapters: random-init LoRA changes the forward)
+        np.testing.assert_allclose(build(name)(xt).numpy(), ref := _onnxruntime(onnx_model, x), rtol=RTOL,
+                                   atol=ATOL_SCALE * float(np.abs(ref).max()), err_msg=f"{name}: torch vs onnxruntime")
+    side = _user_torch_side(name, program)
+    opt = torch.optim.SGD(list(side.params.values()), lr=program.optimizer["lr"],
+                          momentum=program.optimizer["momentum"])
+
+    def step_torch() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(side.module(xt))
+        loss.backward()
+        opt.step()
+        return loss
+
+    case = Case(name, strategy, batch, program, NumpyDevice(program), side, feeds, step_torch)
+    verify(case, None)
+    return case
+
+
+def run_user_case(name: str, strategy: str, batch: int, repeats: int, budget_s: float,
+                  clock: Callable[[], float] = time.perf_counter) -> dict:
+    """One row; a combination that does not compile or verify is a row with the one-line reason in ``error``."""
+    row = {"model": name, "strategy": strategy, "batch": batch}
+    tuning = user_tuning(name, strategy)
+    if tuning is None:
+        return dict(row, error="not meaningful: the model has no head")
+    try:
+        case = build_user_case(name, strategy, batch, tuning)
+    except Exception as exc:  # noqa: BLE001 - the reason goes into the row, the run goes on
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return dict(row, tuning=tuning, error=f"{type(exc).__name__}: {'; '.join(lines[:2])}")
+    return case_row(case, time_case(case, repeats, budget_s, clock),
+                    f"the same nn.Module (tests.compiler.torch_models.build({name!r})), float32 eager",
+                    f"exported with torch.onnx.export (dynamo, opset {USER_OPSET}); forward == onnxruntime and "
+                    f"executor evaluate; {VERIFY_STEPS} steps: losses and parameters equal (rtol {RTOL})")
+
+
+def user_model_names() -> list[str]:
+    from tests.compiler.torch_models import SPECS
+    return list(SPECS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--all", action="store_true", help=f"also {', '.join(OPTIONAL_MODELS)}")
-    parser.add_argument("--models", nargs="+", choices=REQUIRED_MODELS + OPTIONAL_MODELS, help="only these models")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
+    parser.add_argument("--user-models", action="store_true",
+                        help="the PyTorch models of tests/compiler/torch_models.py instead of the zoo's")
+    parser.add_argument("--models", nargs="+", help="only these models (zoo names, or with --user-models theirs)")
+    parser.add_argument("--strategies", nargs="+", choices=sorted(set(STRATEGIES + USER_STRATEGIES)),
+                        help=f"default: {', '.join(STRATEGIES)}; with --user-models {', '.join(USER_STRATEGIES)}")
     parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (with --threads 1, on a machine other jobs load)")
@@ -530,19 +691,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.profile, args.profile_steps, top=25)
         return 0
-    models = args.models or REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ())
+    if args.user_models:
+        known, strategies, run = user_model_names(), args.strategies or USER_STRATEGIES, run_user_case
+    else:
+        known, strategies, run = REQUIRED_MODELS + OPTIONAL_MODELS, args.strategies or STRATEGIES, run_case
+        if set(strategies) - set(STRATEGIES):
+            parser.error(f"zoo models take the strategies {', '.join(STRATEGIES)}")
+    models = args.models or (known if args.user_models else REQUIRED_MODELS + (OPTIONAL_MODELS if args.all else ()))
+    if set(models) - set(known):
+        parser.error(f"unknown models {sorted(set(models) - set(known))}; known: {', '.join(known)}")
     machine_before = machine()
-    print(f"{'model':<11} {'strategy':<10} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6} "
+    print(f"{'model':<13} {'strategy':<10} {'batch':>5} {'executor_ms':>12} {'torch_ms':>9} {'ratio':>6} "
           f"{'arena/lb':>8}")
     rows = []
     for model in models:
-        for strategy in args.strategies:
+        for strategy in strategies:
             for batch in args.batches:
-                rows.append(run_case(model, strategy, batch, args.repeats, args.budget_s, clock))
+                rows.append(run(model, strategy, batch, args.repeats, args.budget_s, clock))
                 row = rows[-1]
-                print(f"{model:<11} {strategy:<10} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
+                if "error" in row:
+                    print(f"{model:<13} {strategy:<10} {batch:>5} {row['error']}", flush=True)
+                    continue
+                print(f"{model:<13} {strategy:<10} {batch:>5} {row['executor_ms']:>12.3f} {row['torch_ms']:>9.3f} "
                       f"{row['ratio']:>6.2f} {row['arena_over_lower_bound']:>8.3f}", flush=True)
-    result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager",
+    result = {"benchmark": "one training step (forward + backward + SGD), numpy executor vs PyTorch eager"
+                           + (" (tests/compiler/torch_models.py)" if args.user_models else " (zoo models)"),
               "machine": machine_before,
               "load_average_after": [round(v, 2) for v in os.getloadavg()],
               "numba_kernels": numba_cache_stats(),

@@ -101,35 +101,49 @@ def filled(record_type: type, items: Mapping[str, Any]):
 
 
 def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An ArrayRecord of ``NumpyArray``s: no copy, no bytes until asked for. Arrays that are rows of stacks
-    (``protocol.StackRow``: a host's results) remember their stack and row (``stacked_rows``)."""
+    """An ArrayRecord of ``NumpyArray``s: no copy, no bytes until asked for. Arrays that are one row of a
+    host's stacks (``protocol.StackRow``) remember (stacks, row) (``stacked_records``)."""
     record = filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    stacks, row = getattr(arrays, "stacks", None), getattr(arrays, "row", None)
+    stacks = getattr(arrays, "stacks", None)
     if stacks is not None:
-        for name, array in record.items():
-            array.__dict__["_row"] = (stacks[name], row)
+        held = (stacks, arrays.row)
+        for array in record.values():
+            array.__dict__["_row"] = held
     return record
 
 
-def stacked_rows(arrays: Sequence[Array]) -> list[tuple[np.ndarray, list[int]]]:
-    """``arrays`` (one per reply, all of one shape) as (stack, positions): ``stack[j]`` is
-    ``arrays[positions[j]]``. Rows of one host stack share it (taken whole when all its rows are there); any
-    other array is a stack of its own. Groups come in the order of their first array, so the same replies
-    always give the same groups."""
-    groups: dict[int, tuple[np.ndarray, list[int], list[int]]] = {}
-    for position, array in enumerate(arrays):
-        held = array.__dict__.get("_row") if "_ndarray" in array.__dict__ else None
+def _stack_row(record: ArrayRecord) -> tuple[Mapping[str, np.ndarray], int] | None:
+    """(stacks, row) when every array of ``record`` is still that row of those stacks, else None."""
+    arrays = record.__dict__["_data"]
+    held = None
+    for name, array in arrays.items():
+        found = array.__dict__.get("_row") if "_ndarray" in array.__dict__ else None
+        if found is None or (held is not None and found != held) or name not in found[0]:
+            return None
+        held = found
+    return held if held is not None and len(held[0]) == len(arrays) else None
+
+
+def stacked_records(records: Sequence[ArrayRecord]) -> list[tuple[Mapping[str, np.ndarray], list[int]]]:
+    """``records`` (one per reply, same names and shapes) as groups (stacks, positions): ``stacks[name][j]``
+    is ``records[positions[j]][name]``. Records that are rows of one host call's stacks share them (taken
+    whole when all their rows are there); any other record is a group of its own. Groups come in the order
+    of their first record, so the same replies always give the same groups and the same sums."""
+    groups: dict[int, tuple[Mapping[str, np.ndarray], list[int], list[int]]] = {}
+    for position, record in enumerate(records):
+        held = _stack_row(record)
         if held is None:
-            groups[-1 - position] = (from_array(array)[None], [0], [position])
+            groups[-1 - position] = ({k: from_array(v)[None] for k, v in record.items()}, [0], [position])
             continue
-        stack, row = held
-        group = groups.setdefault(id(stack), (stack, [], []))
+        stacks, row = held
+        group = groups.setdefault(id(stacks), (stacks, [], []))
         group[1].append(row)
         group[2].append(position)
     out = []
-    for stack, rows, positions in groups.values():
-        whole = len(rows) == len(stack) and rows == list(range(len(stack)))
-        out.append((stack if whole else stack[rows], positions))
+    for stacks, rows, positions in groups.values():
+        size = len(next(iter(stacks.values())))
+        whole = len(rows) == size and rows == list(range(size))
+        out.append((stacks if whole else {k: v[rows] for k, v in stacks.items()}, positions))
     return out
 
 

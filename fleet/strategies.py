@@ -44,7 +44,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 
 from device_runtime.protocol import FREEZE_LORA_A_KEY, LORA_RANK_KEY, PRUNE_GAMMA_KEY  # keys devices honour
-from fleet.arrays import filled, from_array, from_record, stacked_rows, to_record
+from fleet.arrays import filled, from_array, from_record, stacked_records, to_record
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -357,17 +357,17 @@ def update_norm(got: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -
 
 def finite_records(replies: Sequence[Message]) -> dict[int, bool]:
     """id(reply) → whether every array of its one ArrayRecord is finite, for replies whose records have the
-    same names and shapes (the rest: {}), checked a host stack at a time (``fleet.arrays.stacked_rows``)."""
+    same names (the rest: {}), checked a host's stack at a time (``fleet.arrays.stacked_records``)."""
     records = [found[0] for found in (records_of(r.content)[0] for r in replies) if len(found) == 1]
     if len(records) != len(replies) or not records:
         return {}
-    shapes = shapes_of(records[0])
-    if any(shapes_of(r) != shapes for r in records[1:]):
+    names = records[0].keys()
+    if any(r.keys() != names for r in records[1:]):
         return {}
     ok = np.ones(len(records), bool)
-    for key in shapes:
-        for stack, positions in stacked_rows([r[key] for r in records]):
-            ok[positions] &= np.isfinite(stack).reshape(len(positions), -1).all(axis=1)
+    for stacks, positions in stacked_records(records):
+        for value in stacks.values():
+            ok[positions] &= np.isfinite(value).reshape(len(positions), -1).all(axis=1)
     return {id(reply): bool(good) for reply, good in zip(replies, ok)}
 
 
@@ -401,7 +401,9 @@ def check_reply(
         return "shape", problem
     got = {k: from_array(v) for k, v in record.items()}
     bad = [] if arrays_finite else [k for k, v in got.items() if not np.isfinite(v).all()]
-    bad += [k for k, v in metrics.items() if not _finite(v)]
+    values = list(metrics.values())
+    if not all(isinstance(v, (int, float)) for v in values) or not all(map(math.isfinite, values)):
+        bad += [k for k, v in metrics.items() if not _finite(v)]
     if bad:
         return "nan", f"non-finite values in {bad}"
     if weight <= 0:
@@ -585,7 +587,7 @@ def _to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 class FastAverage(FedAvg):
     """FedAvg's aggregate_train and aggregate_evaluate: the same num-examples weighted mean of every array
-    (summed a host's stack of devices at a time, ``fleet.arrays.stacked_rows``, so the roundings differ from
+    (summed a host's stack of devices at a time, ``fleet.arrays.stacked_records``, so the roundings differ from
     FedAvg's reply-by-reply sums in the last bits), Flower's metric aggregation to the bit, and the same
     checks; records are read directly and no .npy header is re-parsed."""
 
@@ -597,10 +599,9 @@ class FastAverage(FedAvg):
         weights = [float(first_metrics(c)[self.weighted_by_key]) for c in contents]
         total = sum(weights)
         factors = np.array([w / total for w in weights])
-        records = [first_arrays(c) for c in contents]
         summed: dict[str, np.ndarray] = {}
-        for key in records[0]:
-            for stack, positions in stacked_rows([r[key] for r in records]):  # a host's stack at a time
+        for stacks, positions in stacked_records([first_arrays(c) for c in contents]):  # a host's call at a time
+            for key, stack in stacks.items():
                 term = np.tensordot(factors[positions].astype(stack.dtype), stack, axes=1)
                 summed[key] = term if key not in summed else summed[key] + term
         return to_record(summed), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -583,7 +583,7 @@ def test_replies_from_a_hosts_stack_are_checked_and_averaged_a_stack_at_a_time()
     """Replies whose arrays crossed from a host stacked (rows of one array per name) are checked for NaN and
     averaged per stack: the same verdicts as reply by reply, and FedAvg's mean up to the last bits."""
     from device_runtime.protocol import JobResult, decode_results, encode_results
-    from fleet.arrays import stacked_rows
+    from fleet.arrays import stacked_records
     from fleet.messages import reply_from_result
     states = [adapter_state(2, seed=s) for s in range(6)]
     states[4] = {k: np.full_like(v, np.nan) if i == 0 else v for i, (k, v) in enumerate(states[4].items())}
@@ -591,9 +591,12 @@ def test_replies_from_a_hosts_stack_are_checked_and_averaged_a_stack_at_a_time()
                                                        loss_after=0.1) for d, st in enumerate(states)]))
     replies = [reply_from_result(Message(RecordDict(), 100 + d, MessageType.TRAIN), r)
                for d, r in enumerate(results)]
-    key = next(iter(states[0]))
-    groups = stacked_rows([next(iter(r.content.array_records.values()))[key] for r in replies])
-    assert len(groups) == 1 and groups[0][1] == list(range(6))  # one stack, taken whole
+    records = [next(iter(r.content.array_records.values())) for r in replies]
+    groups = stacked_records(records)
+    assert len(groups) == 1 and groups[0][1] == list(range(6))  # one host call's stacks, taken whole
+    records[2]["extra"] = records[2][next(iter(states[0]))]  # a record changed after it arrived: its own group
+    assert [positions for _, positions in stacked_records(records)] == [[0, 1, 3, 4, 5], [2]]
+    del records[2]["extra"]
     good, rejected = filter_replies(replies, {k: v.shape for k, v in states[0].items()})
     assert rejected == {"nan": 1} and [r.metadata.src_node_id for r in good] == [100, 101, 102, 103, 105]
     ours = to_state(FedIT().aggregate_train(1, good)[0])

@@ -127,7 +127,8 @@ def _stack_row(record: ArrayRecord) -> tuple[Mapping[str, np.ndarray], int] | No
 def stacked_records(records: Sequence[ArrayRecord]) -> list[tuple[Mapping[str, np.ndarray], list[int]]]:
     """``records`` (one per reply, same names and shapes) as groups (stacks, positions): ``stacks[name][j]``
     is ``records[positions[j]][name]``. Records that are rows of one host call's stacks share them (taken
-    whole when all their rows are there); any other record is a group of its own. Groups come in the order
+    whole, without a copy, when all their rows are there, in whatever order the replies came); any other
+    record is a group of its own. Groups come in the order
     of their first record, so the same replies always give the same groups and the same sums."""
     groups: dict[int, tuple[Mapping[str, np.ndarray], list[int], list[int]]] = {}
     for position, record in enumerate(records):
@@ -142,8 +143,13 @@ def stacked_records(records: Sequence[ArrayRecord]) -> list[tuple[Mapping[str, n
     out = []
     for stacks, rows, positions in groups.values():
         size = len(next(iter(stacks.values())))
-        whole = len(rows) == size and rows == list(range(size))
-        out.append((stacks if whole else {k: v[rows] for k, v in stacks.items()}, positions))
+        if len(rows) == size and len(set(rows)) == size:  # every row of the stacks, in any order: no copy
+            by_row = [0] * size
+            for row, position in zip(rows, positions):
+                by_row[row] = position
+            out.append((stacks, by_row))
+        else:
+            out.append(({k: v[rows] for k, v in stacks.items()}, positions))
     return out
 
 

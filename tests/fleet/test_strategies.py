@@ -594,6 +594,9 @@ def test_replies_from_a_hosts_stack_are_checked_and_averaged_a_stack_at_a_time()
     records = [next(iter(r.content.array_records.values())) for r in replies]
     groups = stacked_records(records)
     assert len(groups) == 1 and groups[0][1] == list(range(6))  # one host call's stacks, taken whole
+    shuffled = [records[i] for i in (3, 0, 5, 1, 4, 2)]  # replies in another order: the same stacks, no copy
+    ((stacks, positions),) = stacked_records(shuffled)
+    assert stacks is groups[0][0] and [shuffled[p] for p in positions] == records
     records[2]["extra"] = records[2][next(iter(states[0]))]  # a record changed after it arrived: its own group
     assert [positions for _, positions in stacked_records(records)] == [[0, 1, 3, 4, 5], [2]]
     del records[2]["extra"]

@@ -58,7 +58,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -335,24 +335,25 @@ def tuning_for(model: str, strategy: str) -> str | dict:
     return {"strategy": "lora", "train": [head]}
 
 
+def batch_and_loss(program: Any, input_shape: tuple[int, ...], task: str, classes: int, batch: int):
+    """One seeded batch (numpy, torch, the program's feeds) and the PyTorch loss the program's task uses."""
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, *input_shape)).astype(np.float32)
+    feeds = {program.input: x}
+    xt = torch.from_numpy(x)
+    if task == "classification":
+        y = rng.integers(0, classes, batch)
+        feeds[program.label] = y
+        yt = torch.from_numpy(y)
+        return x, xt, feeds, lambda out: F.cross_entropy(out, yt)
+    return x, xt, feeds, lambda out: F.mse_loss(out, xt)
+
+
 def build_case(model: str, strategy: str, batch: int) -> Case:
     entry = zoo.ZOO[model]
     onnx_model = zoo.build(model, SEED)
     program = compile_model(onnx_model, tuning_for(model, strategy), batch=batch, lr=LR, momentum=MOMENTUM)
-    rng = np.random.default_rng(batch)
-    x = rng.normal(size=(batch, *entry.input_shape)).astype(np.float32)
-    feeds = {program.input: x}
-    xt = torch.from_numpy(x)
-    if entry.task == "classification":
-        y = rng.integers(0, entry.num_classes, batch)
-        feeds[program.label] = y
-        yt = torch.from_numpy(y)
-
-        def loss_fn(out: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(out, yt)
-    else:
-        def loss_fn(out: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(out, xt)
+    x, xt, feeds, loss_fn = batch_and_loss(program, entry.input_shape, entry.task, entry.num_classes, batch)
     side = torch_baseline(model, onnx_model, program)
     opt = torch.optim.SGD(list(side.params.values()), lr=program.optimizer["lr"],
                           momentum=program.optimizer["momentum"])
@@ -557,21 +558,6 @@ def user_tuning(name: str, strategy: str) -> dict | None:
     return dict(lora, train=list(spec.head))
 
 
-class LoraConvWeight(nn.Module):
-    """PEFT's conv LoRA as a weight parametrization: W + scale · Σ_r B[:, r] A[r] (B's 1×1 conv after A's
-    windowed conv is one conv with that weight); A (r, C, *kernel), B (M, r, 1...)."""
-
-    def __init__(self, a: np.ndarray, b: np.ndarray, scale: float) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a))
-        self.b = nn.Parameter(torch.tensor(b))
-        self.scale = scale
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        b = self.b.reshape(self.b.shape[0], self.b.shape[1])
-        return w + self.scale * torch.tensordot(b, self.a, dims=1)
-
-
 @functools.cache
 def _user_export(name: str) -> onnx.ModelProto:
     from tests.compiler.torch_models import SPECS, build, export
@@ -581,7 +567,7 @@ def _user_export(name: str) -> onnx.ModelProto:
 def _user_torch_side(name: str, program: Program) -> TorchSide:
     """The same nn.Module (tests.compiler.torch_models.build), LoRA parametrizations where the program has
     adapters, and requires_grad exactly on the program's trainable tensors (named by module path)."""
-    from tests.compiler.torch_models import add_lora, build
+    from tests.compiler.torch_models import LoraConvWeight, add_lora, build
     net = build(name)
     net.requires_grad_(False)
     by_name = dict(net.named_parameters())
@@ -608,20 +594,7 @@ def build_user_case(name: str, strategy: str, batch: int, tuning: dict) -> Case:
     spec = SPECS[name]
     onnx_model = _user_export(name)
     program = compile_model(onnx_model, tuning, batch=batch, lr=LR, momentum=MOMENTUM)
-    rng = np.random.default_rng(batch)
-    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
-    feeds = {program.input: x}
-    xt = torch.from_numpy(x)
-    if spec.task == "classification":
-        y = rng.integers(0, spec.classes, batch)
-        feeds[program.label] = y
-        yt = torch.from_numpy(y)
-
-        def loss_fn(out: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(out, yt)
-    else:
-        def loss_fn(out: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(out, xt)
+    x, xt, feeds, loss_fn = batch_and_loss(program, spec.input_shape, spec.task, spec.classes, batch)
     with torch.no_grad():  # the module as exported (no adapters: random-init LoRA changes the forward)
         np.testing.assert_allclose(build(name)(xt).numpy(), ref := _onnxruntime(onnx_model, x), rtol=RTOL,
                                    atol=ATOL_SCALE * float(np.abs(ref).max()), err_msg=f"{name}: torch vs onnxruntime")

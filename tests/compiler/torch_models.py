@@ -250,6 +250,15 @@ class LoraWeight(nn.Module):
         return w + self.scale * (self.a @ self.b).T
 
 
+class LoraConvWeight(LoraWeight):
+    """PEFT's conv LoRA as a weight parametrization: W + scale · Σ_r B[:, r] A[r] (B's 1×1 conv after A's
+    windowed conv is one conv with that weight); A (r, C, *kernel), B (M, r, 1...)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        b = self.b.reshape(self.b.shape[0], self.b.shape[1])
+        return w + self.scale * torch.tensordot(b, self.a, dims=1)
+
+
 def add_lora(model: nn.Module, layer: str, a: np.ndarray, b: np.ndarray, scale: float) -> LoraWeight:
     module = model.get_submodule(layer)
     lora = LoraWeight(a, b, scale)

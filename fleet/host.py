@@ -7,7 +7,6 @@ travel as (manifest JSON, .npz bytes), never as pickled objects of ours.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import replace
@@ -21,6 +20,7 @@ from device_runtime.batched import BatchedDevices
 from device_runtime.jobs import Evaluated, batchable, run_job, run_jobs_batched
 from device_runtime.protocol import BYZANTINE_VALUE, CAUSE_ERROR, Job, JobResult, decode_jobs, encode_results
 from fleet.data import DeviceData, device_data
+from fleet.runs import state_digest
 from fleet.scenario import DataSpec
 
 def _qemu_device(program: Program, name: str):
@@ -56,7 +56,7 @@ class DeviceHostCore:
         self._data_bytes = 0
         # (program key, executor, device) → (digest of the arrays, the device's numbers with them): a train job
         # with the arrays the device was last evaluated with (the previous round's global adapters) reuses them
-        self._evaluated: OrderedDict[tuple[str, str, int], tuple[bytes, Evaluated]] = OrderedDict()
+        self._evaluated: OrderedDict[tuple[str, str, int], tuple[str, Evaluated]] = OrderedDict()
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def install(self, key: str, manifest: bytes, params: bytes, batched: bool = False,
@@ -123,24 +123,20 @@ class DeviceHostCore:
 
     # ---- evaluations a later job can reuse ------------------------------------------------------------
     @staticmethod
-    def _digests(jobs: list[Job]) -> dict[int, bytes]:
-        """id(arrays) → a digest of the arrays (jobs decoded from one table share one mapping)."""
-        out: dict[int, bytes] = {}
+    def _digests(jobs: list[Job]) -> dict[int, str]:
+        """id(arrays) → the arrays' digest (``runs.state_digest``; jobs decoded from one table share one
+        mapping, digested once)."""
+        out: dict[int, str] = {}
         for job in jobs:
             if id(job.arrays) not in out:
-                h = hashlib.blake2b(digest_size=16)
-                for name in sorted(job.arrays):
-                    value = np.ascontiguousarray(job.arrays[name])
-                    h.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
-                    h.update(value.data)
-                out[id(job.arrays)] = h.digest()
+                out[id(job.arrays)] = state_digest(job.arrays)
         return out
 
-    def _known(self, where: tuple[str, str], device: int, digest: bytes) -> Evaluated | None:
+    def _known(self, where: tuple[str, str], device: int, digest: str) -> Evaluated | None:
         entry = self._evaluated.get((*where, device))
         return entry[1] if entry is not None and entry[0] == digest else None
 
-    def _remember(self, where: tuple[str, str], device: int, digest: bytes, numbers: Evaluated) -> None:
+    def _remember(self, where: tuple[str, str], device: int, digest: str, numbers: Evaluated) -> None:
         self._evaluated[(*where, device)] = (digest, numbers)
         self._evaluated.move_to_end((*where, device))
         while len(self._evaluated) > EVALUATED_CACHE:

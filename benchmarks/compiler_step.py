@@ -354,7 +354,15 @@ def build_case(model: str, strategy: str, batch: int) -> Case:
     onnx_model = zoo.build(model, SEED)
     program = compile_model(onnx_model, tuning_for(model, strategy), batch=batch, lr=LR, momentum=MOMENTUM)
     x, xt, feeds, loss_fn = batch_and_loss(program, entry.input_shape, entry.task, entry.num_classes, batch)
-    side = torch_baseline(model, onnx_model, program)
+    case = sgd_case(model, strategy, batch, program, torch_baseline(model, onnx_model, program), feeds, xt,
+                    loss_fn)
+    verify(case, onnx_model)
+    return case
+
+
+def sgd_case(model: str, strategy: str, batch: int, program: Any, side: Any, feeds: dict, xt: torch.Tensor,
+             loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Case:
+    """A Case whose PyTorch step is ``side``'s module trained by SGD with the program's lr and momentum."""
     opt = torch.optim.SGD(list(side.params.values()), lr=program.optimizer["lr"],
                           momentum=program.optimizer["momentum"])
 
@@ -365,9 +373,7 @@ def build_case(model: str, strategy: str, batch: int) -> Case:
         opt.step()
         return loss
 
-    case = Case(model, strategy, batch, program, NumpyDevice(program), side, feeds, step_torch)
-    verify(case, onnx_model)
-    return case
+    return Case(model, strategy, batch, program, NumpyDevice(program), side, feeds, step_torch)
 
 
 def verify(case: Case, onnx_model: onnx.ModelProto | None) -> None:
@@ -598,18 +604,7 @@ def build_user_case(name: str, strategy: str, batch: int, tuning: dict) -> Case:
     with torch.no_grad():  # the module as exported (no adapters: random-init LoRA changes the forward)
         np.testing.assert_allclose(build(name)(xt).numpy(), ref := _onnxruntime(onnx_model, x), rtol=RTOL,
                                    atol=ATOL_SCALE * float(np.abs(ref).max()), err_msg=f"{name}: torch vs onnxruntime")
-    side = _user_torch_side(name, program)
-    opt = torch.optim.SGD(list(side.params.values()), lr=program.optimizer["lr"],
-                          momentum=program.optimizer["momentum"])
-
-    def step_torch() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(side.module(xt))
-        loss.backward()
-        opt.step()
-        return loss
-
-    case = Case(name, strategy, batch, program, NumpyDevice(program), side, feeds, step_torch)
+    case = sgd_case(name, strategy, batch, program, _user_torch_side(name, program), feeds, xt, loss_fn)
     verify(case, None)
     return case
 

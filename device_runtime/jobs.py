@@ -8,13 +8,14 @@ A failing device is a failed ``JobResult`` (cause and one line), never an except
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from device_runtime.batched import BatchedDevices
 from device_runtime.protocol import (CAUSE_ERROR, CAUSE_NONFINITE, CAUSES, Job, JobResult, ProtocolError,
-                                     Telemetry)
+                                     StackRow, Telemetry)
 
 
 class JobData(Protocol):
@@ -27,16 +28,29 @@ class JobData(Protocol):
 
 def task_metric(task: str, outputs: np.ndarray, x: np.ndarray, y: np.ndarray | None) -> float:
     """Accuracy for classification; ROC AUC of the reconstruction error for anomaly detection."""
+    return float(task_metrics(task, outputs[None], x[None], None if y is None else np.asarray(y)[None])[0])
+
+
+def task_metrics(task: str, outputs: np.ndarray, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """``task_metric`` of D devices at once: outputs (D, n, ...), x (D, n, ...), y (D, n); (D,) float64, NaN
+    where a device's AUC does not exist (no anomaly or no normal sample)."""
     if task == "classification":
-        return float(np.mean(np.argmax(outputs, axis=1) == y))
-    errors = np.mean((outputs - x).reshape(len(x), -1) ** 2, axis=1)
+        return np.mean(np.argmax(outputs, axis=-1) == y, axis=1)
+    return anomaly_auc(np.mean((outputs - x).reshape(len(x), x.shape[1], -1) ** 2, axis=2), y)
+
+
+def anomaly_auc(errors: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each device's ROC AUC of its samples' reconstruction errors (D, n) against its labels (D, n; 1 =
+    anomaly); NaN where a device has no anomaly or no normal sample."""
     labels = np.asarray(y)
-    positives, negatives = errors[labels == 1], errors[labels == 0]
-    if len(positives) == 0 or len(negatives) == 0:
-        return float("nan")
+    positive, negative = labels == 1, labels == 0
+    pairs = positive[:, :, None] & negative[:, None, :]  # (device, anomaly i, normal j)
     # Mann-Whitney U: P(error of an anomaly > error of a normal sample), ties count half
-    greater = (positives[:, None] > negatives[None, :]).sum() + 0.5 * (positives[:, None] == negatives[None, :]).sum()
-    return float(greater / (len(positives) * len(negatives)))
+    greater = ((errors[:, :, None] > errors[:, None, :]) & pairs).sum(axis=(1, 2))
+    ties = ((errors[:, :, None] == errors[:, None, :]) & pairs).sum(axis=(1, 2))
+    count = positive.sum(axis=1) * negative.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (greater + 0.5 * ties) / count, np.nan)
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -59,7 +73,7 @@ def _sent_back(job: Job, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def _checked(result: JobResult, job: Job) -> JobResult:
-    bad = result.nonfinite()
+    bad = result.nonfinite(job.evaluates_after)
     if bad:
         return JobResult.failed(job, CAUSE_NONFINITE, f"device {job.device}: {bad} is not finite",
                                 result.telemetry)
@@ -71,6 +85,9 @@ class Evaluated(NamedTuple):
     what a train job with the same arrays would compute first (so it can be reused)."""
     loss: float
     metric: float
+
+
+NOT_EVALUATED = Evaluated(float("nan"), float("nan"))  # a train job told not to evaluate after its steps
 
 
 def run_job(device: Any, job: Job, data: JobData, before: Evaluated | None = None) -> JobResult:
@@ -91,14 +108,15 @@ def run_job(device: Any, job: Job, data: JobData, before: Evaluated | None = Non
                              loss_before=before.loss, metric_before=before.metric,
                              telemetry=Telemetry(wall_s=time.perf_counter() - start, bytes_down=nbytes(job.arrays)))
         trained = device.train(data.x_train, _labels(task, data.y_train), job.steps, lr=job.lr)
-        after = device.evaluate(data.x_test, data.y_test)
+        after = NOT_EVALUATED
+        if job.evaluates_after:
+            evaluated = device.evaluate(data.x_test, data.y_test)
+            after = Evaluated(evaluated.loss, task_metric(task, evaluated.outputs, data.x_test, data.y_test))
         arrays = _sent_back(job, trained.params)
-        telemetry = trained.telemetry
         result = JobResult(job.device, job.instruction, arrays=arrays, num_examples=int(len(data.x_train)),
                            loss_before=before.loss, metric_before=before.metric,
-                           loss=float(np.mean(trained.losses)), loss_after=after.loss,
-                           metric_after=task_metric(task, after.outputs, data.x_test, data.y_test),
-                           telemetry=telemetry)
+                           loss=float(np.mean(trained.losses)), loss_after=after.loss, metric_after=after.metric,
+                           telemetry=trained.telemetry)
         result = result.with_telemetry(wall_s=time.perf_counter() - start, bytes_down=nbytes(job.arrays),
                                        bytes_up=nbytes(arrays))
     except (ProtocolError, KeyboardInterrupt):
@@ -117,56 +135,102 @@ def failure_cause(exc: BaseException) -> str:
 
 
 def batchable(jobs: Sequence[Job]) -> bool:
-    """Jobs one device-axis pass can run together: same instruction, steps, learning rate and config."""
+    """Jobs one device-axis pass can run together: same instruction, steps, learning rate, config and
+    evaluation after training."""
     first = jobs[0]
     return all(j.instruction == first.instruction and j.steps == first.steps and j.lr == first.lr
-               and dict(j.config) == dict(first.config) for j in jobs)
+               and j.evaluate_after == first.evaluate_after and dict(j.config) == dict(first.config) for j in jobs)
 
 
 def run_jobs_batched(bd: BatchedDevices, jobs: Sequence[Job], data: Sequence[JobData],
                      before: Sequence[Evaluated] | None = None) -> list[JobResult]:
     """Up to ``bd.devices`` jobs (``batchable``) in one pass; one JobResult per job, as ``run_job`` gives.
-    ``before``: every device's numbers with its job's arrays, already known (train jobs skip that pass)."""
+    ``before``: every device's numbers with its job's arrays, already known (train jobs skip that pass).
+    Numbers and checks are computed for all devices at once; train results' arrays are rows of one stack
+    per tensor (``StackRow``), which ``encode_results`` sends as they are."""
     if not jobs:
         return []
     if not batchable(jobs):
-        raise ProtocolError("run_jobs_batched: jobs differ in instruction, steps, lr or config")
+        raise ProtocolError("run_jobs_batched: jobs differ in instruction, steps, lr, config or evaluate_after")
     start = time.perf_counter()
     first, task = jobs[0], bd.program.task
     try:
-        bd.set_params([j.arrays for j in jobs])
-        bd.set_proximal(first.proximal_mu, [j.arrays for j in jobs])
+        received = [j.arrays for j in jobs]
+        bd.set_params(received)
+        bd.set_proximal(first.proximal_mu, received)
         x_test = np.stack([d.x_test for d in data])
         y_test = np.stack([d.y_test for d in data])
         if before is None or first.instruction == "evaluate":
-            evaluated = bd.evaluate(x_test, _labels(task, y_test))
-            before = [Evaluated(e.loss, task_metric(task, e.outputs, d.x_test, d.y_test))
-                      for e, d in zip(evaluated, data)]
-        trained = after = None
+            before = _evaluated(bd, task, x_test, y_test)
+        stacks = after = None
         if first.instruction != "evaluate":
             x_train = np.stack([d.x_train for d in data])
             y_train = np.stack([d.y_train for d in data])
-            trained = bd.train(x_train, _labels(task, y_train), first.steps, lr=first.lr)
-            after = bd.evaluate(x_test, _labels(task, y_test))
+            stacks, losses, telemetry = bd.train_stacked(x_train, _labels(task, y_train), first.steps, lr=first.lr)
+            after = _evaluated(bd, task, x_test, y_test) if first.evaluates_after else [NOT_EVALUATED] * len(jobs)
+            sent = _sent_back_stacks(jobs, stacks)
+            bad = _nonfinite_rows(sent)
     except (ProtocolError, KeyboardInterrupt):
         raise
     except Exception as exc:
         line = f"{type(exc).__name__}: {exc}"
         return [JobResult.failed(j, CAUSE_ERROR, line) for j in jobs]
     wall = (time.perf_counter() - start) / len(jobs)
+    down = _bytes_by_table(received)
+    if stacks is None:
+        return [JobResult(job.device, job.instruction, num_examples=int(len(d.x_test)),
+                          loss_before=b.loss, metric_before=b.metric,
+                          telemetry=Telemetry(wall_s=wall, bytes_down=down[id(job.arrays)]))
+                for job, d, b in zip(jobs, data, before)]
+    up = sum(stack[0].nbytes for stack in sent.values()) if sent else 0
     results = []
     for k, (job, d) in enumerate(zip(jobs, data)):
-        if trained is None:
-            results.append(JobResult(job.device, job.instruction, num_examples=int(len(d.x_test)),
-                                     loss_before=before[k].loss, metric_before=before[k].metric,
-                                     telemetry=Telemetry(wall_s=wall, bytes_down=nbytes(job.arrays))))
-            continue
-        arrays = _sent_back(job, trained[k].params)
+        arrays = StackRow(sent, k) if sent else {}
         result = JobResult(job.device, job.instruction, arrays=arrays, num_examples=int(len(d.x_train)),
                            loss_before=before[k].loss, metric_before=before[k].metric,
-                           loss=float(np.mean(trained[k].losses)), loss_after=after[k].loss,
-                           metric_after=task_metric(task, after[k].outputs, d.x_test, d.y_test),
-                           telemetry=trained[k].telemetry)
-        results.append(_checked(result.with_telemetry(wall_s=wall, bytes_down=nbytes(job.arrays),
-                                                      bytes_up=nbytes(arrays)), job))
+                           loss=float(np.mean(losses[:, k])), loss_after=after[k].loss, metric_after=after[k].metric,
+                           telemetry=replace(telemetry, wall_s=wall, bytes_down=down[id(job.arrays)],
+                                             bytes_up=up if sent else 0))
+        problem = bad.get(k) or result.nonfinite_numbers(job.evaluates_after)
+        results.append(JobResult.failed(job, CAUSE_NONFINITE, f"device {job.device}: {problem} is not finite",
+                                        result.telemetry) if problem else result)
     return results
+
+
+def _evaluated(bd: BatchedDevices, task: str, x: np.ndarray, y: np.ndarray) -> list[Evaluated]:
+    per_sample, outputs = bd.evaluate_stacked(x, _labels(task, y))
+    losses = per_sample.mean(axis=1)
+    # a reconstruction's per-sample losses are its samples' reconstruction errors: the AUC's scores
+    metrics = task_metrics(task, outputs, x, y) if task == "classification" else anomaly_auc(per_sample, y)
+    return [Evaluated(float(loss), float(metric)) for loss, metric in zip(losses, metrics)]
+
+
+def _sent_back_stacks(jobs: Sequence[Job], stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``_sent_back`` for a batch, stacked: the trained stacks, plus a stack of each received array that was
+    not trained (FFA-LoRA's A); {} for personalize jobs."""
+    if jobs[0].instruction != "train":
+        return {}
+    out = dict(stacks)
+    for name in jobs[0].arrays:
+        if name not in out:
+            out[name] = np.stack([np.asarray(j.arrays[name]) for j in jobs])
+    return out
+
+
+def _nonfinite_rows(stacks: Mapping[str, np.ndarray]) -> dict[int, str]:
+    """Row → the name of its first array (in the stacks' order) holding a NaN or Inf."""
+    bad: dict[int, str] = {}
+    for name, stack in stacks.items():
+        finite = np.isfinite(stack).reshape(len(stack), -1).all(axis=1)
+        if not finite.all():
+            for row in np.flatnonzero(~finite):
+                bad.setdefault(int(row), name)
+    return bad
+
+
+def _bytes_by_table(tables: Sequence[Mapping[str, np.ndarray]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for table in tables:
+        if id(table) not in out:
+            out[id(table)] = nbytes(table)
+    return out

@@ -6,8 +6,8 @@ Both cross process boundaries (Ray, a serial link's host side) as ``to_dict()`` 
 only, never pickled objects of ours — and come back with ``from_dict``.
 
 Instructions:
-  train        evaluate the received arrays, run ``steps`` local SGD steps from them, evaluate again, send
-               the trained arrays back;
+  train        evaluate the received arrays, run ``steps`` local SGD steps from them, evaluate again (unless
+               ``evaluate_after`` is off), send the trained arrays back;
   evaluate     evaluate the received arrays on the device's test data (nothing sent back but numbers);
   personalize  like train, but the trained arrays stay on the device (nothing sent back but numbers).
 
@@ -82,6 +82,8 @@ class Job:
     round: int = 0                                     # the server round (0: outside rounds)
     deadline_s: float | None = None                    # wall-clock budget for the job; None: no deadline
     fault: str = ""                                    # simulate this fault (FAULT_KINDS; scenarios, tests)
+    evaluate_after: bool = True                        # train: evaluate the trained arrays too (loss_after,
+                                                       # metric_after); personalize always does
 
     def __post_init__(self) -> None:
         if self.instruction not in INSTRUCTIONS:
@@ -94,13 +96,18 @@ class Job:
         return self.instruction in ("train", "personalize")
 
     @property
+    def evaluates_after(self) -> bool:
+        """Whether the job ends with an evaluation of the trained arrays."""
+        return self.instruction == "personalize" or (self.instruction == "train" and self.evaluate_after)
+
+    @property
     def proximal_mu(self) -> float:
         return float(self.config.get(PROXIMAL_MU_KEY, 0.0))
 
     def to_dict(self, arrays_key: str | None = None) -> dict[str, Any]:
         """Builtins and numpy arrays only. With ``arrays_key`` the arrays are left out and named by that key
         (``encode_jobs`` sends each distinct set of arrays once)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {name: getattr(self, name) for name in _JOB_FIELDS}
         out["config"] = dict(self.config)
         out["arrays"] = arrays_key if arrays_key is not None else dict(self.arrays)
         return out
@@ -114,7 +121,7 @@ class Job:
             if tables is None or arrays not in tables:
                 raise ProtocolError(f"job for device {raw.get('device')}: arrays {arrays!r} not in the call's tables")
             arrays = tables[arrays]
-        unknown = set(raw) - {f.name for f in fields(cls)}
+        unknown = set(raw).difference(_JOB_FIELDS)
         if unknown:
             raise ProtocolError(f"job: unknown field(s) {', '.join(sorted(unknown))}")
         return cls(**{**raw, "arrays": arrays})
@@ -122,7 +129,7 @@ class Job:
 
 def make_job(instruction: str, device: int, arrays: Mapping[str, np.ndarray], *, steps: int = 0,
              lr: float = 0.0, config: Mapping[str, Scalar] | None = None, seed: int = 0, round: int = 0,
-             deadline_s: float | None = None, fault: str = "") -> Job:
+             deadline_s: float | None = None, fault: str = "", evaluate_after: bool = True) -> Job:
     """The one way the fleet builds a Job: the strategy's config is checked (unknown keys refused) and its
     learning-rate / step keys, when present, take precedence over the scenario's defaults."""
     config = dict(config or {})
@@ -131,7 +138,10 @@ def make_job(instruction: str, device: int, arrays: Mapping[str, np.ndarray], *,
     lr = float(config.get(LR_KEY, lr))
     honoured = {k: v for k, v in config.items() if k in HONOURED_CONFIG_KEYS}
     return Job(instruction, int(device), arrays, steps if instruction != "evaluate" else 0, lr, honoured,
-               int(seed), int(round), deadline_s, fault)
+               int(seed), int(round), deadline_s, fault, bool(evaluate_after))
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))  # (dataclasses.fields() rebuilds its tuple on each call)
 
 
 def encode_jobs(jobs: Sequence[Job]) -> dict[str, Any]:
@@ -217,18 +227,25 @@ class JobResult:
     def with_telemetry(self, **changes: Any) -> "JobResult":
         return replace(self, telemetry=replace(self.telemetry, **changes))
 
-    def nonfinite(self) -> str:
-        """The name of the first returned array or number that is not finite ("" when all are)."""
+    def nonfinite(self, evaluated_after: bool = True) -> str:
+        """The name of the first returned array or number that is not finite ("" when all are);
+        ``evaluated_after``: the job evaluated its trained arrays (else loss_after is NaN by design)."""
         for name, value in self.arrays.items():
             if not np.all(np.isfinite(value)):
                 return name
-        for name in ("loss", "loss_after") if self.instruction != "evaluate" else ():
+        return self.nonfinite_numbers(evaluated_after)
+
+    def nonfinite_numbers(self, evaluated_after: bool = True) -> str:
+        """``nonfinite`` for the numbers alone (a batch of devices checks its arrays a stack at a time)."""
+        if self.instruction == "evaluate":
+            return ""
+        for name in ("loss", "loss_after") if evaluated_after else ("loss",):
             if not math.isfinite(getattr(self, name)):
                 return name
         return ""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {name: getattr(self, name) for name in _RESULT_FIELDS}
         out["arrays"] = dict(self.arrays)
         out["telemetry"] = self.telemetry.to_dict()
         return out
@@ -236,11 +253,14 @@ class JobResult:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "JobResult":
         raw = dict(raw)
-        unknown = set(raw) - {f.name for f in fields(cls)}
+        unknown = set(raw).difference(_RESULT_FIELDS)
         if unknown:
             raise ProtocolError(f"job result: unknown field(s) {', '.join(sorted(unknown))}")
         raw["telemetry"] = Telemetry.from_dict(raw.get("telemetry", {}))
         return cls(**raw)
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(JobResult))
 
 
 def encode_results(results: Sequence[JobResult]) -> dict[str, Any]:
@@ -253,6 +273,13 @@ def encode_results(results: Sequence[JobResult]) -> dict[str, Any]:
     if len(rows) < 2:
         return payload
     first = results[rows[0]].arrays
+    if isinstance(first, StackRow) and len(rows) == len(next(iter(first.stacks.values()))) and all(
+            isinstance(results[i].arrays, StackRow) and results[i].arrays.stacks is first.stacks
+            and results[i].arrays.row == p for p, i in enumerate(rows)):
+        for i in rows:  # rows of one stack already (a device-axis pass), in order: sent as they are
+            raws[i]["arrays"] = {}
+        payload["stacked"] = {"rows": rows, "arrays": dict(first.stacks)}
+        return payload
     layout = {name: (np.shape(value), np.asarray(value).dtype) for name, value in first.items()}
     if any(r.arrays.keys() != first.keys() for r in map(results.__getitem__, rows)) or any(
             (np.shape(v), np.asarray(v).dtype) != layout[n] for i in rows for n, v in results[i].arrays.items()):
@@ -265,8 +292,9 @@ def encode_results(results: Sequence[JobResult]) -> dict[str, Any]:
 
 
 class StackRow(dict):
-    """A device's arrays that crossed stacked: a dict of row views, which also knows the stacks and its row,
-    so the driver can check and average many devices' arrays a stack at a time (``fleet.arrays``)."""
+    """A device's arrays as one row of per-tensor stacks (a device-axis pass's results, or arrays that crossed
+    stacked): a dict of row views that also knows the stacks and its row, so the arrays cross as the stacks
+    and the driver checks and averages many devices' arrays a stack at a time (``fleet.arrays``)."""
 
     def __init__(self, stacks: Mapping[str, np.ndarray], row: int):
         super().__init__((name, value[row]) for name, value in stacks.items())

@@ -306,7 +306,8 @@ def _run_rounds(scenario: Scenario, run: RunDir, fleet: Fleet, hosts: HostPool, 
     pool = Dispatcher(hosts, boards)
     first = fleet.programs[fleet.devices[0].program]
     steps = scenario_steps(scenario)
-    grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(steps, scenario.training.lr, scenario.seed))
+    grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(steps, scenario.training.lr, scenario.seed,
+                                                           scenario.training.evaluate_after))
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
     if checkpoint is not None:

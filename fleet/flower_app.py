@@ -124,7 +124,7 @@ def run_device(message: Message, context: Context) -> Message:
     if device.rank:
         arrays = truncate_state(arrays, device.rank)
     job = job_from_message(message, index, arrays, steps=loaded.steps, lr=float(loaded.scenario.training.lr),
-                           seed=loaded.scenario.seed)
+                           seed=loaded.scenario.seed, evaluate_after=loaded.scenario.training.evaluate_after)
     modelled_s = modelled_seconds(instruction(message), cycles_per_step=device.cycles_per_step, steps=job.steps,
                                   clock_hz=device.clock_hz, link_bps=device.group.link_kbps * 1e3,
                                   down_bytes=down_bytes)

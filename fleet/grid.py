@@ -19,7 +19,8 @@ from flwr.supercore.run import Run
 
 from device_runtime.protocol import CAUSE_DROPOUT, CAUSE_OFFLINE, CAUSE_STRAGGLER, Job, JobResult
 from fleet.messages import (instruction, instruction_arrays, instruction_record, job_from_message,
-                            modelled_seconds, reply_from_result)
+                            modelled_seconds, record_from_reply, record_from_result, reply_from_result)
+from fleet.roundlog import DeviceRecord
 
 NODE_BASE = 100  # node id = NODE_BASE + device index (Flower reserves small ids for the SuperLink)
 
@@ -55,6 +56,7 @@ class JobDefaults:
     steps: int
     lr: float
     seed: int
+    evaluate_after: bool = True  # train jobs evaluate the trained arrays (scenario training.evaluate_after)
 
 
 Dispatch = Callable[[str, Sequence[Job]], Iterable[tuple[int, list[JobResult]]]]
@@ -71,6 +73,7 @@ class FleetGrid(Grid):
         self.round = 0
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
+        self._records: dict[str, DeviceRecord] = {}  # instruction id → the record of its reply
 
     # ---- what the round driver asks of any grid ------------------------------------------------------
     def device_of(self, node_id: int) -> int:
@@ -82,6 +85,14 @@ class FleetGrid(Grid):
 
     def begin_round(self, round_: int) -> None:
         self.round = round_
+
+    def record(self, reply: Message, round_: int, kind: str) -> DeviceRecord:
+        """The round log's record of a reply: made from the device's JobResult when this grid built the reply
+        (as each host chunk arrived, while the hosts computed the rest), else read from the reply."""
+        record = self._records.pop(reply.metadata.reply_to_message_id, None)
+        if record is None or record.round != round_ or record.instruction != kind:
+            return record_from_reply(reply, round_, kind, self.device_of, self.describe)
+        return record
 
     # ---- Grid ABC -------------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -145,12 +156,13 @@ class FleetGrid(Grid):
             arrays, down = decoded[key], down_bytes[key]
             job = job_from_message(message, info.index, arrays, steps=self.defaults.steps, lr=self.defaults.lr,
                                    seed=self.defaults.seed, round=self.round, deadline_s=info.deadline_s,
+                                   evaluate_after=self.defaults.evaluate_after,
                                    fault=info.fault if (kind == "train" and fault_u < info.fault_p) else "")
             modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=job.steps,
                                           clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down)
             failure = self._unavailable(info, kind, drop_u, modelled_s)
             if failure:
-                replies.append(reply_from_result(message, JobResult.failed(job, *failure)))
+                replies.append(self._answer(kind, message, JobResult.failed(job, *failure)))
                 continue
             groups.setdefault(info.program, []).append((message, job, modelled_s))
         for items in groups.values():
@@ -172,6 +184,11 @@ class FleetGrid(Grid):
             compute_s = job.steps * info.cycles_per_step / info.clock_hz if kind == "train" else 0.0
             result = result.with_telemetry(modelled_s=compute_s,
                                            link_s=result.telemetry.link_s or max(0.0, modelled_s - compute_s))
+        return self._answer(kind, message, result)
+
+    def _answer(self, kind: str, message: Message, result: JobResult) -> Message:
+        """The reply to ``message``, and its record (``record``)."""
+        self._records[message.metadata.message_id] = record_from_result(result, self.round, kind, self.describe)
         return reply_from_result(message, result)
 
     def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float) -> tuple[str, str] | None:

@@ -32,6 +32,8 @@ TELEMETRY_KEYS = {"samples": "samples", "steps": "steps", "wall-s": "wall_s",
                   "modelled-cycles-per-step": "modelled_cycles_per_step", "measured-cycles": "measured_cycles",
                   "instructions": "instructions", "bytes-down": "bytes_down", "bytes-up": "bytes_up",
                   "link-s": "link_s", "link-bytes": "link_bytes", "modelled-s": "modelled_s"}
+EVALUATE_KEYS = ("num-examples", "loss-before", "metric-before")  # what an evaluate reply carries
+TRAIN_KEYS_WITHOUT_AFTER = tuple(k for k in RESULT_KEYS if k not in ("loss-after", "metric-after"))  # (evaluate_after off)
 DEVICE_KEY = "device"
 NO_METRIC = -1.0  # a task metric that does not exist for the data (AUC without anomalies) travels as -1
 
@@ -82,16 +84,12 @@ def reply_from_result(message: Message, result: JobResult) -> Message:
     records are filled directly (their values are the protocol's ints, floats and ndarrays); the arrays stay
     ndarrays until something asks for their bytes (``fleet.arrays.NumpyArray``)."""
     if not result.ok:
-        return Message(Error(code=ERROR_CODES[result.cause], reason=f"device {result.device}: {result.error}"),
-                       reply_to=message)
+        return Message(Error(code=ERROR_CODES[result.cause], reason=_reason(result)), reply_to=message)
     metrics: dict[str, int | float] = {DEVICE_KEY: int(result.device)}
     train = result.instruction == "train"
-    for key, name in RESULT_KEYS.items():
-        value = getattr(result, name)
-        if name == "num_examples":
-            metrics[key] = int(value)
-        elif train or name in ("loss_before", "metric_before"):
-            metrics[key] = float(value) if math.isfinite(value) else NO_METRIC
+    for key in _sent_keys(result):
+        value = getattr(result, RESULT_KEYS[key])
+        metrics[key] = int(value) if key == "num-examples" else float(value) if math.isfinite(value) else NO_METRIC
     telemetry = result.telemetry
     for key, name in TELEMETRY_KEYS.items():
         value = getattr(telemetry, name)
@@ -108,27 +106,62 @@ def record_from_reply(reply: Message, round_: int, kind: str, device_of: Callabl
     target, runtime, budget_bytes, and telemetry defaults: modelled cycles, peak memory by level)."""
     node = reply.metadata.src_node_id
     if reply.has_error():
-        index = device_of(node)
-        facts = describe(index)
-        return DeviceRecord(round_, kind, index, *(facts.get(k, "") for k in ("group", "target", "runtime")),
-                            cause=CAUSE_OF_CODE.get(reply.error.code, CAUSE_ERROR), error=reply.error.reason,
-                            budget_bytes=int(facts.get("budget_bytes", 0)),
-                            telemetry=Telemetry(peak_bytes_by_level=facts.get("peak_bytes_by_level", {})))
+        return _failed_record(round_, kind, device_of(node), describe,
+                              CAUSE_OF_CODE.get(reply.error.code, CAUSE_ERROR), reply.error.reason)
     metrics = record_in(reply.content, METRICS_KEY, MetricRecord) or {}
     index = int(metrics[DEVICE_KEY]) if DEVICE_KEY in metrics else device_of(node)
-    facts = describe(index)
-    numbers = {name: _number(metrics.get(key), name) for key, name in RESULT_KEYS.items()}
+    numbers = {name: _number(metrics.get(key)) for key, name in RESULT_KEYS.items()}
     telemetry = {name: metrics[key] for key, name in TELEMETRY_KEYS.items() if key in metrics}
+    return _record(round_, kind, index, describe(index), numbers, telemetry)
+
+
+def record_from_result(result: JobResult, round_: int, kind: str,
+                       describe: Callable[[int], Mapping[str, Any]] = lambda index: {}) -> DeviceRecord:
+    """The DeviceRecord ``record_from_reply`` reads from ``reply_from_result(message, result)``, made from the
+    result itself (the grid that built the reply already holds it)."""
+    if not result.ok:
+        return _failed_record(round_, kind, result.device, describe, result.cause, _reason(result))
+    numbers = {name: _number(getattr(result, name)) for key, name in RESULT_KEYS.items()
+               if key in _sent_keys(result)}
+    telemetry = {name: getattr(result.telemetry, name) for name in TELEMETRY_KEYS.values()}
+    return _record(round_, kind, result.device, describe(result.device), numbers, telemetry)
+
+
+def _sent_keys(result: JobResult) -> tuple[str, ...]:
+    """The RESULT_KEYS a successful result's reply carries."""
+    if result.instruction != "train":
+        return EVALUATE_KEYS
+    return tuple(RESULT_KEYS) if math.isfinite(result.loss_after) else TRAIN_KEYS_WITHOUT_AFTER
+
+
+def _reason(result: JobResult) -> str:
+    return f"device {result.device}: {result.error}"
+
+
+def _failed_record(round_: int, kind: str, index: int, describe: Callable[[int], Mapping[str, Any]], cause: str,
+                   error: str) -> DeviceRecord:
+    facts = describe(index)
+    return DeviceRecord(round_, kind, index, *(facts.get(k, "") for k in ("group", "target", "runtime")),
+                        cause=cause, error=error, budget_bytes=int(facts.get("budget_bytes", 0)),
+                        telemetry=Telemetry(peak_bytes_by_level=facts.get("peak_bytes_by_level", {})))
+
+
+def _record(round_: int, kind: str, index: int, facts: Mapping[str, Any], numbers: dict[str, float],
+            telemetry: dict[str, Any]) -> DeviceRecord:
+    """A successful device's record: its numbers (absent ones NaN) and telemetry, the device's facts filling
+    what a device does not report (its plan's peak memory; modelled cycles when it sent none)."""
     if not telemetry.get("modelled_cycles_per_step"):
         telemetry["modelled_cycles_per_step"] = int(facts.get("modelled_cycles_per_step", 0))
     telemetry["peak_bytes_by_level"] = facts.get("peak_bytes_by_level", {})
+    num_examples = numbers.pop("num_examples", None)
     return DeviceRecord(round_, kind, index, *(facts.get(k, "") for k in ("group", "target", "runtime")),
-                        num_examples=int(numbers.pop("num_examples") or 0), **numbers,
+                        num_examples=int(num_examples or 0), **numbers,
                         budget_bytes=int(facts.get("budget_bytes", 0)), telemetry=Telemetry(**telemetry))
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any) -> float:
+    """A reply's number back: absent, non-finite, or NO_METRIC (no loss or task metric is ever -1) → NaN."""
     if value is None:
         return float("nan")
     value = float(value)
-    return float("nan") if name.startswith("metric") and value == NO_METRIC else value
+    return float("nan") if value == NO_METRIC or not math.isfinite(value) else value

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fleet.messages import instruction, record_from_reply
-from fleet.roundlog import RoundLog, RoundObserver
+from fleet.roundlog import DeviceRecord, RoundLog, RoundObserver
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -36,6 +36,8 @@ class FleetAwareGrid(Protocol):
     def describe(self, index: int) -> Mapping[str, Any]: ...
 
     def begin_round(self, round_: int) -> None: ...
+
+    def record(self, reply: Message, round_: int, kind: str) -> DeviceRecord: ...
 
 
 class NodeMap:
@@ -54,6 +56,9 @@ class NodeMap:
 
     def begin_round(self, round_: int) -> None:
         pass
+
+    def record(self, reply: Message, round_: int, kind: str) -> DeviceRecord:
+        return record_from_reply(reply, round_, kind, self.device_of, self.describe)
 
     def learn(self, replies: Iterable[Message]) -> None:
         for reply in replies:
@@ -141,7 +146,7 @@ class RoundDriver:
         if isinstance(self.fleet, NodeMap):
             self.fleet.learn(replies)
         for reply in replies:
-            record = record_from_reply(reply, round_, kind, self.fleet.device_of, self.fleet.describe)
+            record = self.fleet.record(reply, round_, kind)
             log.devices.append(record)
             for observer in self.observers:
                 observer.device_done(record)

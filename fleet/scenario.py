@@ -120,7 +120,8 @@ _SECTION_KEYS = {
     "model": ("name", "pretrain_steps", "pretrain_lr", "pretrain_optimizer"),
     "tuning": ("strategy", "rank", "alpha", "targets", "train", "last_k", "bias_only", "init",
                "rank_from_memory", "sparse", "sparse_from_memory"),
-    "training": ("rounds", "fraction", "local_steps", "local_epochs", "batch_size", "lr", "momentum"),
+    "training": ("rounds", "fraction", "local_steps", "local_epochs", "batch_size", "lr", "momentum",
+                 "evaluate_after"),
     "aggregation": ("strategy", "proximal_mu", "server_lr", "server_momentum", "beta_1", "beta_2", "tau", "beta",
                     "num_malicious_nodes", "num_nodes_to_select", "max_update_norm", "dp"),
     "data": ("kind", "path", "dirichlet_alpha", "samples_per_device", "test_samples_per_device",
@@ -210,6 +211,7 @@ class TrainingSpec:
     batch_size: int = 16
     lr: float = 0.01
     momentum: float = 0.0
+    evaluate_after: bool = True          # train jobs evaluate the trained adapters (loss_after, metric_after)
 
 
 @dataclass(frozen=True)
@@ -510,7 +512,8 @@ def _parse_training(t: _Table, data: DataSpec) -> TrainingSpec:
                         fraction=t.number("fraction", default=1.0, above=0, maximum=1),
                         local_steps=local_steps, local_epochs=local_epochs, batch_size=batch_size,
                         lr=t.number("lr", default=0.01, above=0),
-                        momentum=t.number("momentum", default=0.0, minimum=0, below=1))
+                        momentum=t.number("momentum", default=0.0, minimum=0, below=1),
+                        evaluate_after=t.boolean("evaluate_after", default=True))
 
 
 def _parse_aggregation(t: _Table) -> AggregationSpec:

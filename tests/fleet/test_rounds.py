@@ -87,6 +87,30 @@ def test_jobs_and_results_cross_as_builtins_and_arrays():
         Job("fly", 0)
 
 
+def test_a_reply_and_the_result_it_was_made_from_give_the_same_record():
+    """The grid records a device's answer from its JobResult (as the host chunk arrives); a deployment reads
+    it back from the reply Message: both give the same DeviceRecord, for every kind of answer."""
+    import json
+    from flwr.app import Message, RecordDict
+    from fleet.messages import record_from_reply, record_from_result, reply_from_result
+    _set_task_identity()  # a Message needs a run id, as in a run
+    facts = {"group": "g", "target": "siracusa", "runtime": "numpy", "budget_bytes": 5,
+             "modelled_cycles_per_step": 7, "peak_bytes_by_level": {"L2": 9}}
+    nan, w = float("nan"), {"w": np.ones(2, np.float32)}
+    results = [JobResult(3, "train", arrays=w, num_examples=4, loss_before=1.0, metric_before=nan, loss=0.5,
+                         loss_after=0.4, metric_after=0.75, telemetry=Telemetry(steps=2, wall_s=0.1, bytes_up=8)),
+               JobResult(3, "train", arrays=w, num_examples=4, loss_before=1.0, metric_before=0.5, loss=0.5),
+               JobResult(3, "evaluate", num_examples=4, loss_before=nan, metric_before=0.5,
+                         telemetry=Telemetry(modelled_cycles_per_step=11)),
+               JobResult.failed(Job("train", 3), "timeout", "no answer", Telemetry(wall_s=2.0))]
+    for result in results:
+        kind = result.instruction
+        reply = reply_from_result(Message(RecordDict(), 103, kind), result)
+        read = record_from_reply(reply, 2, kind, lambda node: node - 100, lambda index: facts)
+        made = record_from_result(result, 2, kind, lambda index: facts)
+        assert json.dumps(read.to_dict(), sort_keys=True) == json.dumps(made.to_dict(), sort_keys=True)
+
+
 def test_the_batched_executor_answers_as_single_devices_do(tmp_path):
     """One device is a batch of one: the device-axis program gives each device the JobResult its own
     single-device run gives (the per-device tensors are marked in the Program, not found by name)."""
@@ -105,6 +129,66 @@ def test_the_batched_executor_answers_as_single_devices_do(tmp_path):
         for name in a.arrays:
             np.testing.assert_allclose(a.arrays[name], b.arrays[name], rtol=1e-5, atol=1e-6, err_msg=name)
         assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.metric_after == pytest.approx(b.metric_after)
+
+
+def test_anomaly_auc_of_many_devices_at_once_equals_the_pairwise_count():
+    """task_metrics (all devices at once) gives each device the Mann-Whitney AUC of a direct pairwise count
+    (ties half), to the bit; NaN for a device without anomalies; classification is per-device accuracy."""
+    from device_runtime.jobs import task_metric, task_metrics
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 12, 6)).astype(np.float32)
+    outputs = x + rng.integers(0, 3, (5, 12, 1)).astype(np.float32)  # few distinct errors: many ties
+    labels = rng.integers(0, 2, (5, 12))
+    labels[4] = 0
+    got = task_metrics("anomaly", outputs, x, labels)
+    for d in range(4):
+        errors = np.mean((outputs[d] - x[d]) ** 2, axis=1)
+        pos, neg = errors[labels[d] == 1], errors[labels[d] == 0]
+        want = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+        assert got[d] == want == task_metric("anomaly", outputs[d], x[d], labels[d])
+    assert np.isnan(got[4])
+    logits = rng.standard_normal((3, 7, 4))
+    y = rng.integers(0, 4, (3, 7))
+    np.testing.assert_array_equal(task_metrics("classification", logits, logits, y),
+                                  [np.mean(np.argmax(logits[d], axis=1) == y[d]) for d in range(3)])
+
+
+def test_train_jobs_told_not_to_evaluate_after(tmp_path):
+    """training.evaluate_after = false: the trained arrays are the same to the bit, loss_after/metric_after
+    are NaN (not a non-finite failure), batched and single alike; a run records no after-training numbers.
+    In a batch, the device whose arrays go non-finite fails alone, and the rest cross as the trained stacks."""
+    from device_runtime.jobs import run_jobs_batched
+    from fleet.host import DeviceHostCore
+    s = scenario()
+    fleet = build_fleet(s, ProgramBuilder(s, pretrain_base(s, log=lambda text: None)))
+    key, initial = fleet.devices[0].program, _initial_arrays(fleet)
+    pool = HostPool(s, fleet.programs, 0, fleet.batched, fleet.runtimes)
+
+    def jobs(after, arrays=None):
+        return [make_job("train", i, initial if arrays is None else arrays[i], steps=2, lr=0.05, seed=s.seed,
+                         evaluate_after=after) for i in range(4)]
+
+    with_after, without = pool.dispatch(key, jobs(True)), pool.dispatch(key, jobs(False))
+    alone = [pool.dispatch(key, [job])[0] for job in jobs(False)]
+    for a, b, c in zip(with_after, without, alone):
+        assert a.ok and b.ok and c.ok and np.isfinite(a.loss_after) and np.isfinite(a.metric_after)
+        assert np.isnan(b.loss_after) and np.isnan(b.metric_after) and np.isnan(c.loss_after)
+        assert (a.loss, a.loss_before, a.metric_before) == (b.loss, b.loss_before, b.metric_before)
+        for name in a.arrays:
+            np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+    poisoned = [dict(initial) for _ in range(4)]
+    poisoned[2] = {**initial, next(iter(initial)): np.full_like(next(iter(initial.values())), np.nan)}
+    core = DeviceHostCore(_dataclass_dict(s.data), s.seed)
+    results = run_jobs_batched(pool.local.batched[key], jobs(False, poisoned), [core.data(i) for i in range(4)])
+    assert [r.ok for r in results] == [True, True, False, True] and results[2].cause == CAUSE_NONFINITE
+    clean = run_jobs_batched(pool.local.batched[key], jobs(False), [core.data(i) for i in range(4)])
+    sent = encode_results(clean)["stacked"]["arrays"]
+    assert all(sent[name] is clean[0].arrays.stacks[name] for name in sent)  # no restacking
+    summary = run_scenario(scenario(**{"training.evaluate_after": False, "training.rounds": 1}), tmp_path / "run",
+                           progress=False, actors=0)
+    trained = [r for r in RunDir(tmp_path / "run").metrics() if r.get("instruction") == "train" and r.get("ok", True)]
+    assert trained and all(r["metric_after"] is r["loss_after"] is None and r["metric_before"] > 0 for r in trained)
+    assert summary["rounds"][0]["devices_trained"] > 0
 
 
 def test_a_device_that_goes_nonfinite_is_a_failed_result():
@@ -333,8 +417,8 @@ def test_a_train_job_reuses_the_evaluation_of_the_same_arrays(monkeypatch):
         return core
 
     evaluations = []
-    real = BatchedDevices.evaluate
-    monkeypatch.setattr(BatchedDevices, "evaluate", lambda self, *a: evaluations.append(1) or real(self, *a))
+    real = BatchedDevices.evaluate_stacked
+    monkeypatch.setattr(BatchedDevices, "evaluate_stacked", lambda self, *a: evaluations.append(1) or real(self, *a))
 
     def run(core, kind, arrays, devices):
         jobs = [make_job(kind, d, arrays, steps=1, lr=0.05, seed=s.seed) for d in devices]

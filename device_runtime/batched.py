@@ -136,13 +136,13 @@ class BatchedDevices:
         out_shape = out_view.shape[1:]
         by_device = out_view.reshape((self.devices, self.batch) + out_shape)
         if steps == 1 and n == self.batch:  # one pass: the outputs are read where the executor wrote them
-            runner.run(self._feeds(xs, ys, np.arange(n)))
+            runner.run(self._feeds(xs, ys, np.arange(n)), until=self.program.output)
             outputs = by_device[:count]
         else:
             outputs = np.empty((self.devices, steps * self.batch) + out_shape, np.float32)
             for step in range(steps):
                 idx = (np.arange(self.batch) + step * self.batch) % n
-                runner.run(self._feeds(xs, ys, idx))
+                runner.run(self._feeds(xs, ys, idx), until=self.program.output)
                 outputs[:, step * self.batch:(step + 1) * self.batch] = by_device
             outputs = outputs[:count, :n]
         flat = per_sample_loss(self.program.task, outputs.reshape((count * n,) + out_shape),

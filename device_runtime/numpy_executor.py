@@ -99,6 +99,7 @@ class PhaseRunner:
         self.feeds = {name: views[name] for name in phase.feeds}
         self.results = {name: views[name] for name in phase.results}
         self.calls: list[tuple[Callable[..., None], list[np.ndarray], dict[str, Any], list[np.ndarray], str]] = []
+        self._ends: dict[str, int | None] = {}  # tensor → how many calls it takes to write it
         readers: dict[str, set[int]] = {}
         for j, step in enumerate(phase.steps):
             for name in step.inputs:
@@ -125,11 +126,21 @@ class PhaseRunner:
                 fused_until = i + run - 1
             self.calls.append((kernel, ins, dict(step.attrs), outs, step.name))
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def run(self, feeds: Mapping[str, np.ndarray], until: str | None = None) -> None:
+        """Run the phase on ``feeds``; with ``until``, only as far as the step that writes that tensor (an
+        evaluation whose caller needs the outputs, not the phase's loss)."""
         for name, view in self.feeds.items():
             np.copyto(view, feeds[name], casting="same_kind")
-        for kernel, ins, attrs, outs, name in self.calls:
+        for kernel, ins, attrs, outs, name in self.calls[:self._end(until)]:
             kernel(outs, *ins, **attrs)
+
+    def _end(self, tensor: str | None) -> int | None:
+        if tensor is None:
+            return None
+        if tensor not in self._ends:
+            writers = [k for k, call in enumerate(self.calls) if any(o is self.views[tensor] for o in call[3])]
+            self._ends[tensor] = writers[-1] + 1 if writers else None
+        return self._ends[tensor]
 
 
 class NumpyDevice(ParameterAccess):

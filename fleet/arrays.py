@@ -105,23 +105,24 @@ def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     host's stacks (``protocol.StackRow``) remember (stacks, row) (``stacked_records``)."""
     record = filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
     stacks = getattr(arrays, "stacks", None)
-    if stacks is not None:
-        held = (stacks, arrays.row)
-        for array in record.values():
-            array.__dict__["_row"] = held
+    if stacks is not None:  # (stacks, row) and the arrays made from them, to tell later that they are untouched
+        record.__dict__["_rows"] = ((stacks, arrays.row), tuple(record.__dict__["_data"].values()))
     return record
 
 
 def _stack_row(record: ArrayRecord) -> tuple[Mapping[str, np.ndarray], int] | None:
     """(stacks, row) when every array of ``record`` is still that row of those stacks, else None."""
+    marked = record.__dict__.get("_rows")
+    if marked is None:
+        return None
+    held, made = marked
     arrays = record.__dict__["_data"]
-    held = None
-    for name, array in arrays.items():
-        found = array.__dict__.get("_row") if "_ndarray" in array.__dict__ else None
-        if found is None or (held is not None and found != held) or name not in found[0]:
+    if len(arrays) != len(made) or len(held[0]) != len(made):
+        return None
+    for (name, array), original in zip(arrays.items(), made):
+        if array is not original or "_ndarray" not in array.__dict__ or name not in held[0]:
             return None
-        held = found
-    return held if held is not None and len(held[0]) == len(arrays) else None
+    return held
 
 
 def stacked_records(records: Sequence[ArrayRecord]) -> list[tuple[Mapping[str, np.ndarray], list[int]]]:

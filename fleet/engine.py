@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 import time
 import tomllib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -208,11 +210,17 @@ def validate(scenario: Scenario) -> None:
 class RunRecorder:
     """The run directory as an observer: after each round, its device and round records, the checkpoint of
     the aggregated arrays with the strategy's state, then the state file (in that order, so a crash between
-    them leaves a run that resumes at the last round whose state was written)."""
+    them leaves a run that resumes at the last round whose state was written).
+
+    The writing happens on one writer thread, in round order, while the next round runs (its hosts compute,
+    the driver mostly waits): what is written is a snapshot taken at the round's end. ``flush`` waits for it
+    (and raises what it raised); the run reads its directory only after a flush."""
 
     def __init__(self, run: RunDir, stop_after_round: int | None = None):
         self.run = run
         self.stop_after_round = stop_after_round
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgefleet-run-writer")
+        self._pending: list[Future] = []
 
     def begin_round(self, round_: int, total_rounds: int) -> None:
         pass
@@ -221,15 +229,39 @@ class RunRecorder:
         pass
 
     def end_round(self, log: RoundLog) -> None:
-        self.run.append_metrics(round_log_records(log))
+        self._submit(lambda: self.run.append_metrics(round_log_records(log)))
 
     def __call__(self, log: RoundLog, arrays: Any, strategy: Any) -> None:
-        self.run.save_checkpoint(log.round, from_record(arrays), strategy_state(strategy))
-        self.run.write_state({"rounds_completed": log.round, "finished": False})
-        self.run.log(f"round {log.round}: {len(log.of('train'))} trained, failures {log.failures or 0}, "
-                     f"{log.duration_s:.2f} s")
+        state = {k: np.array(v, copy=True) for k, v in strategy_state(strategy).items()}  # as the round left it
+        line = (f"round {log.round}: {len(log.of('train'))} trained, failures {log.failures or 0}, "
+                f"{log.duration_s:.2f} s")
+
+        def write() -> None:
+            self.run.save_checkpoint(log.round, from_record(arrays), state)
+            self.run.write_state({"rounds_completed": log.round, "finished": False})
+            self.run.log(line)
+        self._submit(write)
         if self.stop_after_round is not None and log.round >= self.stop_after_round:
+            self.flush()
             raise _Stop()
+
+    def _submit(self, work: Callable[[], None]) -> None:
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        for failed in [f for f in self._pending if f.done()]:
+            failed.result()  # an earlier write failed: stop the run with its error
+        self._pending.append(self._writer.submit(work))
+
+    def flush(self) -> None:
+        """Wait until everything submitted is written; raise the first error a write raised."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
 
 
 def run_scenario(scenario: Scenario | None, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
@@ -324,18 +356,22 @@ def _run_rounds(scenario: Scenario, run: RunDir, fleet: Fleet, hosts: HostPool, 
     driver = RoundDriver(strategy, grid, seed=scenario.seed, observers=watchers, checkpoint=recorder,
                          train_config=train_config(scenario))
     _set_task_identity()
+    gc.collect()
+    gc.freeze()  # what the set-up made lives all run: keep it out of the collections each round's messages cause
     try:
         with bar:
             driver.run(to_record(arrays), done + 1, scenario.training.rounds)
+        recorder.flush()
     except _Stop:
         return {"stopped_after_round": stop_after_round}
     finally:
+        recorder.close()
         if exporter is not None:
             exporter.close()
     rounds_completed = run.state()["rounds_completed"]
     final, _ = run.load_checkpoint(rounds_completed)
     personal = personalize(pool, fleet, initial, final, steps, scenario)
-    summary = _summary(scenario, run, fleet, first, personal, [l.duration_s for l in driver.logs],
+    summary = _summary(scenario, run, fleet, first, personal, driver.round_seconds,
                        rounds_completed, time.perf_counter() - wall_start)
     summary["hosts"] = {"actors": len(hosts.nodes), "nodes": len(set(hosts.nodes))}
     if board_status:

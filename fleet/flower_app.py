@@ -177,7 +177,10 @@ def main(grid: Grid, context: Context) -> None:
     driver = RoundDriver(strategy, grid, NodeMap(lambda i: by_index[i].facts() if i in by_index else {}),
                          seed=scenario.seed, observers=[recorder, FlowerLog()], checkpoint=recorder,
                          train_config={LR_KEY: float(t.lr), LOCAL_STEPS_KEY: int(steps)})
-    final = driver.run(to_record(initial), 1, rounds)
+    try:
+        final = driver.run(to_record(initial), 1, rounds)
+    finally:
+        recorder.close()
     run.write_state({"rounds_completed": rounds, "finished": True})
     run.log(f"finished: {rounds} rounds")
     out = str(context.run_config.get(OUT_KEY, ""))

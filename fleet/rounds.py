@@ -92,7 +92,8 @@ class RoundDriver:
         self.train_config = dict(train_config or {})
         self.evaluate_config = dict(evaluate_config or {})
         self.timeout_s = timeout_s
-        self.logs: list[RoundLog] = []
+        self.round_seconds: list[float] = []  # each round's duration (its RoundLog goes to the observers, and
+        self.last_log: RoundLog | None = None  # only the newest stays here: a long run's memory does not grow)
 
     def run(self, arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
         """Rounds ``first_round`` … ``last_round`` (inclusive) from the global ``arrays``; the final arrays."""
@@ -131,7 +132,8 @@ class RoundDriver:
 
         log.server_metrics = _metrics("train", train_metrics) | _metrics("evaluate", evaluate_metrics)
         log.ended_at = time.time()
-        self.logs.append(log)
+        self.round_seconds.append(log.duration_s)
+        self.last_log = log
         for observer in self.observers:
             observer.end_round(log)
         if self.checkpoint is not None:

@@ -399,8 +399,7 @@ def check_reply(
     problem = _shape_problem(shapes_of(record), sent, rank_flexible)
     if problem:
         return "shape", problem
-    got = {k: from_array(v) for k, v in record.items()}
-    bad = [] if arrays_finite else [k for k, v in got.items() if not np.isfinite(v).all()]
+    bad = [] if arrays_finite else [k for k, v in record.items() if not np.isfinite(from_array(v)).all()]
     values = list(metrics.values())
     if not all(isinstance(v, (int, float)) for v in values) or not all(map(math.isfinite, values)):
         bad += [k for k, v in metrics.items() if not _finite(v)]
@@ -409,7 +408,7 @@ def check_reply(
     if weight <= 0:
         return "error", f"{weighted_by_key!r} is {weight}"
     if max_update_norm is not None and sent_arrays is not None:
-        norm = update_norm(got, sent_arrays)
+        norm = update_norm({k: from_array(v) for k, v in record.items()}, sent_arrays)
         if norm > max_update_norm:
             return "norm", f"update norm {norm:.4g} > max_update_norm {max_update_norm:g}"
     return None

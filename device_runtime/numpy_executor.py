@@ -205,7 +205,7 @@ def per_sample_loss(task: str, outputs: np.ndarray, x: np.ndarray, y: np.ndarray
         return -logp[np.arange(len(outputs)), np.asarray(y, np.int64)]
     target = x if task == "reconstruction" else y
     diff = (outputs - np.asarray(target, np.float32)).reshape(len(outputs), -1)
-    return np.mean(diff * diff, axis=1)
+    return np.mean(np.square(diff, out=diff), axis=1)
 
 
 def run_phase(program: Program, phase_name: str, feeds: Mapping[str, np.ndarray],

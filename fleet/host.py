@@ -7,6 +7,7 @@ travel as (manifest JSON, .npz bytes), never as pickled objects of ours.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from collections import OrderedDict
 from dataclasses import replace
@@ -45,8 +46,24 @@ def _nbytes(data: DeviceData) -> int:
     return sum(a.nbytes for a in (data.x_train, data.y_train, data.x_test, data.y_test))
 
 
+def reuse_freed_memory() -> bool:
+    """Let this process keep the large blocks it frees (glibc's malloc): by default glibc hands each
+    activation-sized temporary back to the kernel and maps fresh zero-filled pages for the next one, and a host
+    makes the same temporaries on every pass (~15 % of a LoRA training pass went to those page faults). The
+    process's resident memory then stays at its peak. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
 class DeviceHostCore:
     def __init__(self, data_spec: Mapping[str, Any], seed: int):
+        reuse_freed_memory()
         self.data_spec = DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data_spec.items()})
         self.seed = seed
         self.devices: dict[str, NumpyDevice] = {}

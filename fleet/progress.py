@@ -31,6 +31,7 @@ class RunProgress:
         self.round = 0
         self.done = 0
         self.losses: list[float] = []
+        self._loss_sum = 0.0
         self.started = clock()
         self.round_durations: list[float] = []
         self._round_start = self.started
@@ -45,7 +46,7 @@ class RunProgress:
 
     # ---- observer -----------------------------------------------------------------------------------------
     def begin_round(self, round_: int, total_rounds: int) -> None:
-        self.round, self.done, self.losses = round_, 0, []
+        self.round, self.done, self.losses, self._loss_sum = round_, 0, [], 0.0
         self.total_rounds = int(total_rounds)
         self._round_start = self.clock()
         self.progress.update(self.run_task, total=self.total_rounds, completed=round_ - 1,
@@ -57,8 +58,11 @@ class RunProgress:
         self.done += 1
         if record.ok and record.instruction == "train" and math.isfinite(record.loss):
             self.losses.append(record.loss)
+            self._loss_sum += record.loss
+        if not self.live:  # no bar is drawn: nothing to move per device (thousands a round)
+            return
         step = 1.0 / self.expected_jobs if self.expected_jobs else 0.0
-        loss = f"loss {sum(self.losses) / len(self.losses):.4f}" if self.losses else ""
+        loss = f"loss {self._loss_sum / len(self.losses):.4f}" if self.losses else ""
         self.progress.update(self.round_task, advance=1, info=loss)
         if step:  # the run bar moves within a round too
             completed = self.progress.tasks[self.run_task].completed

@@ -261,8 +261,24 @@ def aggregate_metrics(records: list[RecordDict], weighting_metric_name: str) -> 
     metric_records = [[r for r in record.values() if isinstance(r, MetricRecord)] for record in records]
     weights = [float(found[0][weighting_metric_name]) for found in metric_records]
     total_weight = sum(weights)
+    shares = [w / total_weight for w in weights]
     aggregated: dict[str, object] = {}
-    for found, weight in zip(metric_records, [w / total_weight for w in weights], strict=True):
+    first = metric_records[0][0] if metric_records and metric_records[0] else {}
+    if all(len(found) == 1 and found[0].keys() == first.keys() for found in metric_records):
+        # one record each, the same keys: a key at a time over all replies. value·share elementwise and a
+        # running sum in reply order (np.cumsum adds strictly left to right) are Flower's float operations
+        share = np.array(shares)
+        for key in first:
+            if key == weighting_metric_name:
+                continue
+            values = np.array([found[0][key] for found in metric_records])
+            if values.dtype.kind not in "biuf" or values.ndim != 1:  # list-valued metrics: Flower's loop below
+                aggregated = {}
+                break
+            aggregated[key] = float(np.cumsum(values * share)[-1])
+        else:
+            return filled(MetricRecord, aggregated)
+    for found, weight in zip(metric_records, shares, strict=True):
         for record in found:
             for key, value in record.items():
                 if key == weighting_metric_name:

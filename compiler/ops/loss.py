@@ -95,7 +95,7 @@ class MSELoss(Op):
 
     def forward(self, pred, target):
         d = pred - target
-        return np.asarray(np.mean(d * d), dtype=pred.dtype)
+        return np.asarray(np.mean(np.square(d, out=d)), dtype=pred.dtype)  # squared in place: no second temporary
 
     def gradient(self, g, x, y, dy):
         dp = g.emit("MSELossGrad", [x[0], x[1], dy[0]])

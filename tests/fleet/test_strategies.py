@@ -400,6 +400,11 @@ def test_metric_aggregation_is_flowers_to_the_bit():
     contents = [r.content for r in replies]
     ours, flowers = aggregate_metrics(contents, "num-examples"), aggregate_metricrecords(contents, "num-examples")
     assert dict(ours) == dict(flowers) and set(ours) == {"loss", "device", "curve"}
+    # scalars only (what devices send): summed a key at a time over all replies, still Flower's floats
+    scalars = [reply(n, adapter_state(2, seed=n), int(rng.integers(1, 50)), loss=float(rng.normal() * 1e3),
+                     device=n, wall=float(rng.exponential())).content for n in range(1, 600)]
+    ours, flowers = aggregate_metrics(scalars, "num-examples"), aggregate_metricrecords(scalars, "num-examples")
+    assert dict(ours) == dict(flowers) and set(ours) == {"loss", "device", "wall"}
     assert FedIT().aggregate_evaluate(1, replies) == FedAvg().aggregate_evaluate(1, replies)
 
 

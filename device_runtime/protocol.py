@@ -301,6 +301,12 @@ class StackRow(dict):
         self.stacks, self.row = stacks, row
 
 
+def _read_only(value: np.ndarray) -> np.ndarray:
+    """``value``, no longer writeable (results are what a device answered; their rows are kept as they are)."""
+    value.flags.writeable = False
+    return value
+
+
 def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
     """The JobResults ``encode_results`` sent; stacked arrays come back as per-device views of the stack."""
     if payload.get("version") != PROTOCOL_VERSION:
@@ -309,6 +315,7 @@ def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
     raws = [dict(raw) for raw in payload["results"]]
     stacked = payload.get("stacked")
     if stacked:
+        stacks = {name: _read_only(np.ascontiguousarray(value)) for name, value in stacked["arrays"].items()}
         for row, i in enumerate(stacked["rows"]):
-            raws[i]["arrays"] = StackRow(stacked["arrays"], row)
+            raws[i]["arrays"] = StackRow(stacks, row)
     return [JobResult.from_dict(raw) for raw in raws]

@@ -63,10 +63,11 @@ class NumpyArray(Array):
     def __init__(self, value: np.ndarray) -> None:  # pylint: disable=super-init-not-called
         if value.dtype.hasobject:
             raise TypeError("object arrays cannot be sent")
-        view = value.view()
-        view.flags.writeable = False
+        if value.flags.writeable:  # (a row of a read-only stack is kept as it is)
+            value = value.view()
+            value.flags.writeable = False
         self.__dict__.update(dtype=_dtype_name(value.dtype), shape=value.shape, stype=NUMPY_STYPE, _is_dirty=True,
-                             _ndarray=view)
+                             _ndarray=value)
 
     def __eq__(self, other: object) -> bool:  # any Array with the same fields (the dataclass's needs one class)
         if not isinstance(other, Array):
@@ -92,21 +93,31 @@ class NumpyArray(Array):
         self.__dict__["_npy"] = value
 
 
+_EMPTY: dict[type, dict[str, Any]] = {}  # record type → the state its constructor gives an empty record
+
+
 def filled(record_type: type, items: Mapping[str, Any]):
     """A Flower record (``ArrayRecord``, ``MetricRecord``, ``ConfigRecord``, ``RecordDict``) holding
-    ``items``, which the caller guarantees are of the record's value types."""
-    record = record_type()
-    record.__dict__["_data"].update(items)
+    ``items``, which the caller guarantees are of the record's value types: an empty record's state (made by
+    the constructor once per type) with ``items`` as its data."""
+    empty = _EMPTY.get(record_type)
+    if empty is None:
+        empty = _EMPTY[record_type] = dict(record_type().__dict__)
+    record = record_type.__new__(record_type)
+    record.__dict__.update(empty)
+    record.__dict__["_data"] = dict(items)
     return record
 
 
 def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ArrayRecord of ``NumpyArray``s: no copy, no bytes until asked for. Arrays that are one row of a
     host's stacks (``protocol.StackRow``) remember (stacks, row) (``stacked_records``)."""
-    record = filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
     stacks = getattr(arrays, "stacks", None)
-    if stacks is not None:  # (stacks, row) and the arrays made from them, to tell later that they are untouched
-        record.__dict__["_rows"] = ((stacks, arrays.row), tuple(record.__dict__["_data"].values()))
+    if stacks is None:
+        return filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    record = filled(ArrayRecord, {k: NumpyArray(v) for k, v in arrays.items()})  # rows of C-contiguous stacks
+    # (stacks, row) and the arrays made from them, to tell later that they are untouched
+    record.__dict__["_rows"] = ((stacks, arrays.row), tuple(record.__dict__["_data"].values()))
     return record
 
 

@@ -121,8 +121,7 @@ def record_from_result(result: JobResult, round_: int, kind: str,
     result itself (the grid that built the reply already holds it)."""
     if not result.ok:
         return _failed_record(round_, kind, result.device, describe, result.cause, _reason(result))
-    numbers = {name: _number(getattr(result, name)) for key, name in RESULT_KEYS.items()
-               if key in _sent_keys(result)}
+    numbers = {RESULT_KEYS[key]: _number(getattr(result, RESULT_KEYS[key])) for key in _sent_keys(result)}
     telemetry = {name: getattr(result.telemetry, name) for name in TELEMETRY_KEYS.values()}
     return _record(round_, kind, result.device, describe(result.device), numbers, telemetry)
 

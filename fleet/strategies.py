@@ -239,7 +239,7 @@ def flexlora_aggregate(
 def records_of(content: RecordDict) -> tuple[list[ArrayRecord], list[MetricRecord]]:
     """The ArrayRecords and the MetricRecords a reply holds, in order."""
     arrays, metrics = [], []
-    for record in content.values():
+    for record in content.__dict__["_data"].values():  # (Flower's values() view: cast and typed access)
         if isinstance(record, ArrayRecord):
             arrays.append(record)
         elif isinstance(record, MetricRecord):

@@ -296,9 +296,10 @@ class StackRow(dict):
     stacked): a dict of row views that also knows the stacks and its row, so the arrays cross as the stacks
     and the driver checks and averages many devices' arrays a stack at a time (``fleet.arrays``)."""
 
-    def __init__(self, stacks: Mapping[str, np.ndarray], row: int):
+    def __init__(self, stacks: Mapping[str, np.ndarray], row: int, dtypes: Mapping[str, str] | None = None):
         super().__init__((name, value[row]) for name, value in stacks.items())
         self.stacks, self.row = stacks, row
+        self.dtypes = dtypes  # name → dtype name, when the stacks are read-only, C-contiguous numbers
 
 
 def _read_only(value: np.ndarray) -> np.ndarray:
@@ -316,6 +317,8 @@ def decode_results(payload: Mapping[str, Any]) -> list[JobResult]:
     stacked = payload.get("stacked")
     if stacked:
         stacks = {name: _read_only(np.ascontiguousarray(value)) for name, value in stacked["arrays"].items()}
+        dtypes = None if any(v.dtype.hasobject for v in stacks.values()) else \
+            {name: str(value.dtype) for name, value in stacks.items()}
         for row, i in enumerate(stacked["rows"]):
-            raws[i]["arrays"] = StackRow(stacks, row)
+            raws[i]["arrays"] = StackRow(stacks, row, dtypes)
     return [JobResult.from_dict(raw) for raw in raws]

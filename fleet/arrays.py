@@ -69,6 +69,14 @@ class NumpyArray(Array):
         self.__dict__.update(dtype=_dtype_name(value.dtype), shape=value.shape, stype=NUMPY_STYPE, _is_dirty=True,
                              _ndarray=value)
 
+    @classmethod
+    def of_row(cls, value: np.ndarray, dtype: str) -> "NumpyArray":
+        """``NumpyArray(value)`` for a row of a read-only, C-contiguous stack of numbers (``dtype``: its name),
+        without checking it again for each of thousands of rows."""
+        array = cls.__new__(cls)
+        array.__dict__.update(dtype=dtype, shape=value.shape, stype=NUMPY_STYPE, _is_dirty=True, _ndarray=value)
+        return array
+
     def __eq__(self, other: object) -> bool:  # any Array with the same fields (the dataclass's needs one class)
         if not isinstance(other, Array):
             return NotImplemented
@@ -115,7 +123,9 @@ def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     stacks = getattr(arrays, "stacks", None)
     if stacks is None:
         return filled(ArrayRecord, {k: NumpyArray(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    record = filled(ArrayRecord, {k: NumpyArray(v) for k, v in arrays.items()})  # rows of C-contiguous stacks
+    dtypes = getattr(arrays, "dtypes", None)  # set when the stacks are read-only numbers (protocol.decode_results)
+    record = filled(ArrayRecord, {k: NumpyArray.of_row(v, dtypes[k]) for k, v in arrays.items()} if dtypes else
+                    {k: NumpyArray(v) for k, v in arrays.items()})  # rows of C-contiguous stacks
     # (stacks, row) and the arrays made from them, to tell later that they are untouched
     record.__dict__["_rows"] = ((stacks, arrays.row), tuple(record.__dict__["_data"].values()))
     return record

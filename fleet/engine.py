@@ -231,8 +231,8 @@ class RunRecorder:
     def end_round(self, log: RoundLog) -> None:
         self._submit(lambda: self.run.append_metrics(round_log_records(log)))
 
-    def __call__(self, log: RoundLog, arrays: Any, strategy: Any) -> None:
-        state = {k: np.array(v, copy=True) for k, v in strategy_state(strategy).items()}  # as the round left it
+    def __call__(self, log: RoundLog, arrays: Any, state: Mapping[str, np.ndarray]) -> None:
+        """``state``: the strategy's state as the round left it (``rounds.strategy_state``, a copy)."""
         line = (f"round {log.round}: {len(log.of('train'))} trained, failures {log.failures or 0}, "
                 f"{log.duration_s:.2f} s")
 

@@ -8,6 +8,7 @@ drop-outs), straggler deadlines and injected faults are simulation and are appli
 """
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -74,6 +75,7 @@ class FleetGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         self._records: dict[str, DeviceRecord] = {}  # instruction id → the record of its reply
+        self._ids, self._count = uuid.uuid4().hex, itertools.count()  # message ids: this grid's prefix, a number
 
     # ---- what the round driver asks of any grid ------------------------------------------------------
     def device_of(self, node_id: int) -> int:
@@ -106,11 +108,12 @@ class FleetGrid(Grid):
                        ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
-    def online(self, info: DeviceInfo) -> bool:
+    def online(self, info: DeviceInfo, round_: int | None = None) -> bool:
+        """Whether the device is online in round ``round_`` (default: the current round)."""
         if info.periodic is None:
             return True
         on, off, phase = info.periodic
-        return (self.round - 1 + phase) % (on + off) < on
+        return ((self.round if round_ is None else round_) - 1 + phase) % (on + off) < on
 
     def get_node_ids(self) -> Iterable[int]:
         """The devices online this round (periodic availability); drop-outs are decided per message. When no
@@ -120,9 +123,7 @@ class FleetGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's InMemoryGrid does
-        for reply in self._execute(messages):
+        for reply in self.submit(messages, self.round).replies():
             self._replies[reply.metadata.reply_to_message_id] = reply
         return [m.metadata.message_id for m in messages]
 
@@ -133,19 +134,32 @@ class FleetGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # ---- execution ------------------------------------------------------------------------------------
-    def _rng(self, salt: str) -> np.random.Generator:
-        return np.random.default_rng([self.defaults.seed, self.round,
+    def submit(self, messages: Sequence[Message], round_: int) -> "Submission":
+        """Turn ``messages`` (of round ``round_``) into jobs and hand them to the hosts now; the replies come from
+        ``replies()`` of what this returns, built chunk by chunk as the hosts finish (so a caller can submit
+        the next messages first and keep the hosts busy while it handles these)."""
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"{self._ids}-{next(self._count)}"  # unique in this grid
+        messages = list(messages)
+        if not messages:
+            return Submission(lambda: [])
+        kind = instruction(messages[0])
+        unanswered, streams = self._start(messages, round_)
+        return Submission(lambda: self._finish(kind, round_, unanswered, streams))
+
+    def _rng(self, salt: str, round_: int) -> np.random.Generator:
+        return np.random.default_rng([self.defaults.seed, round_,
                                       int.from_bytes(salt.encode()[:8].ljust(8, b"\0"), "little")])
 
-    def _execute(self, messages: list[Message]) -> list[Message]:
-        if not messages:
-            return []
+    def _start(self, messages: list[Message], round_: int) -> tuple[list[Message], list[tuple[list, Any]]]:
+        """Jobs for ``messages`` handed to the hosts: (the replies of devices that do not answer this round,
+        [(each program's (message, job, modelled seconds) items, the stream of its results)])."""
         kind = instruction(messages[0])
         decoded: dict[int, dict[str, np.ndarray]] = {}   # id(record) → arrays: shared records decode once
         down_bytes: dict[int, int] = {}
         groups: dict[str, list[tuple[Message, Job, float]]] = {}
-        replies: list[Message] = []
-        draws = self._rng(kind).random((len(messages), 2))
+        unanswered: list[Message] = []
+        draws = self._rng(kind, round_).random((len(messages), 2))
         for (drop_u, fault_u), message in zip(draws, messages):
             info = self.devices[message.metadata.dst_node_id]
             record = instruction_record(message)
@@ -155,48 +169,68 @@ class FleetGrid(Grid):
                 down_bytes[key] = sum(a.nbytes for a in decoded[key].values())
             arrays, down = decoded[key], down_bytes[key]
             job = job_from_message(message, info.index, arrays, steps=self.defaults.steps, lr=self.defaults.lr,
-                                   seed=self.defaults.seed, round=self.round, deadline_s=info.deadline_s,
+                                   seed=self.defaults.seed, round=round_, deadline_s=info.deadline_s,
                                    evaluate_after=self.defaults.evaluate_after,
                                    fault=info.fault if (kind == "train" and fault_u < info.fault_p) else "")
             modelled_s = modelled_seconds(kind, cycles_per_step=info.cycles_per_step, steps=job.steps,
                                           clock_hz=info.clock_hz, link_bps=info.link_bps, down_bytes=down)
-            failure = self._unavailable(info, kind, drop_u, modelled_s)
+            failure = self._unavailable(info, kind, drop_u, modelled_s, round_)
             if failure:
-                replies.append(self._answer(kind, message, JobResult.failed(job, *failure)))
+                unanswered.append(self._answer(kind, message, JobResult.failed(job, *failure), round_))
                 continue
             groups.setdefault(info.program, []).append((message, job, modelled_s))
         for items in groups.values():
             items.sort(key=lambda item: item[1].device)  # stable device → host chunks across rounds
-        # every program's jobs are submitted before any reply is built; each chunk's replies are built while the
-        # hosts compute the others, and the replies keep the devices' order
-        streams = [(items, self.dispatch(program, [job for _, job, _ in items])) for program, items in groups.items()]
+        # every program's jobs are submitted before any reply is built
+        return unanswered, [(items, self.dispatch(program, [job for _, job, _ in items]))
+                            for program, items in groups.items()]
+
+    def _finish(self, kind: str, round_: int, unanswered: list[Message],
+                streams: list[tuple[list, Any]]) -> list[Message]:
+        """The replies: each chunk's built while the hosts compute the others; the devices' order kept."""
+        replies = list(unanswered)
         for items, stream in streams:
             slots: list[Message | None] = [None] * len(items)
             for offset, results in stream:
                 for k, result in enumerate(results, start=offset):
-                    slots[k] = self._reply(kind, *items[k], result)
+                    slots[k] = self._reply(kind, *items[k], result, round_)
             replies += slots
         return replies
 
-    def _reply(self, kind: str, message: Message, job: Job, modelled_s: float, result: JobResult) -> Message:
+    def _reply(self, kind: str, message: Message, job: Job, modelled_s: float, result: JobResult,
+               round_: int) -> Message:
         info = self.devices[message.metadata.dst_node_id]
         if result.ok:
             compute_s = job.steps * info.cycles_per_step / info.clock_hz if kind == "train" else 0.0
             result = result.with_telemetry(modelled_s=compute_s,
                                            link_s=result.telemetry.link_s or max(0.0, modelled_s - compute_s))
-        return self._answer(kind, message, result)
+        return self._answer(kind, message, result, round_)
 
-    def _answer(self, kind: str, message: Message, result: JobResult) -> Message:
+    def _answer(self, kind: str, message: Message, result: JobResult, round_: int) -> Message:
         """The reply to ``message``, and its record (``record``)."""
-        self._records[message.metadata.message_id] = record_from_result(result, self.round, kind, self.describe)
+        self._records[message.metadata.message_id] = record_from_result(result, round_, kind, self.describe)
         return reply_from_result(message, result)
 
-    def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float) -> tuple[str, str] | None:
+    def _unavailable(self, info: DeviceInfo, kind: str, drop_u: float, modelled_s: float,
+                     round_: int) -> tuple[str, str] | None:
         """(cause, reason) when the device does not answer this message in simulation, else None."""
-        if not self.online(info):
+        if not self.online(info, round_):
             return CAUSE_OFFLINE, "offline"
         if kind == "train" and drop_u < info.dropout_p:
             return CAUSE_DROPOUT, "dropped out"
         if kind == "train" and info.deadline_s is not None and modelled_s > info.deadline_s:
             return CAUSE_STRAGGLER, f"straggler: {modelled_s:.2f} s > deadline {info.deadline_s:g} s"
         return None
+
+
+class Submission:
+    """Messages whose jobs the hosts have; ``replies()`` (once) waits for and builds their replies."""
+
+    def __init__(self, finish: Callable[[], list[Message]]):
+        self._finish: Callable[[], list[Message]] | None = finish
+
+    def replies(self) -> list[Message]:
+        if self._finish is None:
+            raise RuntimeError("the replies of a submission are collected once")
+        finish, self._finish = self._finish, None
+        return finish()

@@ -10,6 +10,14 @@ with Python's ``random``) and server-side noise (numpy's global generator) are s
 Observers (``fleet.roundlog.RoundObserver``: run directory, metrics exporter, progress display) are told
 when a round begins, when each device's answer is in, and when the round ends; ``checkpoint`` receives the
 round's aggregated arrays and the strategy's state after the observers.
+
+On a grid that can submit a round's messages and collect their replies later (``FleetGrid.submit``), the
+next round's train instructions go out right after this round's evaluate instructions, so the devices (the
+hosts) go on computing while the driver collects the evaluation, aggregates it and closes the round. The
+strategy's hooks still run in Flower's order, except that ``configure_train`` of round r+1 comes before
+``aggregate_evaluate`` of round r — which only strategies whose evaluation feeds their training could tell,
+so it is done only for Flower's and edgefleet's own (``evaluation_feeds_training``); the round's random
+draws are seeded as before, and the checkpoint holds the strategy's state as it was before that call.
 """
 from __future__ import annotations
 
@@ -69,7 +77,22 @@ class NodeMap:
 
 
 class Checkpoint(Protocol):
-    def __call__(self, log: RoundLog, arrays: ArrayRecord, strategy: Any) -> None: ...
+    def __call__(self, log: RoundLog, arrays: ArrayRecord, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+class Submitted(Protocol):
+    def replies(self) -> list[Message]: ...
+
+
+def evaluation_feeds_training(strategy: Any) -> bool:
+    """Whether the strategy (or one it wraps) may use what ``aggregate_evaluate`` sees when it next configures
+    training: any strategy whose ``aggregate_evaluate`` is not Flower's or edgefleet's own."""
+    while strategy is not None:
+        module = getattr(type(strategy).aggregate_evaluate, "__module__", "") or ""
+        if not module.startswith(("flwr.", "fleet.")):
+            return True
+        strategy = getattr(strategy, "strategy", None)
+    return False
 
 
 def seed_round(seed: int, round_: int) -> None:
@@ -97,25 +120,41 @@ class RoundDriver:
 
     def run(self, arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
         """Rounds ``first_round`` … ``last_round`` (inclusive) from the global ``arrays``; the final arrays."""
+        ahead = None
         for round_ in range(first_round, last_round + 1):
-            arrays = self.round(round_, arrays, last_round)
+            arrays, ahead = self._round(round_, arrays, last_round, ahead, ahead_allowed=round_ < last_round)
         return arrays
 
     def round(self, round_: int, arrays: ArrayRecord, total_rounds: int = 0) -> ArrayRecord:
+        """One round on its own (nothing sent ahead for the next)."""
+        return self._round(round_, arrays, total_rounds, None, ahead_allowed=False)[0]
+
+    def _pipelined(self) -> bool:
+        return hasattr(self.grid, "submit") and not evaluation_feeds_training(self.strategy)
+
+    def _configure_train(self, round_: int, arrays: ArrayRecord) -> list[Message]:
+        self.fleet.begin_round(round_)  # (the grid lists the nodes online in this round)
+        seed_round(self.seed, round_)
+        return list(self.strategy.configure_train(round_, arrays, ConfigRecord(dict(self.train_config)), self.grid))
+
+    def _round(self, round_: int, arrays: ArrayRecord, total_rounds: int,
+               ahead: tuple[list[Message], Submitted] | None, ahead_allowed: bool) -> tuple[ArrayRecord, Any]:
         log = RoundLog(round_, started_at=time.time())
         self.fleet.begin_round(round_)
         for observer in self.observers:
             observer.begin_round(round_, total_rounds)
-        seed_round(self.seed, round_)
         clock = time.perf_counter()
 
-        messages = list(self.strategy.configure_train(round_, arrays, ConfigRecord(dict(self.train_config)),
-                                                      self.grid))
+        if ahead is None:
+            messages = self._configure_train(round_, arrays)
+            submitted = self._submit(messages, round_)
+        else:  # sent while the previous round's evaluation was collected
+            messages, submitted = ahead
         log.sampled = sorted(self.fleet.device_of(m.metadata.dst_node_id) for m in messages)
         for observer in self.observers:  # optional: observers that track devices' states (the exporter)
             if hasattr(observer, "jobs_sent"):
                 observer.jobs_sent(round_, log.sampled)
-        replies = self._exchange(messages, round_, log)
+        replies = self._collect(messages, submitted, round_, log)
         log.timings["train_s"], clock = time.perf_counter() - clock, time.perf_counter()
         aggregated, train_metrics = self.strategy.aggregate_train(round_, replies)
         log.timings["aggregate_train_s"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -125,7 +164,16 @@ class RoundDriver:
 
         messages = list(self.strategy.configure_evaluate(round_, arrays, ConfigRecord(dict(self.evaluate_config)),
                                                          self.grid))
-        replies = self._exchange(messages, round_, log)
+        submitted = self._submit(messages, round_)
+        state = None  # the strategy's state for the checkpoint, when taken before the next round's first hook
+        if ahead_allowed and self._pipelined():
+            if self.checkpoint is not None:
+                state = strategy_state(self.strategy, copy=True)
+            following = self._configure_train(round_ + 1, arrays)
+            ahead = (following, self._submit(following, round_ + 1))
+        else:
+            ahead = None
+        replies = self._collect(messages, submitted, round_, log)
         log.timings["evaluate_s"], clock = time.perf_counter() - clock, time.perf_counter()
         evaluate_metrics = self.strategy.aggregate_evaluate(round_, replies)
         log.timings["aggregate_evaluate_s"] = time.perf_counter() - clock
@@ -137,14 +185,22 @@ class RoundDriver:
         for observer in self.observers:
             observer.end_round(log)
         if self.checkpoint is not None:
-            self.checkpoint(log, arrays, self.strategy)
-        return arrays
+            self.checkpoint(log, arrays, strategy_state(self.strategy, copy=True) if state is None else state)
+        return arrays, ahead
 
-    def _exchange(self, messages: list[Message], round_: int, log: RoundLog) -> list[Message]:
+    def _submit(self, messages: list[Message], round_: int) -> Submitted | None:
+        """Send ``messages`` now when the grid can take them ahead of their replies (else at ``_collect``)."""
+        if not messages or not hasattr(self.grid, "submit"):
+            return None
+        return self.grid.submit(messages, round_)
+
+    def _collect(self, messages: list[Message], submitted: Submitted | None, round_: int,
+                 log: RoundLog) -> list[Message]:
         if not messages:
             return []
         kind = instruction(messages[0])
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+        replies = submitted.replies() if submitted is not None else \
+            list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
         if isinstance(self.fleet, NodeMap):
             self.fleet.learn(replies)
         for reply in replies:
@@ -166,7 +222,7 @@ def _metrics(prefix: str, record: MetricRecord | None) -> dict[str, float]:
 _SKIP_ATTRS = frozenset({"rejected", "rejected_total", "_sent"})
 
 
-def strategy_state(strategy: Any, prefix: str = "") -> dict[str, np.ndarray]:
+def strategy_state(strategy: Any, prefix: str = "", copy: bool = False) -> dict[str, np.ndarray]:
     """Every array and number a strategy (and any strategy it wraps) holds, as named numpy arrays: FedOpt's
     moments and current arrays, FedAvgM's momentum, the DP wrappers' clipping norm, the LoRA strategies'
     learnt ranks. Restored by ``restore_strategy_state`` on resume."""
@@ -190,7 +246,7 @@ def strategy_state(strategy: Any, prefix: str = "") -> dict[str, np.ndarray]:
             out.update({f"{key}:intmap/{k}": np.asarray(v) for k, v in value.items()})
         elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
             out.update({f"{key}:list/{i}": v for i, v in enumerate(value)})
-    return out
+    return {k: np.array(v, copy=True) for k, v in out.items()} if copy else out
 
 
 def restore_strategy_state(strategy: Any, state: Mapping[str, np.ndarray]) -> None:

@@ -339,7 +339,8 @@ def _run_rounds(scenario: Scenario, run: RunDir, fleet: Fleet, hosts: HostPool, 
     first = fleet.programs[fleet.devices[0].program]
     steps = scenario_steps(scenario)
     grid = FleetGrid(fleet.devices, pool.stream, JobDefaults(steps, scenario.training.lr, scenario.seed,
-                                                           scenario.training.evaluate_after))
+                                                           scenario.training.evaluate_after),
+                     ahead=not fleet.boards)  # a board's jobs run when submitted: nothing to gain, order to keep
     strategy = make_fleet_strategy(scenario, fleet)
     initial = _initial_arrays(fleet)
     if checkpoint is not None:

@@ -64,9 +64,13 @@ Dispatch = Callable[[str, Sequence[Job]], Iterable[tuple[int, list[JobResult]]]]
 
 
 class FleetGrid(Grid):
-    def __init__(self, devices: Sequence[DeviceInfo], dispatch: Dispatch, defaults: JobDefaults, run_id: int = 1):
+    def __init__(self, devices: Sequence[DeviceInfo], dispatch: Dispatch, defaults: JobDefaults, run_id: int = 1,
+                 ahead: bool = True):
         """``dispatch(program_key, jobs)`` runs jobs on the host pool and yields their JobResults in chunks as
-        they complete: (offset of the chunk in ``jobs``, its results) (``HostPool.stream``)."""
+        they complete: (offset of the chunk in ``jobs``, its results) (``HostPool.stream``). ``ahead``: the
+        driver may submit a round's train messages while it still collects the previous round's replies (not
+        with boards: their jobs run when submitted, one board job at a time)."""
+        self.ahead = ahead
         self.devices = {NODE_BASE + d.index: d for d in devices}
         self.by_index = {d.index: d for d in devices}
         self.dispatch = dispatch

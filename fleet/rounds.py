@@ -13,7 +13,8 @@ round's aggregated arrays and the strategy's state after the observers.
 
 On a grid that can submit a round's messages and collect their replies later (``FleetGrid.submit``), the
 next round's train instructions go out right after this round's evaluate instructions, so the devices (the
-hosts) go on computing while the driver collects the evaluation, aggregates it and closes the round. The
+hosts) go on computing while the driver collects the evaluation, aggregates it and closes the round (when
+the grid says it may: ``ahead``). The
 strategy's hooks still run in Flower's order, except that ``configure_train`` of round r+1 comes before
 ``aggregate_evaluate`` of round r — which only strategies whose evaluation feeds their training could tell,
 so it is done only for Flower's and edgefleet's own (``evaluation_feeds_training``); the round's random
@@ -130,30 +131,33 @@ class RoundDriver:
         return self._round(round_, arrays, total_rounds, None, ahead_allowed=False)[0]
 
     def _pipelined(self) -> bool:
-        return hasattr(self.grid, "submit") and not evaluation_feeds_training(self.strategy)
+        return getattr(self.grid, "ahead", False) and hasattr(self.grid, "submit") and \
+            not evaluation_feeds_training(self.strategy)
 
-    def _configure_train(self, round_: int, arrays: ArrayRecord) -> list[Message]:
+    def _send_train(self, round_: int, arrays: ArrayRecord) -> tuple[list[Message], Submitted | None, list[int]]:
+        """Round ``round_``'s train instructions, sent (when the grid can take them now): (messages, what was
+        submitted, the sampled devices). Observers that track devices hear of the jobs before they go."""
         self.fleet.begin_round(round_)  # (the grid lists the nodes online in this round)
         seed_round(self.seed, round_)
-        return list(self.strategy.configure_train(round_, arrays, ConfigRecord(dict(self.train_config)), self.grid))
+        messages = list(self.strategy.configure_train(round_, arrays, ConfigRecord(dict(self.train_config)),
+                                                      self.grid))
+        sampled = sorted(self.fleet.device_of(m.metadata.dst_node_id) for m in messages)
+        for observer in self.observers:  # optional: observers that track devices' states (the exporter)
+            if hasattr(observer, "jobs_sent"):
+                observer.jobs_sent(round_, sampled)
+        return messages, self._submit(messages, round_), sampled
 
     def _round(self, round_: int, arrays: ArrayRecord, total_rounds: int,
-               ahead: tuple[list[Message], Submitted] | None, ahead_allowed: bool) -> tuple[ArrayRecord, Any]:
+               ahead: tuple[list[Message], Submitted | None, list[int]] | None,
+               ahead_allowed: bool) -> tuple[ArrayRecord, Any]:
         log = RoundLog(round_, started_at=time.time())
         self.fleet.begin_round(round_)
         for observer in self.observers:
             observer.begin_round(round_, total_rounds)
         clock = time.perf_counter()
 
-        if ahead is None:
-            messages = self._configure_train(round_, arrays)
-            submitted = self._submit(messages, round_)
-        else:  # sent while the previous round's evaluation was collected
-            messages, submitted = ahead
-        log.sampled = sorted(self.fleet.device_of(m.metadata.dst_node_id) for m in messages)
-        for observer in self.observers:  # optional: observers that track devices' states (the exporter)
-            if hasattr(observer, "jobs_sent"):
-                observer.jobs_sent(round_, log.sampled)
+        # sent now, or while the previous round's evaluation was collected
+        messages, submitted, log.sampled = self._send_train(round_, arrays) if ahead is None else ahead
         replies = self._collect(messages, submitted, round_, log)
         log.timings["train_s"], clock = time.perf_counter() - clock, time.perf_counter()
         aggregated, train_metrics = self.strategy.aggregate_train(round_, replies)
@@ -169,8 +173,7 @@ class RoundDriver:
         if ahead_allowed and self._pipelined():
             if self.checkpoint is not None:
                 state = strategy_state(self.strategy, copy=True)
-            following = self._configure_train(round_ + 1, arrays)
-            ahead = (following, self._submit(following, round_ + 1))
+            ahead = self._send_train(round_ + 1, arrays)
         else:
             ahead = None
         replies = self._collect(messages, submitted, round_, log)

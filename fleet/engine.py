@@ -247,9 +247,9 @@ class RunRecorder:
             raise _Stop()
 
     def _submit(self, work: Callable[[], None]) -> None:
-        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
-        for failed in [f for f in self._pending if f.done()]:
-            failed.result()  # an earlier write failed: stop the run with its error
+        for done in [f for f in self._pending if f.done()]:
+            done.result()  # raises an earlier write's error: the run stops with it
+        self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._writer.submit(work))
 
     def flush(self) -> None:

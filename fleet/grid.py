@@ -142,9 +142,9 @@ class FleetGrid(Grid):
         """Turn ``messages`` (of round ``round_``) into jobs and hand them to the hosts now; the replies come from
         ``replies()`` of what this returns, built chunk by chunk as the hosts finish (so a caller can submit
         the next messages first and keep the hosts busy while it handles these)."""
+        messages = list(messages)
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"{self._ids}-{next(self._count)}"  # unique in this grid
-        messages = list(messages)
         if not messages:
             return Submission(lambda: [])
         kind = instruction(messages[0])

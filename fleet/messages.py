@@ -33,7 +33,8 @@ TELEMETRY_KEYS = {"samples": "samples", "steps": "steps", "wall-s": "wall_s",
                   "instructions": "instructions", "bytes-down": "bytes_down", "bytes-up": "bytes_up",
                   "link-s": "link_s", "link-bytes": "link_bytes", "modelled-s": "modelled_s"}
 EVALUATE_KEYS = ("num-examples", "loss-before", "metric-before")  # what an evaluate reply carries
-TRAIN_KEYS_WITHOUT_AFTER = tuple(k for k in RESULT_KEYS if k not in ("loss-after", "metric-after"))  # (evaluate_after off)
+# what a train reply carries when the device did not evaluate after its steps (training.evaluate_after = false)
+TRAIN_KEYS_WITHOUT_AFTER = tuple(k for k in RESULT_KEYS if k not in ("loss-after", "metric-after"))
 DEVICE_KEY = "device"
 NO_METRIC = -1.0  # a task metric that does not exist for the data (AUC without anomalies) travels as -1
 

@@ -14,11 +14,11 @@ round's aggregated arrays and the strategy's state after the observers.
 On a grid that can submit a round's messages and collect their replies later (``FleetGrid.submit``), the
 next round's train instructions go out right after this round's evaluate instructions, so the devices (the
 hosts) go on computing while the driver collects the evaluation, aggregates it and closes the round (when
-the grid says it may: ``ahead``). The
-strategy's hooks still run in Flower's order, except that ``configure_train`` of round r+1 comes before
-``aggregate_evaluate`` of round r — which only strategies whose evaluation feeds their training could tell,
-so it is done only for Flower's and edgefleet's own (``evaluation_feeds_training``); the round's random
-draws are seeded as before, and the checkpoint holds the strategy's state as it was before that call.
+the grid says it may: ``ahead``). The strategy's hooks still run in Flower's order, except that
+``configure_train`` of round r+1 comes before ``aggregate_evaluate`` of round r — which only strategies
+whose evaluation feeds their training could tell, so it is done only for Flower's and edgefleet's own
+(``evaluation_feeds_training``); the round's random draws are seeded as before, and the checkpoint holds the
+strategy's state as it was before that call.
 """
 from __future__ import annotations
 
